@@ -1,0 +1,52 @@
+"""Rank/world helpers and gathering with gradient.
+
+Works with any ``torch.distributed`` backend (gloo on CPU, nccl on GPU) and degrades to the identity when no
+process group is initialised, so the same loss code runs on one process and on many.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
+
+    The backward pass sums the incoming gradients over ranks (``torch.distributed.nn.all_gather``), so each rank's
+    local features receive the gradient of every rank's local loss: with DDP's gradient averaging this gives the
+    gradient of the mean of the local losses, which equals the single-process loss on the concatenated batch.
+    Every rank must pass the same shape.
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0 without gradient (targets, weights, labels)."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def local_rows(global_batch: int, local_batch: int) -> slice:
+    """Rows of the gathered batch that belong to this rank (ranks gather in rank order)."""
+    start = rank() * local_batch
+    assert start + local_batch <= global_batch, "local batch does not fit in the gathered batch"
+    return slice(start, start + local_batch)

@@ -1,0 +1,6 @@
+"""Alignment objectives: pure functions (the stable API) and registered loss modules for recipes."""
+from .pairwise import clip_loss, siglip_loss
+from .registry import LOSSES, build_loss, register_loss
+from . import objectives  # noqa: F401  (registers the built-in objectives)
+
+__all__ = ["clip_loss", "siglip_loss", "LOSSES", "build_loss", "register_loss"]
