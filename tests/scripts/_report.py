@@ -1,0 +1,13 @@
+"""How a torchrun test script hands its per-rank results back to the test (see ``conftest.run_torchrun``)."""
+import json
+import os
+
+import torch.distributed as dist
+
+
+def report(result: dict) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(os.environ["MMALIGN_TEST_RESULTS"], f"rank{rank:03d}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rank": rank, **result}, f)
+    os.replace(path + ".tmp", path)
