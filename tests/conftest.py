@@ -46,3 +46,107 @@ def _free_port() -> int:
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+# ------------------------------------------------------------------------------------------- small real data
+
+SHAPES = ("square", "circle", "triangle", "cross")
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
+
+
+def draw_shape(shape: str, colour: tuple, size: int, offset: tuple[int, int], canvas: int = 24):
+    """A real little PNG-able image: one coloured shape on a grey background."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (canvas, canvas), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    x, y = offset
+    box = (x, y, x + size, y + size)
+    if shape == "square":
+        d.rectangle(box, fill=colour)
+    elif shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "triangle":
+        d.polygon([(x, y + size), (x + size, y + size), (x + size // 2, y)], fill=colour)
+    else:
+        d.rectangle((x + size // 3, y, x + 2 * size // 3, y + size), fill=colour)
+        d.rectangle((x, y + size // 3, x + size, y + 2 * size // 3), fill=colour)
+    return img
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory) -> dict:
+    """A user's own image files + a CSV of captions and labels (several captions per image)."""
+    import csv
+    import random
+
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "images").mkdir()
+    rng = random.Random(0)
+    rows = []
+    for i in range(48):
+        shape = SHAPES[i % len(SHAPES)]
+        colour = list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+        size = rng.randint(8, 14)
+        path = root / "images" / f"img{i:03d}.png"
+        draw_shape(shape, COLOURS[colour], size, (rng.randint(0, 24 - size), rng.randint(0, 24 - size))).save(path)
+        for caption in (f"a {colour} {shape}", f"a picture of a {shape} in {colour}"):
+            rows.append({"image": f"images/{path.name}", "text": caption, "label": shape})
+    with open(root / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "classes.txt").write_text("\n".join(SHAPES) + "\n")
+    (root / "templates.txt").write_text("a {}\na picture of a {}\n")
+    return {"root": root, "csv": root / "pairs.csv", "classes": root / "classes.txt",
+            "templates": root / "templates.txt"}
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> str:
+    """A tiny randomly initialised BERT saved to a local folder, with the real MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mmalign.modalities.text import resolve_pretrained
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(resolve_pretrained("sentence-transformers/all-MiniLM-L6-v2"))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def tiny_recipe(path: Path, run_dir: Path, shards: str, text_model: str, classes=None, templates=None,
+                extra: str = "") -> Path:
+    """Write a small recipe: small CNN from scratch against a tiny local text tower."""
+    evals = ""
+    if classes:
+        evals = (f"eval:\n  batch_size: 16\n  zeroshot: {{data: '{shards}', classes: '{classes}', "
+                 f"templates: '{templates}'}}\n  retrieval: {{data: '{shards}', query: image, gallery: text}}\n")
+    path.write_text(f"""run_dir: {run_dir}
+seed: 0
+model:
+  embed_dim: 16
+  modalities:
+    image: {{tower: small_cnn, tower_kwargs: {{width: 8, depth: 2}}, image_size: 16, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}
+    text: {{tower: hf, model: '{text_model}', max_length: 16, unlocked_layers: 0}}
+data: {{train: '{shards}', batch_size: 8, shuffle_buffer: 16, num_workers: 0}}
+train: {{steps: 6, lr: 0.001, warmup_steps: 2, checkpoint_every: 3, log_every: 1, keep_last: 2}}
+{evals}{extra}""")
+    return path
+
+
+def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m mmalign ...`` as a user would; returns the finished process (stdout, stderr, code)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mmalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,29 @@
+# The README's commands. `make demo` and `make test` create the virtual environment themselves.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= lit
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+# Re-installs when the dependency pins change. The torch trio is pinned in constraints.txt (torchaudio exists only
+# for matching torch releases).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmalign demo $(DEMO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,137 @@
+"""``mmalign`` command line: train, eval, data, demo.
+
+Every command that computes a result prints one JSON object with its headline numbers as the last line of
+standard output; logs and progress bars go to standard error. User errors are one line, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, MMAlignError
+
+log = logging.getLogger("mmalign")
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A saved model folder, a run directory (its ``model/``), or a run's newest checkpoint."""
+    p = Path(path)
+    for candidate in (p, p / "model"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    from .train import checkpoint_dirs
+
+    checkpoints = checkpoint_dirs(p)
+    if checkpoints:
+        return checkpoints[-1] / "model"
+    raise ConfigError(f"no model found at {path} (expected a saved model, a run directory or its checkpoints)")
+
+
+def load_model(path: str):
+    from .model import AlignmentModel
+
+    return AlignmentModel.from_pretrained(resolve_model_dir(path))
+
+
+def emit(result: dict) -> None:
+    """The headline JSON, last line of stdout."""
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, default=str), flush=True)
+
+
+def cmd_train(args) -> dict:
+    from .config import load_config
+    from .train import train
+
+    return train(load_config(args.recipe, args.set))
+
+
+def cmd_eval(args) -> dict:
+    from .eval.runner import evaluate_retrieval, evaluate_zeroshot
+
+    model = load_model(args.model)
+    if args.what == "zeroshot":
+        return evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
+                                 args.batch_size, args.workers)
+    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers)
+
+
+def cmd_data(args) -> dict:
+    from .data.shards import write_shards
+
+    return write_shards(args.source, args.out, args.shard_size)
+
+
+def cmd_demo(args) -> dict:
+    from .demos import run_demo
+
+    return run_demo(args.name, Path(args.workdir), args.set)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe (resumes from the run directory's last checkpoint)")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="zero-shot classification or retrieval with a trained model")
+    ev = p.add_subparsers(dest="what", required=True)
+    for what in ("zeroshot", "retrieval"):
+        q = ev.add_parser(what)
+        q.add_argument("--model", required=True, help="run directory or saved model folder")
+        q.add_argument("--data", required=True, help="shards, e.g. 'data/val-{000000..000003}.tar'")
+        q.add_argument("--query", default=None, help="modality to classify / query with (default: the non-text one)")
+        q.add_argument("--batch-size", type=int, default=256)
+        q.add_argument("--workers", type=int, default=0)
+        if what == "zeroshot":
+            q.add_argument("--classes", required=True, help="file with one class name per line")
+            q.add_argument("--templates", default=None, help="file with one prompt template per line, '{}' = class")
+            q.add_argument("--text", default="text", help="text modality name")
+        else:
+            q.add_argument("--gallery", default="text")
+        q.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("data", help="build WebDataset shards")
+    dsub = p.add_subparsers(dest="what", required=True)
+    q = dsub.add_parser("shards", help="CSV / JSONL of files and captions, or a folder per class -> shards")
+    q.add_argument("--from", dest="source", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--shard-size", type=int, default=1000)
+    q.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("demo", help="build offline demo data, train, evaluate, report")
+    p.add_argument("name", nargs="?", default="lit")
+    p.add_argument("--workdir", default="runs", help="where demo data and runs go")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = args.fn(args)
+    except MMAlignError as e:
+        print(f"mmalign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmalign: interrupted", file=sys.stderr)
+        return 130
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Zero-shot classification: class names x prompt templates -> averaged normalised text embeddings (CLIP)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "an example of {}.")
+
+
+def read_lines(path: str | Path, what: str) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise DataError(f"{what} file is empty: {path}")
+    return lines
+
+
+def read_templates(path: str | Path | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_TEMPLATES)
+    templates = read_lines(path, "templates")
+    bad = [t for t in templates if "{}" not in t and "{c}" not in t]
+    if bad:
+        raise DataError(f"{path}: template {bad[0]!r} has no '{{}}' where the class name goes")
+    return templates
+
+
+def fill(template: str, classname: str) -> str:
+    return template.replace("{c}", classname).replace("{}", classname)
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    model, classnames: Sequence[str], templates: Sequence[str], text_modality: str = "text", batch_size: int = 256
+) -> torch.Tensor:
+    """D x C classifier: for each class, the normalised mean of its normalised prompt embeddings."""
+    modality = model.modalities[text_modality]
+    device = next(model.parameters()).device
+    prompts = [fill(t, c) for c in classnames for t in templates]
+    embeddings = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = modality.tokenize(prompts[start:start + batch_size])
+        tokens = {k: v.to(device) for k, v in tokens.items()}
+        embeddings.append(model.encode(text_modality, tokens).float())
+    per_prompt = torch.cat(embeddings).view(len(classnames), len(templates), -1)
+    return F.normalize(F.normalize(per_prompt, dim=-1).mean(dim=1), dim=-1).T
+
+
+def zeroshot_accuracy(
+    features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    """Top-k accuracy and mean per-class recall (CLIP_benchmark's ``acc1``/``acc5``/``mean_per_class_recall``)."""
+    logits = features.float() @ classifier.float()
+    n_classes = classifier.shape[1]
+    out = {}
+    order = logits.topk(min(max(topk), n_classes), dim=1).indices
+    for k in topk:
+        out[f"acc{k}"] = (order[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
+    pred = order[:, 0]
+    recalls = [(pred[labels == c] == c).float().mean().item() for c in range(n_classes) if (labels == c).any()]
+    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
+    out["predictions"] = pred.tolist()
+    return out

@@ -1,0 +1,55 @@
+"""Recipes load into typed configs; bad keys, types and values are named in one-line errors."""
+from pathlib import Path
+
+import pytest
+
+from mmalign.config import load_config
+from mmalign.errors import ConfigError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_every_recipe_loads():
+    for recipe in RECIPES.glob("*.yaml"):
+        cfg = load_config(recipe)
+        assert cfg.model.modalities, recipe
+
+
+def test_overrides_are_typed():
+    cfg = load_config(RECIPES / "lit_image_text.yaml", ["train.lr=0.01", "data.batch_size=7",
+                                                        "model.modalities.image.tower_kwargs={width: 8}"])
+    assert cfg.train.lr == 0.01 and cfg.data.batch_size == 7
+    assert cfg.model.modalities["image"].tower_kwargs == {"width": 8}
+    assert type(cfg.model.modalities["image"]).__name__ == "ImageConfig"
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lrr' \(did you mean 'lr'\?\)"):
+        load_config(RECIPES / "lit_image_text.yaml", ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match="did you mean 'max_length'"):
+        load_config(RECIPES / "lit_image_text.yaml", ["model.modalities.text.max_lenght=3"])
+
+
+def test_missing_required_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_dir: x\nmodel:\n  modalities:\n    image: {}\n    text: {model: m}\n")
+    with pytest.raises(ConfigError, match="missing required key 'data.train'"):
+        load_config(recipe)
+
+
+def test_unknown_modality_kind(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("run_dir: x\ndata: {train: a.tar}\nmodel:\n  modalities:\n    imgae: {}\n")
+    with pytest.raises(ConfigError, match="unknown modality kind 'imgae' \\(did you mean 'image'\\?\\)"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-1", "train.lr must be a positive number"),
+    ("train.precision=fp8", "train.precision must be one of"),
+    ("data.batch_size=many", "data.batch_size: expected an integer"),
+    ("train.steps=0", "train.steps must be > 0"),
+])
+def test_values_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(RECIPES / "lit_image_text.yaml", [override])
