@@ -238,8 +238,8 @@ class _AllPresentObjective(Objective):
             n_total = int(keep_all.sum())
         if n_total == 0:
             log.warning("%s: no row has all of %s present; loss is 0", type(self).__name__, self.modalities)
-            # still depends on the gathered features so that every rank runs the gathers' backward
-            return {"loss": sum(c.sum() for c in gathered) * 0.0}
+            # an exact 0 that still depends on the gathered features, so every rank runs the gathers' backward
+            return {"loss": sum(c[:0].sum() for c in gathered)}
         loss = self._rows_loss(rows, cols, logit_scale, offset) * (world_size() / n_total)
         return {"loss": loss, "complete_rows": torch.tensor(float(n_total), device=loss.device)}
 
