@@ -1,19 +1,24 @@
-"""Alignment objectives: pure functions (the stable API) and registered loss modules for recipes."""
+"""Alignment objectives: pure functions (the stable API) and registered loss modules for recipes.
+
+Importing a module registers its objectives: pairwise (clip, siglip), variants (cwcl, dcl, clip_hard_negatives,
+clip_plus), multimodal (symile, gram), caption (coca).
+"""
 from .pairwise import clip_loss, siglip_loss
 from .registry import LOSSES, build_loss, register_loss
-from . import objectives  # noqa: F401  (registers the built-in objectives)
-
-__all__ = ["clip_loss", "siglip_loss", "LOSSES", "build_loss", "register_loss"]
-from .variants import (  # noqa: E402  (also registers cwcl, dcl, clip_hard_negatives, clip_plus)
+from . import objectives  # noqa: F401
+from .variants import (
     TemperatureSchedule, alignment_loss, cwcl_loss, cwcl_rows_loss, cwcl_weights, dcl_loss, dcl_rows_loss,
     distributed_uniformity, hard_negative_clip_loss, hard_negative_clip_rows_loss, infonce_rows,
     label_smoothed_clip_loss, label_smoothed_clip_rows_loss, scheduled_logit_scale, scheduled_temperature,
     uniformity_loss,
 )
+from .multimodal import gram_loss, gram_volume, symile_loss
 
-__all__ += [
+__all__ = [
+    "clip_loss", "siglip_loss", "LOSSES", "build_loss", "register_loss",
     "TemperatureSchedule", "alignment_loss", "cwcl_loss", "cwcl_rows_loss", "cwcl_weights", "dcl_loss",
     "dcl_rows_loss", "distributed_uniformity", "hard_negative_clip_loss", "hard_negative_clip_rows_loss",
     "infonce_rows", "label_smoothed_clip_loss", "label_smoothed_clip_rows_loss", "scheduled_logit_scale",
     "scheduled_temperature", "uniformity_loss",
+    "symile_loss", "gram_volume", "gram_loss",
 ]

@@ -1,0 +1,278 @@
+"""Objectives for three and more modalities: Symile (total correlation) and GRAM (Gram volume).
+
+Pure functions of L2-normalised features; ``logit_scale`` is the multiplier itself (already ``exp()``-ed).
+As in ``pairwise.py``, the ``*_rows_loss`` variants compute the loss of a block of local rows against all
+(gathered) columns, and ``symile_loss``/``gram_loss`` are the same computation with every row local.
+
+- Symile: Saporta et al., "Contrasting with Symile: Simple Model-Agnostic Representation Learning for Unlimited
+  Modalities", NeurIPS 2024. Score = multilinear inner product MIP(x, y, z, ...) = sum_d x_d y_d z_d ...
+- GRAM: Cicchetti et al., "Gramian Multimodal Representation Learning and Alignment", ICLR 2025.
+  Score = -volume of the parallelotope spanned by (anchor_i, others_j...), V = sqrt(det(X X^T)).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..distributed import gather_no_grad, gather_with_grad, rank, world_size
+from ..errors import ConfigError
+from .objectives import Objective
+from .registry import register_loss
+
+log = logging.getLogger(__name__)
+
+NEGATIVES = ("n_squared", "n")
+
+
+# ----------------------------------------------------------------------------------------------------------- Symile
+
+
+def mip_logits(anchor_rows: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """All-combinations MIP scores: R x B^(M-1), entry [r, (j_1, ..., j_{M-1})] = sum_d x_r[d] prod_m y_m[j_m][d].
+
+    Columns are the row-major flattening of (j_1, ..., j_{M-1}). The contraction is the einsum
+    ``'rd,jd,kd->rjk'`` (M = 3) evaluated as elementwise outer products followed by one matmul with the last
+    modality, so memory is O(R B^(M-2) D + R B^(M-1)). With M = 2 it is ``anchor_rows @ others[0].T``.
+    """
+    r, d = anchor_rows.shape
+    prod = anchor_rows
+    for y in others[:-1]:
+        prod = (prod[:, None, :] * y[None, :, :]).reshape(-1, d)
+    return (prod @ others[-1].T).reshape(r, -1)
+
+
+def _shuffled_mip_logits(
+    anchor_rows: torch.Tensor,
+    others: list[torch.Tensor],
+    row_offset: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """O(B) negatives (Symile "n" sampling): R x B scores against one shuffled tuple per column.
+
+    Each non-anchor modality's rows are permuted independently (one ``randperm`` per modality, drawn from
+    ``generator``), the permuted rows are multiplied elementwise into B candidate tuples, and the positive
+    MIP(x_i, y_i, z_i, ...) replaces column ``row_offset + i`` of row i. So each positive has B - 1 shuffled
+    negatives (with a small chance of an accidental positive), as in the reference implementation.
+    """
+    n = others[0].shape[0]
+    device = anchor_rows.device
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    tuples = None
+    for y in others:
+        perm = torch.randperm(n, generator=generator, device=gen_device).to(device)
+        tuples = y[perm] if tuples is None else tuples * y[perm]
+    logits = anchor_rows @ tuples.T
+    rows = torch.arange(anchor_rows.shape[0], device=device)
+    positive = anchor_rows
+    for y in others:
+        positive = positive * y[rows + row_offset]
+    is_pos = torch.zeros_like(logits, dtype=torch.bool)
+    is_pos[rows, rows + row_offset] = True
+    return torch.where(is_pos, positive.sum(-1, keepdim=True).expand_as(logits), logits)
+
+
+def symile_rows_loss(
+    rows: list[torch.Tensor],
+    cols: list[torch.Tensor],
+    logit_scale: torch.Tensor | float,
+    row_offset: int = 0,
+    negatives: str = "n_squared",
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Symile loss of rows ``row_offset : row_offset + R`` (``rows[m]``) against all columns (``cols[m]``).
+
+    For each modality m as anchor: logits = s * MIP(x^m_r, candidate tuples of the other modalities) and
+    L_m = CE(logits, positive); L = 1/M sum_m L_m. ``negatives="n_squared"``: all B^(M-1) combinations of the
+    other modalities' columns (exact); ``"n"``: B - 1 shuffled tuples per positive (see ``_shuffled_mip_logits``).
+    ``reduction="sum"`` sums the cross-entropies over rows instead of averaging them (for masked distributed use).
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if len(rows) < 2 or len(rows) != len(cols):
+        raise ValueError("symile needs M >= 2 modalities, the same number in rows and cols")
+    n_rows, n_cols, m = rows[0].shape[0], cols[0].shape[0], len(rows)
+    idx = torch.arange(n_rows, device=rows[0].device) + row_offset
+    if negatives == "n_squared":
+        # position of the tuple (i, i, ..., i) in the row-major flattening of B^(M-1) columns
+        labels = idx * sum(n_cols**k for k in range(m - 1))
+    else:
+        labels = idx
+    losses = []
+    for a in range(m):
+        anchor = logit_scale * rows[a]
+        others = [c for k, c in enumerate(cols) if k != a]
+        if negatives == "n_squared":
+            logits = mip_logits(anchor, others)
+        else:
+            logits = _shuffled_mip_logits(anchor, others, row_offset, generator)
+        losses.append(F.cross_entropy(logits, labels, reduction=reduction))
+    return sum(losses) / m
+
+
+def symile_loss(
+    feats: list[torch.Tensor],
+    logit_scale: torch.Tensor | float,
+    negatives: str = "n_squared",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Symile loss (Saporta et al. 2024) over the full batch: every modality in turn is the anchor.
+
+    ``negatives="n_squared"`` is exact (all combinations; with M = 2 equals ``clip_loss``); ``"n"`` draws
+    B - 1 negatives per positive by shuffling with ``generator`` (the global RNG if None).
+    """
+    return symile_rows_loss(feats, feats, logit_scale, 0, negatives, generator)
+
+
+# ------------------------------------------------------------------------------------------------------------- GRAM
+
+
+def _det_sym(g: torch.Tensor) -> torch.Tensor:
+    """Determinant of symmetric ... x k x k matrices: closed form for k <= 3 (polynomial, finite gradients
+    everywhere), ``torch.linalg.det`` otherwise (its backward also handles singular matrices)."""
+    k = g.shape[-1]
+    if k == 1:
+        return g[..., 0, 0]
+    if k == 2:
+        return g[..., 0, 0] * g[..., 1, 1] - g[..., 0, 1] ** 2
+    if k == 3:
+        a, b, c = g[..., 0, 0], g[..., 1, 1], g[..., 2, 2]
+        x, y, z = g[..., 0, 1], g[..., 1, 2], g[..., 0, 2]
+        return a * b * c + 2 * x * y * z - a * y**2 - b * z**2 - c * x**2
+    return torch.linalg.det(g)
+
+
+def gram_volume(anchor: torch.Tensor, others: list[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """Volumes V_ij = sqrt(det(X X^T) + eps), X rows = (anchor_i, others[0]_j, others[1]_j, ...): R x B.
+
+    The Gram matrix entries are assembled from R x B and B-sized inner products (never an R x B x D tensor).
+    ``eps`` inside the square root keeps the value and gradient finite when the vectors are identical or
+    collinear (det = 0); det is clamped at 0 against rounding. With k = 2 unit vectors V = sin(angle).
+    """
+    vecs_b = list(others)
+    k = 1 + len(vecs_b)
+    n_r, n_b = anchor.shape[0], vecs_b[0].shape[0]
+    entries: list[list[torch.Tensor | None]] = [[None] * k for _ in range(k)]
+    entries[0][0] = (anchor * anchor).sum(-1)[:, None].expand(n_r, n_b)
+    for p, u in enumerate(vecs_b, start=1):
+        entries[0][p] = entries[p][0] = anchor @ u.T
+        for q in range(p, k):
+            v = vecs_b[q - 1]
+            entries[p][q] = entries[q][p] = (u * v).sum(-1)[None, :].expand(n_r, n_b)
+    gram = torch.stack([torch.stack(row, dim=-1) for row in entries], dim=-2)  # R x B x k x k
+    return torch.sqrt(_det_sym(gram).clamp_min(0) + eps)
+
+
+def gram_rows_loss(
+    rows: list[torch.Tensor],
+    cols: list[torch.Tensor],
+    logit_scale: torch.Tensor | float,
+    row_offset: int = 0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRAM loss of rows ``row_offset : row_offset + R`` against all columns; modality 0 is the anchor.
+
+    L = 1/2 [CE(-s V(anchor_r, tuples_all), y) + CE(-s V(anchor_all, tuples_r)^T, y)], y_i = row_offset + i,
+    with label smoothing (0.1 in the paper). When ``rows`` are ``cols`` the volume matrix is computed once.
+    """
+    if len(rows) < 2 or len(rows) != len(cols):
+        raise ValueError("gram needs M >= 2 modalities, the same number in rows and cols")
+    labels = torch.arange(rows[0].shape[0], device=rows[0].device) + row_offset
+    vol_a2t = gram_volume(rows[0], cols[1:], eps)
+    if all(r is c for r, c in zip(rows, cols)):
+        vol_t2a = vol_a2t.T
+    else:
+        vol_t2a = gram_volume(cols[0], rows[1:], eps).T
+    return 0.5 * (
+        F.cross_entropy(-logit_scale * vol_a2t, labels, label_smoothing=label_smoothing, reduction=reduction)
+        + F.cross_entropy(-logit_scale * vol_t2a, labels, label_smoothing=label_smoothing, reduction=reduction)
+    )
+
+
+def gram_loss(
+    feats: list[torch.Tensor], logit_scale: torch.Tensor | float, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """GRAM contrastive loss (Cicchetti et al. 2025) over the full batch; ``feats[0]`` is the anchor."""
+    return gram_rows_loss(feats, feats, logit_scale, 0, label_smoothing)
+
+
+# ------------------------------------------------------------------------------------------------------- objectives
+
+
+class _AllPresentObjective(Objective):
+    """Shared plumbing: gather with gradient, keep only rows where every modality is present, call a rows loss.
+
+    Each rank's loss is ``world / N * sum over its complete rows`` (N = complete rows on all ranks), so the mean
+    over ranks equals the single-process mean over the concatenated batch, and the gathers' backward (a sum over
+    ranks) gives each rank N_ranks x the global gradient, which DDP's averaging turns back into the global one.
+    """
+
+    def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(
+        self,
+        embeddings: dict[str, torch.Tensor],
+        logit_scale: torch.Tensor,
+        present: dict[str, torch.Tensor] | None = None,
+        **_,
+    ) -> dict[str, torch.Tensor]:
+        local = [embeddings[m] for m in self.modalities]
+        gathered = [gather_with_grad(x) for x in local]
+        n_local = local[0].shape[0]
+        if present is None:
+            rows, cols, offset, n_total = local, gathered, rank() * n_local, world_size() * n_local
+        else:
+            keep = torch.ones(n_local, dtype=torch.bool, device=local[0].device)
+            for m in self.modalities:
+                if m in present:
+                    keep = keep & present[m].to(device=keep.device, dtype=torch.bool)
+            keep_all = gather_no_grad(keep)
+            rows = [x[keep] for x in local]
+            cols = [x[keep_all] for x in gathered]
+            offset = int(keep_all[: rank() * n_local].sum())
+            n_total = int(keep_all.sum())
+        if n_total == 0:
+            log.warning("%s: no row has all of %s present; loss is 0", type(self).__name__, self.modalities)
+            # an exact 0 that still depends on the gathered features, so every rank runs the gathers' backward
+            return {"loss": sum(c[:0].sum() for c in gathered)}
+        loss = self._rows_loss(rows, cols, logit_scale, offset) * (world_size() / n_total)
+        return {"loss": loss, "complete_rows": torch.tensor(float(n_total), device=loss.device)}
+
+
+@register_loss("symile")
+class SymileObjective(_AllPresentObjective):
+    """Symile over all listed modalities (each one the anchor in turn).
+
+    ``negatives="n"`` in a distributed run: every rank holds a generator seeded with the same ``seed`` and draws
+    its permutations over the *gathered* batch in the same order, so all ranks use identical shuffled tuples and
+    the mean over ranks equals one process on the concatenated batch with the same generator state. The generator
+    state is not part of the checkpoint (a resumed run draws a different but equally valid sequence).
+    """
+
+    def __init__(self, modalities: list[str], negatives: str = "n_squared", seed: int = 0):
+        super().__init__(modalities)
+        if negatives not in NEGATIVES:
+            raise ConfigError(f"symile negatives must be one of {NEGATIVES}, got {negatives!r}")
+        self.negatives = negatives
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:
+        return symile_rows_loss(rows, cols, logit_scale, row_offset, self.negatives, self.generator, "sum")
+
+
+@register_loss("gram")
+class GramObjective(_AllPresentObjective):
+    """GRAM volume contrast; the first listed modality is the anchor (text in the paper)."""
+
+    def __init__(self, modalities: list[str], label_smoothing: float = 0.0, eps: float = 1e-6):
+        super().__init__(modalities)
+        self.label_smoothing = label_smoothing
+        self.eps = eps
+
+    def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:
+        return gram_rows_loss(rows, cols, logit_scale, row_offset, self.label_smoothing, "sum", self.eps)
