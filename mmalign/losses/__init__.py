@@ -4,3 +4,5 @@ from .registry import LOSSES, build_loss, register_loss
 from . import objectives  # noqa: F401  (registers the built-in objectives)
 
 __all__ = ["clip_loss", "siglip_loss", "LOSSES", "build_loss", "register_loss"]
+from .caption import caption_loss  # noqa: E402  (also registers the "coca" objective)
+__all__ += ["caption_loss"]
