@@ -202,7 +202,7 @@ def _beam_search(logits_fn, context, tokens, eos_id, pad_id, max_length, k, leng
             for j in range(k):
                 if scores[b, j] > _NEG_INF:
                     add_hyp(b, scores[b, j].item(), tokens[b * k + j, 1:].tolist())
-    best = [hyps[b][0][1] for b in range(B)]
+    best = [hyps[b][0][1] if hyps[b] else tokens[b * k, 1:].tolist() for b in range(B)]  # else: all banned
     out = torch.full((B, 1 + max(len(ids) for ids in best)), pad_id, dtype=torch.long, device=device)
     out[:, 0] = tokens[0, 0]
     for b, ids in enumerate(best):
