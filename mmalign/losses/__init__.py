@@ -13,6 +13,7 @@ from .variants import (
     uniformity_loss,
 )
 from .multimodal import gram_loss, gram_volume, symile_loss
+from .caption import caption_loss
 
 __all__ = [
     "clip_loss", "siglip_loss", "LOSSES", "build_loss", "register_loss",
@@ -20,5 +21,5 @@ __all__ = [
     "dcl_rows_loss", "distributed_uniformity", "hard_negative_clip_loss", "hard_negative_clip_rows_loss",
     "infonce_rows", "label_smoothed_clip_loss", "label_smoothed_clip_rows_loss", "scheduled_logit_scale",
     "scheduled_temperature", "uniformity_loss",
-    "symile_loss", "gram_volume", "gram_loss",
+    "symile_loss", "gram_volume", "gram_loss", "caption_loss",
 ]
