@@ -102,7 +102,7 @@ def seeded(seed: int) -> Iterator[None]:
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also seeds every accelerator
         try:
             yield
         finally:
