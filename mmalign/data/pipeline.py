@@ -222,8 +222,11 @@ def make_dataset(
     return wds.DataPipeline(*stages)
 
 
-def make_loader(dataset: wds.DataPipeline, num_workers: int, n_shards: int, pin_memory: bool = False):
-    """A DataLoader over a batched pipeline; never more workers than shards per process (idle workers only cost)."""
+def make_loader(dataset: wds.DataPipeline, num_workers: int, n_shards: int, pin_memory: bool = False, seed: int = 0):
+    """A DataLoader over a batched pipeline; never more workers than shards per process (idle workers only cost).
+
+    Its own generator keeps worker seeds deterministic and leaves the global RNG (dropout, ...) untouched.
+    """
     per_rank = max(1, n_shards // world_size())
     workers = min(num_workers, per_rank)
     if workers < num_workers:
@@ -232,6 +235,7 @@ def make_loader(dataset: wds.DataPipeline, num_workers: int, n_shards: int, pin_
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -239,7 +243,7 @@ def iterate_batches(urls, modalities, batch_size, train, seed=0, epoch=0, shuffl
                     num_workers=0, skips: dict | None = None, pin_memory: bool = False) -> Iterator[dict]:
     """Batches of one pass, with skip counts merged into ``skips`` and stats-only items removed."""
     dataset = make_dataset(urls, modalities, batch_size, train, seed, epoch, shuffle_buffer, resampled)
-    for batch in make_loader(dataset, num_workers, len(urls), pin_memory):
+    for batch in make_loader(dataset, num_workers, len(urls), pin_memory, seed=seed + epoch):
         if skips is not None:
             merge_skips(skips, batch.get("_skipped"))
         if not batch.get("_empty"):
