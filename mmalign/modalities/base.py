@@ -96,14 +96,21 @@ def build_modality(name: str, cfg: ModalityConfig) -> Modality:
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
 
-def tower_blocks(tower: nn.Module) -> nn.ModuleList | None:
-    """The tower's sequence of blocks (transformer layers, CNN stages): its longest ``nn.ModuleList``/Sequential."""
-    if hasattr(tower, "blocks") and isinstance(tower.blocks, (nn.ModuleList, nn.Sequential)):
+def tower_blocks(tower: nn.Module) -> nn.Module | None:
+    """The tower's stack of blocks (transformer layers, CNN stages).
+
+    A tower may name it ``blocks``; otherwise it is the ``ModuleList``/``Sequential`` of two or more children of one
+    type (so an MLP's Linear-GELU-Linear never qualifies) holding the most parameters.
+    """
+    if isinstance(getattr(tower, "blocks", None), (nn.ModuleList, nn.Sequential)):
         return tower.blocks
-    best = None
+    best, best_size = None, 0
     for module in tower.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > (len(best) if best is not None else 1):
-            best = module
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
+            if len({type(child) for child in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if size > best_size:
+                    best, best_size = module, size
     return best
 
 
