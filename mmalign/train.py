@@ -177,6 +177,7 @@ def check_bad_fraction(state: TrainState, limit: float) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
+    expand_urls(cfg.data.train)  # fail fast, before building anything, on a missing or empty shard list
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.precision)
     set_seed(cfg.seed)
