@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,14 +96,8 @@ class OpenClipVisual(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
-        import open_clip
-
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-        except RuntimeError as e:
-            raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
-        self.visual = model.visual
-        self.out_dim = model.visual.output_dim
+        self.visual = create_open_clip(model_name, pretrained, **kwargs).visual
+        self.out_dim = self.visual.output_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual(x)
@@ -111,14 +105,11 @@ class OpenClipVisual(nn.Module):
 
 @register_tower(ImageModality, "open_clip")
 def open_clip_visual(cfg: ImageConfig) -> nn.Module:
-    if not cfg.model:
-        raise ConfigError("image tower open_clip needs 'model' (an open_clip architecture name, e.g. ViT-B-32)")
-    pretrained = cfg.pretrained if cfg.init == "pretrained" else None
-    return OpenClipVisual(cfg.model, pretrained, **cfg.tower_kwargs)
+    return OpenClipVisual(*model_and_weights(cfg, "an open_clip architecture name, e.g. ViT-B-32"), **cfg.tower_kwargs)
 
 
 class TimmTower(nn.Module):
-    """Any timm architecture as a feature extractor (``num_classes=0``)."""
+    """Any timm architecture as a feature extractor (``num_classes=0``); weights from a local file or the hub."""
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
@@ -139,7 +130,4 @@ class TimmTower(nn.Module):
 
 @register_tower(ImageModality, "timm")
 def timm_tower(cfg: ImageConfig) -> nn.Module:
-    if not cfg.model:
-        raise ConfigError("image tower timm needs 'model' (a timm architecture name, e.g. resnet18)")
-    pretrained = cfg.pretrained if cfg.init == "pretrained" else None
-    return TimmTower(cfg.model, pretrained, **cfg.tower_kwargs)
+    return TimmTower(*model_and_weights(cfg, "a timm architecture name, e.g. resnet18"), **cfg.tower_kwargs)
