@@ -88,6 +88,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
+    gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
     grad_clip: Optional[float] = 1.0
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
@@ -274,6 +275,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         (cfg.train.steps > 0, "train.steps must be > 0"),
         (cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "train.lr must be a positive number"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.train.gradcache_chunk is None or cfg.train.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),

@@ -65,17 +65,26 @@ class ImageModality(Modality):
         return {**self.__dict__, "_transforms": {}}
 
 
-class SmallCNN(nn.Module):
-    """A small conv net for tiny images (digits, glyphs): conv-BN-ReLU stages, then global average pooling."""
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    """BatchNorm mixes samples (batch statistics differ per process and per GradCache chunk); GroupNorm does not."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ConfigError(f"small_cnn norm must be 'batch' or 'group', got {kind!r}")
 
-    def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3):
+
+class SmallCNN(nn.Module):
+    """A small conv net for tiny images (digits, glyphs): conv-norm-ReLU stages, then global average pooling."""
+
+    def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3, norm: str = "batch"):
         super().__init__()
         layers, c = [], in_channels
         for i in range(depth):
             out = width * 2**i
             layers.append(nn.Sequential(
-                nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
-                nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                nn.Conv2d(c, out, 3, padding=1, bias=False), norm_2d(norm, out), nn.ReLU(inplace=True),
+                nn.Conv2d(out, out, 3, padding=1, bias=False), norm_2d(norm, out), nn.ReLU(inplace=True),
                 nn.MaxPool2d(2) if i < depth - 1 else nn.Identity(),
             ))
             c = out
