@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mmalign demo $(DEMO)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
