@@ -58,8 +58,8 @@ def parse_captions(data: bytes, ext: str) -> list[str]:
     if ext == "json":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"text json is invalid: {e}") from None
+        except (ValueError, RecursionError) as e:  # also too-long integers and too-deep nesting
+            raise DataError(f"text json is invalid: {type(e).__name__}: {e}") from None
         if isinstance(obj, dict):
             obj = next((obj[k] for k in ("captions", "caption", "text") if k in obj), None)
         captions = [obj] if isinstance(obj, str) else obj
