@@ -88,6 +88,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
+    gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
     grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
@@ -283,6 +284,7 @@ def validate(cfg: Config, source: str = "config") -> None:
          "train.betas must be two numbers in [0, 1)"),
         (t.eps > 0 and math.isfinite(t.eps), "train.eps must be a positive number"),
         (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.gradcache_chunk is None or t.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
         (t.grad_clip is None or (t.grad_clip > 0 and math.isfinite(t.grad_clip)),
          "train.grad_clip must be a positive number or null"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
