@@ -176,6 +176,9 @@ class HFTextTower(nn.Module):
                 self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load HF text model {name!r}: {str(e).splitlines()[0]}") from None
+        if getattr(self.model, "pooler", None) is not None:
+            # Pooling is ours (below); a pooler whose output is unused never gets gradients, which stalls DDP.
+            self.model.pooler = None
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 
