@@ -75,7 +75,7 @@ class DataConfig:
     batch_size: int = 64
     shuffle_buffer: int = 1000
     num_workers: int = 2
-    resampled: bool = False  # sample shards with replacement (infinite stream) instead of epoch passes
+    resampled: bool = False  # draw shards with replacement (an epoch: as many draws as shards) instead of each once
     max_bad_fraction: float = 0.1  # stop when more than this fraction of samples is unusable (from 100 samples on)
 
 

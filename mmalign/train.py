@@ -442,12 +442,15 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
     zs, rt = cfg.eval.zeroshot, cfg.eval.retrieval
     if zs.data and zs.classes:
         out = evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text, cfg.eval.batch_size)
+        if skipped := out.pop("skipped"):
+            results["zeroshot_skipped"] = skipped
         extras.update({k: v for k, v in out.items() if k.startswith("_")})
         results.update({k: v for k, v in out.items() if not k.startswith("_")})
     if rt.data:
         out = evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size)
         extras["_similarity"] = out.pop("_similarity")
-        out.pop("_skipped", None)
+        if skipped := out.pop("skipped"):
+            results["retrieval_skipped"] = skipped
         results.update(out)
     plot_run(run_dir, results, extras)
     return results

@@ -151,3 +151,17 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_only_in_a_row(tmp_path, sh
     good, during = (load_file(run / "checkpoints" / n / "model" / "model.safetensors") for n in names(run))
     for key in good:  # skipped steps left weights and BatchNorm statistics exactly as after the last good step
         assert torch.equal(good[key], during[key]) and torch.isfinite(good[key]).all(), key
+
+
+def test_logit_scale_is_clamped_after_each_update():
+    from mmalign.config import ModelConfig
+    from mmalign.model import AlignmentModel
+    from mmalign.modalities.image import ImageConfig
+
+    image = ImageConfig(kind="image", tower="small_cnn", tower_kwargs={"width": 4, "depth": 1}, image_size=8)
+    model = AlignmentModel(ModelConfig(modalities={"image": image}, embed_dim=4))
+    model.config.logit_scale.max = 20.0
+    with torch.no_grad():
+        model.log_logit_scale.fill_(10.0)  # as if a large update pushed it to e^10
+    model.clamp_logit_scale_()
+    assert model.logit_scale().item() == pytest.approx(20.0)

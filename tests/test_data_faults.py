@@ -150,3 +150,12 @@ def test_resuming_a_pass_counts_each_skip_once_at_any_position():
         resumed = [n for n, _ in counted_batches(items, at_checkpoint, replay=replay)]
         assert resumed == list(range(replay + 1, 5))
         assert at_checkpoint.get("counts", {}) == whole["counts"], replay
+
+
+def test_evaluation_reports_what_it_skipped(tmp_path, bad_shards, tiny_text_model):
+    from mmalign.eval.runner import evaluate_retrieval
+    from mmalign.model import AlignmentModel
+
+    model = AlignmentModel(_config(tmp_path, bad_shards["spec"], tiny_text_model).model)
+    out = evaluate_retrieval(model, bad_shards["spec"], "image", "text", batch_size=16)
+    assert out["retrieval_n"] == 32 and out["skipped"] == PER_PASS
