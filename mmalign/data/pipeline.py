@@ -143,7 +143,7 @@ class Decoder:
         if key is None:
             raise DataError(f"missing {name}")
         try:
-            return modality.transform(modality.decode(sample[key], key.rsplit(".", 1)[-1]), self.train)
+            return modality.transform(modality.decode_member(sample, key), self.train)
         except DataError as e:
             raise DataError(f"{name}: {e}") from None
 
