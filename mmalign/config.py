@@ -128,6 +128,7 @@ class RetrievalConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
+    report_examples: int = 6  # retrieval queries shown in report.html with their top items
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 

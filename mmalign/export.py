@@ -111,7 +111,7 @@ def export_hf(model, out: Path) -> dict:
     dual = dual_encoder(model)
     if isinstance(dual, str):
         log.info("writing one transformers folder per modality: %s", dual)
-        return export_hf_towers(model, out)
+        return {**export_hf_towers(model, out), "why_not_dual": dual}
     dual.save_pretrained(out)
     preprocessing = save_preprocessors(model, out, list(model.adapters))
     return {"layout": "dual", "class": type(dual).__name__, "modalities": preprocessing}
@@ -125,7 +125,7 @@ def dual_encoder(model):
     if not all(isinstance(t, HFDualEncoderTower) for t in towers.values()):
         return "not every tower is hf_clip"
     first = next(iter(towers.values()))
-    if any(t.model.config.to_dict() != first.model.config.to_dict() for t in towers.values()):
+    if len({architecture(t.model.config) for t in towers.values()}) > 1:
         return "the hf_clip towers come from different checkpoints"
     if len({t.part for t in towers.values()}) != len(towers):
         return "two modalities use the same part of the checkpoint"
@@ -161,6 +161,12 @@ def dual_encoder(model):
         if hasattr(dual, "logit_bias"):
             dual.logit_bias.fill_(model.logit_bias.item() if model.logit_bias is not None else 0.0)
     return dual
+
+
+def architecture(config) -> str:
+    """A config as JSON without where it was loaded from: equal for towers cut from one checkpoint."""
+    return json.dumps({k: v for k, v in config.to_dict().items() if k != "_name_or_path"}, sort_keys=True,
+                      default=str)
 
 
 def export_hf_towers(model, out: Path) -> dict:
