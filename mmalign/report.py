@@ -12,6 +12,7 @@ import base64
 import datetime
 import html
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -264,6 +265,7 @@ def report_run(run_dir: Path, n_examples: int = 6) -> dict:
 
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.json)")
-    cfg = load_config(run_dir / "config.json", [f"eval.report_examples={n_examples}"])
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = load_config(None, [f"eval.report_examples={n_examples}"], base=saved)
     results = evaluate_run(cfg, load_model(str(run_dir)), run_dir)
     return {**results, "report": str(run_dir / REPORT_NAME), "report_md": str(run_dir / "report.md")}

@@ -219,11 +219,53 @@ def test_long_captions_as_averaged_windows(tiny_text_model):
         assert _max_diff(model.encode("text", batch), expected) < 1e-6
 
 
-def test_lora_config_errors_are_clear(tiny_text_model):
+def test_lora_recipe_and_config_errors(tiny_text_model):
     from mmalign.errors import ConfigError
+
+    recipe = load_config("recipes/clip_lora.yaml")
+    assert recipe.model.modalities["text"].lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.model.modalities["image"].lora.r == 8
 
     with pytest.raises(ConfigError, match="lora needs r > 0"):
         load_config(None, ["run_dir=x", "data.train=x", "model.modalities.text.model=m",
                            "model.modalities.text.lora.r=0"])
     with pytest.raises(ConfigError, match="no linear or attention layers"):
         _model({"image": {"tower": "small_cnn", "tower_kwargs": {"depth": 1}, "lora": {"r": 2}}}, embed_dim=4)
+
+
+def test_siglip_checkpoint_towers_and_export(tmp_path):
+    """SigLIP: no projection layers, last-token text pooling (captions padded to max_length), squash resize; the
+    adapters equal SiglipModel's features and export back to a SiglipModel with the trained scale and bias."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from conftest import TINY_TOWER, save_clip_tokenizer
+    from mmalign.export import export_model
+
+    torch.manual_seed(0)
+    config = SiglipConfig(text_config=dict(vocab_size=49408, max_position_embeddings=16, **TINY_TOWER),
+                          vision_config=dict(image_size=32, patch_size=8, **TINY_TOWER))
+    SiglipModel(config).save_pretrained(tmp_path / "siglip")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "siglip")
+    save_clip_tokenizer(tmp_path / "siglip")
+    path = str(tmp_path / "siglip")
+    model = AlignmentModel(from_dict(ModelConfig, {
+        "embed_dim": 32, "logit_bias": True, "modalities": {
+            "image": {"tower": "hf_clip", "model": path, "proj": "none"},
+            "text": {"tower": "hf_clip", "model": path, "proj": "none"}}})).eval()
+    text_cfg, image_cfg = model.config.modalities["text"], model.config.modalities["image"]
+    assert (text_cfg.max_length, text_cfg.padding) == (16, "max_length")
+    assert (image_cfg.resize_mode, image_cfg.mean) == ("squash", (0.5, 0.5, 0.5))
+    tokens = model.modalities["text"].tokenize(CAPTIONS)
+    assert tokens["input_ids"].shape == (2, 16)
+    x = torch.randn(2, 3, 32, 32)
+    reference = SiglipModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        image, text = model.encode("image", x), model.encode("text", tokens)
+        assert _max_diff(image, F.normalize(reference.get_image_features(pixel_values=x).pooler_output, dim=-1)) < 1e-5
+        assert _max_diff(text, F.normalize(reference.get_text_features(**tokens).pooler_output, dim=-1)) < 1e-5
+    assert export_model(model, tmp_path / "out", "hf")["layout"] == "dual"
+    exported = SiglipModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert _max_diff(F.normalize(exported.get_image_features(pixel_values=x).pooler_output, dim=-1), image) < 1e-5
+        assert exported.logit_bias.item() == pytest.approx(-10.0) and exported.logit_scale.exp().item() == \
+            pytest.approx(10.0)
