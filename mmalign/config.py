@@ -101,6 +101,7 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
+    gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
     grad_clip: Optional[float] = 1.0
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
@@ -288,6 +289,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         (cfg.train.steps > 0, "train.steps must be > 0"),
         (cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "train.lr must be a positive number"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (cfg.train.gradcache_chunk is None or cfg.train.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
         (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
@@ -303,6 +305,9 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")
         if m.init not in ("pretrained", "scratch"):
             raise ConfigError(f"{source}: model.modalities.{name}.init must be pretrained or scratch")
+        if getattr(m, "long_text", None) == "windows" and cfg.train.gradcache_chunk:
+            raise ConfigError(f"{source}: model.modalities.{name}.long_text: windows does not combine with "
+                              f"train.gradcache_chunk (GradCache splits batches by rows, windows add rows)")
         if m.lora is not None and (m.lora.r <= 0 or not 0 <= m.lora.dropout < 1):
             raise ConfigError(f"{source}: model.modalities.{name}.lora needs r > 0 and 0 <= dropout < 1")
 

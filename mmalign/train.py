@@ -25,7 +25,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config, to_dict
 from .data import expand_urls, iterate_batches
+from .distributed import world_size
 from .errors import DataError, MMAlignError
+from .gradcache import gradcache_step
 from .io import atomic_dir, write_json
 from .losses import LOSSES, build_loss
 from .model import AlignmentModel
@@ -161,6 +163,43 @@ def to_device(batch: dict, names: list[str], device: torch.device) -> dict:
     return out
 
 
+def gradcache_backward(model: AlignmentModel, loss_fn, inputs: dict, chunk: int, accelerator: Accelerator,
+                       grad_accum: int) -> dict[str, torch.Tensor]:
+    """One micro-batch with gradient caching: encoder memory of ``chunk`` rows, the loss of the whole batch."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def encode(name: str):
+        def fn(x):
+            with accelerator.autocast():
+                return model.encode(name, x).float()
+        return fn
+
+    def loss_on(embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs.update(loss_fn(embeddings, logit_scale=model.logit_scale(), logit_bias=model.logit_bias))
+        return outputs["loss"] / grad_accum
+
+    gradcache_step({m: encode(m) for m in inputs}, inputs, loss_on, chunk, scaler=accelerator.scaler)
+    return {k: v.detach() for k, v in outputs.items()}
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over processes (what DDP does in its backward hooks)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
+def mean_over_processes(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Each process computes the loss of its own rows: their mean is the loss of the global batch."""
+    if accelerator.num_processes == 1:
+        return values
+    stacked = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
+    return dict(zip(values, stacked.tolist()))
+
+
 def check_bad_fraction(state: TrainState, limit: float) -> None:
     bad = sum(state.skipped.get("counts", {}).values())
     total = bad + state.samples
@@ -177,11 +216,16 @@ def check_bad_fraction(state: TrainState, limit: float) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
+    expand_urls(cfg.data.train)  # fail fast, before building anything, on a missing or empty shard list
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(cpu=cfg.train.device == "cpu", mixed_precision=cfg.train.precision)
     set_seed(cfg.seed)
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss.name, model.names, **cfg.loss.kwargs)
+    if cfg.train.gradcache_chunk and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                                         for m in model.modules()):
+        log.warning("GradCache with BatchNorm: batch statistics are per chunk, so gradients differ from the plain "
+                    "loss; use GroupNorm/LayerNorm towers (e.g. small_cnn norm: group)")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=tuple(cfg.train.betas), eps=cfg.train.eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.steps)
@@ -212,15 +256,21 @@ def train(cfg: Config) -> dict[str, Any]:
             batch = next(stream)
             inputs = to_device(batch, model.names, accelerator.device)
             sync = micro == cfg.train.grad_accum - 1
-            with accelerator.no_sync(ddp_model) if not sync else nullcontext():
-                with accelerator.autocast():
-                    embeddings = ddp_model(inputs)
-                    out = loss_fn({k: v.float() for k, v in embeddings.items()}, logit_scale=model.logit_scale(),
-                                  logit_bias=model.logit_bias)
-                accelerator.backward(out["loss"] / cfg.train.grad_accum)
+            if cfg.train.gradcache_chunk:
+                out = gradcache_backward(model, loss_fn, inputs, cfg.train.gradcache_chunk, accelerator,
+                                         cfg.train.grad_accum)
+            else:
+                with accelerator.no_sync(ddp_model) if not sync else nullcontext():
+                    with accelerator.autocast():
+                        embeddings = ddp_model(inputs)
+                        out = loss_fn({k: v.float() for k, v in embeddings.items()},
+                                      logit_scale=model.logit_scale(), logit_bias=model.logit_bias)
+                    accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum
             state.samples += len(batch["__key__"])
+        if cfg.train.gradcache_chunk:
+            average_gradients(trainable)  # GradCache encodes outside DDP's hooks
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.grad_clip) if cfg.train.grad_clip else None
         if not all(math.isfinite(v) for v in totals.values()) or (grad_norm is not None and not torch.isfinite(grad_norm)):
             state.nonfinite_steps += 1
@@ -239,6 +289,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             elapsed = time.time() - t0
+            totals = mean_over_processes(totals, accelerator)
             last = {"step": state.step, **totals, "logit_scale": model.logit_scale().item(),
                     "lr": scheduler.get_last_lr()[0], "epoch": state.epoch, "samples": state.samples,
                     "skipped": sum(state.skipped.get("counts", {}).values()),

@@ -107,6 +107,23 @@ def build_modality(name: str, cfg: ModalityConfig) -> Modality:
     return MODALITIES[cfg.kind](name, cfg)
 
 
+def model_and_weights(cfg: ModalityConfig, example: str) -> tuple[str, str | None]:
+    """The architecture a tower builder needs (``cfg.model``) and its weights (None when built from scratch)."""
+    if not cfg.model:
+        raise ConfigError(f"{cfg.kind} tower {cfg.tower} needs 'model' ({example})")
+    return cfg.model, cfg.pretrained if cfg.init == "pretrained" else None
+
+
+def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Module:
+    """An open_clip model by architecture name; ``pretrained`` is a tag (network) or a local checkpoint file."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------- adapter
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)

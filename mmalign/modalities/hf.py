@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError
+from .base import model_and_weights
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,7 @@ def hf_dual_tower(part: str) -> Callable[[ModalityConfig], nn.Module]:
     """The ``hf_clip`` tower builder for one part (``image``, ``text``, ``audio``), for ``register_tower``."""
 
     def build(cfg: ModalityConfig) -> nn.Module:
-        if not cfg.model:
-            raise ConfigError(f"{part} tower hf_clip needs 'model' (a dual-encoder hub name or local folder, "
-                              f"e.g. openai/clip-vit-base-patch32)")
-        return HFDualEncoderTower(cfg.model, part, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+        name, _ = model_and_weights(cfg, "a dual-encoder hub name or local folder, e.g. openai/clip-vit-base-patch32")
+        return HFDualEncoderTower(name, part, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
 
     return build

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
 from .hf import hf_dual_tower, resolve_pretrained
 
 log = logging.getLogger(__name__)
@@ -207,12 +207,7 @@ class OpenClipText(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
-        import open_clip
-
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-        except RuntimeError as e:
-            raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+        model = create_open_clip(model_name, pretrained, **kwargs)
         model.visual = None
         self.model = model
         self.model_name = model_name
@@ -225,7 +220,4 @@ class OpenClipText(nn.Module):
 
 @register_tower(TextModality, "open_clip")
 def open_clip_text(cfg: TextConfig) -> nn.Module:
-    if not cfg.model:
-        raise ConfigError("text tower open_clip needs 'model' (an open_clip architecture name, e.g. ViT-B-32)")
-    pretrained = cfg.pretrained if cfg.init == "pretrained" else None
-    return OpenClipText(cfg.model, pretrained, **cfg.tower_kwargs)
+    return OpenClipText(*model_and_weights(cfg, "an open_clip architecture name, e.g. ViT-B-32"), **cfg.tower_kwargs)
