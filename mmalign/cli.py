@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="evaluate a run again and write report.html (+ report.md) with plots and examples")
     p.add_argument("run", help="run directory")
-    p.add_argument("--examples", type=int, default=6, help="queries shown with their top retrieved items")
+    p.add_argument("--examples", type=int, default=None,
+                   help="queries per direction shown with their top retrieved items (default: eval.report_examples)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="build offline demo data, train, evaluate, report")

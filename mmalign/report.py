@@ -112,6 +112,7 @@ def read_items(data: str, modalities: dict, keys: set[str]) -> dict[str, dict[st
     import webdataset as wds
 
     from .data.pipeline import expand_urls, find_member
+    from .errors import DataError
 
     found: dict[str, dict[str, Any]] = {}
     pipeline = wds.DataPipeline(wds.SimpleShardList(expand_urls(data)), wds.tarfile_to_samples())
@@ -124,7 +125,7 @@ def read_items(data: str, modalities: dict, keys: set[str]) -> dict[str, dict[st
             if member is not None:
                 try:
                     items[name] = modality.decode(sample[member], member.rsplit(".", 1)[-1])
-                except Exception as e:  # noqa: BLE001  (a report shows what it can)
+                except DataError as e:  # shown as its key, as the evaluation skipped it
                     log.warning("report: cannot decode %s of sample %s: %s", name, sample["__key__"], e)
         found[sample["__key__"]] = items
         if len(found) == len(keys):
@@ -230,7 +231,7 @@ def examples_html(sections: list[dict]) -> str:
 def write_html_report(run_dir: Path, results: dict, extras: dict, model, n_examples: int = 6) -> Path:
     """Write ``run_dir/report.html`` from the evaluation results, their extras and the run's PNG plots."""
     run_dir = Path(run_dir)
-    figures = [p for p in sorted(run_dir.glob("*.png"))]
+    figures = sorted(run_dir.glob("*.png"))
     plots = "".join(f"<figure>{png_tag(p.read_bytes(), p.stem)}<figcaption>{html.escape(p.stem.replace('_', ' '))}"
                     f"</figcaption></figure>" for p in figures)
     examples = ""
@@ -256,8 +257,9 @@ Modalities: {html.escape(", ".join(f"{n} ({model.modalities[n].kind}, {model.con
     return path
 
 
-def report_run(run_dir: Path, n_examples: int = 6) -> dict:
-    """``mmalign report RUN``: evaluate the run's model on its recipe's eval data again and write the reports."""
+def report_run(run_dir: Path, n_examples: int | None = None) -> dict:
+    """``mmalign report RUN``: evaluate the run's model on its recipe's eval data again and write the reports
+    (``n_examples`` queries per direction; default: the recipe's ``eval.report_examples``)."""
     from .cli import load_model
     from .config import load_config
     from .errors import ConfigError
@@ -266,6 +268,6 @@ def report_run(run_dir: Path, n_examples: int = 6) -> dict:
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.json)")
     saved = json.loads((run_dir / "config.json").read_text())
-    cfg = load_config(None, [f"eval.report_examples={n_examples}"], base=saved)
+    cfg = load_config(None, [f"eval.report_examples={n_examples}"] if n_examples is not None else [], base=saved)
     results = evaluate_run(cfg, load_model(str(run_dir)), run_dir)
     return {**results, "report": str(run_dir / REPORT_NAME), "report_md": str(run_dir / "report.md")}

@@ -111,8 +111,8 @@ def checkpoint_preprocess(path: str, part: str, config) -> dict:
     """Preprocessing the checkpoint was trained with, as mmalign config fields.
 
     Images: size, mean/std, resize mode and interpolation from the checkpoint's image processor (centre crop ->
-    ``shortest``, fixed height x width -> ``squash``). Text: the position limit as ``max_length``; SigLIP pools the
-    last position, so its captions are padded to ``max_length`` as in training.
+    ``shortest``, fixed height x width -> ``squash``). Text: CLIP's 77 tokens, or the position limit where it is
+    lower; SigLIP pools the last position, so its captions are padded to its limit (64) as in its training.
     """
     if part == "text":
         sub = config.text_config
