@@ -38,4 +38,5 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
 
     result = train(cfg)
     result["report"] = str(Path(cfg.run_dir) / "report.md")
+    result["report_html"] = str(Path(cfg.run_dir) / "report.html")
     return result
