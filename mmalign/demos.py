@@ -18,6 +18,10 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
         "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
         "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
     }),
+    "clap": ("data_tools.spoken_words", "clap_audio_text.yaml", {
+        "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
+        "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
+    }),
 }
 
 
