@@ -31,13 +31,13 @@ COMMANDS = ["yes", "no", "up", "down", "left", "right", "stop", "go", "on", "off
 ACCENTS = {"en-us": "an American", "en": "a British", "en-gb-scotland": "a Scottish", "en-029": "a Caribbean",
            "en-gb-x-gbclan": "a Lancashire", "en-gb-x-gbcwmd": "a West Midlands"}
 SPEEDS = {"slowly": (100, 130), "": (150, 185), "quickly": (220, 280)}  # words per minute
-PITCHES = {"deep": (5, 30), "": (40, 60), "high": (70, 95)}  # espeak-ng pitch 0-99
+PITCHES = {"deep ": (5, 30), "": (40, 60), "high-pitched ": (70, 95)}  # espeak-ng pitch 0-99
 PEOPLE = {"M": ("a man", "a male speaker", "a male voice"), "F": ("a woman", "a female speaker", "a female voice")}
 CAPTION_TEMPLATES = [
     "{person} {saying} {word}{speed}",
     "the word {word} spoken{speed} by {person}",
     "{person} with {accent} accent {says} {word}",
-    "{person} {says} {word}{pitch}",
+    "a {pitch}{gender} voice {saying} {word}",
     "{word}, spoken{speed} in {accent} accent",
 ]
 ZEROSHOT_TEMPLATES = ["someone saying {}", "the word {} spoken", "a person says {}"]
@@ -120,11 +120,12 @@ def synthesise(job: dict) -> bytes:
 def captions(job: dict, rng: random.Random, n: int) -> list[str]:
     whisper = "whisper" in job["variant"].lower()
     speed = f" {job['speed']}" if job["speed"] else ""
-    pitch = f" in a {job['pitch_word']} voice" if job["pitch_word"] else ""
-    fields = {"person": rng.choice(PEOPLE[job["gender"]]), "word": job["word"], "speed": speed, "pitch": pitch,
+    fields = {"person": rng.choice(PEOPLE[job["gender"]]), "word": job["word"], "speed": speed,
+              "pitch": job["pitch_word"], "gender": "female" if job["gender"] == "F" else "male",
               "accent": ACCENTS[job["accent"]], "saying": "whispering" if whisper else "saying",
               "says": "whispers" if whisper else "says"}
-    return [t.format(**fields) for t in rng.sample(CAPTION_TEMPLATES, n)]
+    distinct = list(dict.fromkeys(t.format(**fields) for t in CAPTION_TEMPLATES))
+    return rng.sample(distinct, min(n, len(distinct)))
 
 
 def make_jobs(words: list[str], voices: list[tuple[str, str]], count: int, rng: random.Random, prefix: str) -> list:
@@ -164,5 +165,5 @@ def build(out_dir: Path, train_clips: int = 6000, test_clips: int = 1000, held_o
         (out_dir / "held_out_voices.txt").write_text("\n".join(v for v, _ in test_voices) + "\n")
         return {**paths, "classes": str(out_dir / "classes.txt"), "templates": str(out_dir / "templates.txt")}
 
-    version = f"spoken-v1-{train_clips}-{test_clips}-{held_out_fraction}-{captions_per_clip}-{seed}"
+    version = f"spoken-v2-{train_clips}-{test_clips}-{held_out_fraction}-{captions_per_clip}-{seed}"
     return cached_build(out_dir, version, _build)

@@ -267,8 +267,8 @@ class AudioModality(Modality):
         super().__init__(name, cfg)
         if cfg.eval_crop not in EVAL_CROPS:
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
-        if cfg.eval_windows < 1 or (cfg.clip_seconds is not None and cfg.clip_seconds <= 0):
-            raise ConfigError(f"modality {name!r}: eval_windows must be >= 1 and clip_seconds > 0")
+        if cfg.eval_windows < 1 or (cfg.clip_seconds is not None and cfg.clip_seconds <= 0) or (cfg.channel or 0) < 0:
+            raise ConfigError(f"modality {name!r}: eval_windows must be >= 1, clip_seconds > 0 and channel >= 0")
         if cfg.tower == "hf":
             if not cfg.model:
                 raise ConfigError(f"modality {name!r}: audio tower hf needs 'model' (a hub name or local folder)")
