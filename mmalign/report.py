@@ -124,7 +124,7 @@ def read_items(data: str, modalities: dict, keys: set[str]) -> dict[str, dict[st
             member = find_member(sample, name, modality.extensions)
             if member is not None:
                 try:
-                    items[name] = modality.decode(sample[member], member.rsplit(".", 1)[-1])
+                    items[name] = modality.decode_member(sample, member)
                 except DataError as e:  # shown as its key, as the evaluation skipped it
                     log.warning("report: cannot decode %s of sample %s: %s", name, sample["__key__"], e)
         found[sample["__key__"]] = items
