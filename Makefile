@@ -24,7 +24,7 @@ demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)
 
 test: $(STAMP) sysdeps
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -22,6 +22,10 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
         "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
         "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
     }),
+    "ecg": ("data_tools.ecg", "ecg_text.yaml", {
+        "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
+        "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
+    }),
 }
 
 

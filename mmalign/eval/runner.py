@@ -56,7 +56,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         "zeroshot_n": len(labels),
         "_per_class": per_class,
         "_confusion": (target.tolist(), acc["predictions"], classnames),
-        "_skipped": emb["skipped"],
+        "skipped": emb["skipped"].get("counts", {}),
     }
 
 
@@ -75,5 +75,5 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     out = {f"retrieval_{k}": v for k, v in metrics.items()}
     out["retrieval_n"] = q.shape[0]
     out["_similarity"] = (q[:32] @ g[:64].T)
-    out["_skipped"] = emb["skipped"]
+    out["skipped"] = emb["skipped"].get("counts", {})
     return out

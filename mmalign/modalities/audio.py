@@ -30,7 +30,7 @@ from torch import nn
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
 from .base import Modality, register_modality, register_tower
-from .text import resolve_pretrained
+from .hf import resolve_pretrained
 
 log = logging.getLogger(__name__)
 

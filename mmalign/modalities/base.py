@@ -34,7 +34,8 @@ class Modality:
     """CPU side of a modality. Subclasses set ``kind``, ``extensions``, ``config_class`` and override the hooks."""
 
     kind: ClassVar[str]
-    extensions: ClassVar[tuple[str, ...]]
+    extensions: ClassVar[tuple[str, ...]]  # shard member extensions this kind decodes
+    file_extensions: ClassVar[tuple[str, ...]] = ()  # further files on disk it packs into members (``file_members``)
     config_class: ClassVar[type[ModalityConfig]] = ModalityConfig
     towers: ClassVar[dict[str, TowerBuilder]]
     default_tower: ClassVar[str]
@@ -50,9 +51,18 @@ class Modality:
                 f"known: {', '.join(sorted(self.towers))}"
             )
 
+    @classmethod
+    def file_members(cls, path: Path) -> dict[str, bytes]:
+        """A file on disk -> shard members (extension -> bytes); by default the file itself, as it is."""
+        return {path.suffix.lower().lstrip("."): path.read_bytes()}
+
     def decode(self, data: bytes, ext: str) -> Any:
         """Bytes of one shard member -> item. Raise ``DataError`` with the reason for unusable input."""
         raise NotImplementedError
+
+    def decode_member(self, sample: dict, key: str) -> Any:
+        """The item held by member ``key`` of a raw sample; kinds whose items span members (npy + json) override."""
+        return self.decode(sample[key], key.rsplit(".", 1)[-1])
 
     def transform(self, item: Any, train: bool) -> Any:
         return item
@@ -91,19 +101,43 @@ def build_modality(name: str, cfg: ModalityConfig) -> Modality:
     return MODALITIES[cfg.kind](name, cfg)
 
 
+def model_and_weights(cfg: ModalityConfig, example: str) -> tuple[str, str | None]:
+    """The architecture a tower builder needs (``cfg.model``) and its weights (None when built from scratch)."""
+    if not cfg.model:
+        raise ConfigError(f"{cfg.kind} tower {cfg.tower} needs 'model' ({example})")
+    return cfg.model, cfg.pretrained if cfg.init == "pretrained" else None
+
+
+def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Module:
+    """An open_clip model by architecture name; ``pretrained`` is a tag (network) or a local checkpoint file."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------- adapter
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
 
-def tower_blocks(tower: nn.Module) -> nn.ModuleList | None:
-    """The tower's sequence of blocks (transformer layers, CNN stages): its longest ``nn.ModuleList``/Sequential."""
-    if hasattr(tower, "blocks") and isinstance(tower.blocks, (nn.ModuleList, nn.Sequential)):
+def tower_blocks(tower: nn.Module) -> nn.Module | None:
+    """The tower's stack of blocks (transformer layers, CNN stages).
+
+    A tower may name it ``blocks``; otherwise it is the ``ModuleList``/``Sequential`` of two or more children of one
+    type (so an MLP's Linear-GELU-Linear never qualifies) holding the most parameters.
+    """
+    if isinstance(getattr(tower, "blocks", None), (nn.ModuleList, nn.Sequential)):
         return tower.blocks
-    best = None
+    best, best_size = None, 0
     for module in tower.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > (len(best) if best is not None else 1):
-            best = module
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
+            if len({type(child) for child in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if size > best_size:
+                    best, best_size = module, size
     return best
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def parse_captions(data: bytes, ext: str) -> list[str]:
     if ext == "json":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"text json is invalid: {e}") from None
+        except (ValueError, RecursionError) as e:  # also too-long integers and too-deep nesting
+            raise DataError(f"text json is invalid: {type(e).__name__}: {e}") from None
         if isinstance(obj, dict):
             obj = next((obj[k] for k in ("captions", "caption", "text") if k in obj), None)
         captions = [obj] if isinstance(obj, str) else obj
@@ -176,6 +176,9 @@ class HFTextTower(nn.Module):
                 self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load HF text model {name!r}: {str(e).splitlines()[0]}") from None
+        if getattr(self.model, "pooler", None) is not None:
+            # Pooling is ours (below); a pooler whose output is unused never gets gradients, which stalls DDP.
+            self.model.pooler = None
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 
@@ -198,12 +201,7 @@ class OpenClipText(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
-        import open_clip
-
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-        except RuntimeError as e:
-            raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+        model = create_open_clip(model_name, pretrained, **kwargs)
         model.visual = None
         self.model = model
         self.out_dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else model.text.output_dim
@@ -214,7 +212,4 @@ class OpenClipText(nn.Module):
 
 @register_tower(TextModality, "open_clip")
 def open_clip_text(cfg: TextConfig) -> nn.Module:
-    if not cfg.model:
-        raise ConfigError("text tower open_clip needs 'model' (an open_clip architecture name, e.g. ViT-B-32)")
-    pretrained = cfg.pretrained if cfg.init == "pretrained" else None
-    return OpenClipText(cfg.model, pretrained, **cfg.tower_kwargs)
+    return OpenClipText(*model_and_weights(cfg, "an open_clip architecture name, e.g. ViT-B-32"), **cfg.tower_kwargs)
