@@ -198,11 +198,12 @@ def save_tiny_hf(kind: str, path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["ast", "whisper", "clap", "wav2vec2"])
-def test_hf_tower_loads_from_local_folder_trains_and_round_trips(kind, tmp_path):
+@pytest.mark.parametrize("kind,tower", [("ast", "hf"), ("whisper", "hf"), ("clap", "hf"), ("clap", "hf_clip"),
+                                        ("wav2vec2", "hf")])
+def test_hf_tower_loads_from_local_folder_trains_and_round_trips(kind, tower, tmp_path):
     folder = save_tiny_hf(kind, tmp_path / kind)
     augment = {} if kind == "wav2vec2" else {"freq_masks": 1, "freq_mask_width": 2, "time_masks": 1}
-    model = audio_model(tower="hf", model=folder, clip_seconds=0.5, augment={"gain_db": [-3, 3], **augment},
+    model = audio_model(tower=tower, model=folder, clip_seconds=0.5, augment={"gain_db": [-3, 3], **augment},
                         eval_crop="windows", eval_windows=2, tower_kwargs={})
     modality = model.modalities["audio"]
     assert modality.rate == 16000
