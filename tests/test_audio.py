@@ -158,11 +158,13 @@ def test_config_errors_name_the_problem():
         audio_model(eval_crop="middle")
     with pytest.raises(ConfigError, match="features must be logmel or fbank"):
         audio_model(features="mfcc")
+    with pytest.raises(ConfigError, match=r"augment.gain_db must be \[low, high\]"):
+        audio_model(augment={"gain_db": [6, -6]})
     with pytest.raises(ConfigError, match=r"unknown key 'modalities.audio.augment.gain' \(did you mean 'gain_db'\?\)"):
         audio_model(augment={"gain": [0, 1]})
 
 
-# ------------------------------------------------------------------------------------------- HF towers from local folders
+# ------------------------------------------------------------------------------------------- HF towers, local folders
 
 
 def save_tiny_hf(kind: str, path) -> str:

@@ -21,7 +21,6 @@ the checkpoint's layout so a CLAP pair exports as one ``ClapModel``).
 from __future__ import annotations
 
 import io
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,6 @@ from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
 from .base import Modality, register_modality, register_tower
 from .hf import HFDualEncoderTower, resolve_pretrained
-
-log = logging.getLogger(__name__)
 
 EVAL_CROPS = ("start", "center", "windows")
 OWN_FEATURES = ("logmel", "fbank")
@@ -140,10 +137,8 @@ def spec_augment(spec: torch.Tensor, freq_axis: int, time_axis: int, cfg: AudioA
     return spec
 
 
-def uniform(bounds, where: str) -> float:
+def uniform(bounds: tuple) -> float:
     lo, hi = (float(b) for b in bounds)
-    if lo > hi:
-        raise ConfigError(f"{where}: range [{lo}, {hi}] is empty")
     return lo + (hi - lo) * torch.rand(()).item()
 
 
@@ -194,9 +189,10 @@ class OwnFeatures:
         if cfg.features == "fbank":
             from torchaudio.compliance import kaldi
 
+            ms = 1000 / self.rate
             feats = kaldi.fbank(window[None] * 32768, num_mel_bins=cfg.n_mels, sample_frequency=self.rate,
-                                frame_length=1000 * cfg.n_fft / self.rate, frame_shift=1000 * cfg.hop_length / self.rate,
-                                low_freq=cfg.f_min, high_freq=cfg.f_max or 0.0, dither=0.0, window_type="hanning").T
+                                frame_length=cfg.n_fft * ms, frame_shift=cfg.hop_length * ms, low_freq=cfg.f_min,
+                                high_freq=cfg.f_max or 0.0, dither=0.0, window_type="hanning").T
         else:
             if self._mel is None:
                 import torchaudio
@@ -277,9 +273,10 @@ class AudioModality(Modality):
             raise ConfigError(f"modality {name!r}: eval_windows must be >= 1, clip_seconds > 0 and channel >= 0")
         if cfg.tower in HF_TOWERS:
             if not cfg.model:
-                raise ConfigError(f"modality {name!r}: audio tower {cfg.tower} needs 'model' (a hub name or local folder)")
+                raise ConfigError(f"modality {name!r}: audio tower {cfg.tower} needs 'model' (a hub name or folder)")
             if cfg.features != "auto":
-                raise ConfigError(f"modality {name!r}: hf towers use their own feature extractor; leave 'features' unset")
+                raise ConfigError(f"modality {name!r}: {cfg.tower} towers use the model's feature extractor; "
+                                  "leave 'features' unset")
             extractor = load_feature_extractor(cfg.model, cfg.trust_remote_code)
             family = hf_family(load_hf_config(cfg.model, cfg.trust_remote_code).model_type)
             if cfg.sample_rate not in (None, extractor.sampling_rate):
@@ -302,6 +299,10 @@ class AudioModality(Modality):
             raise ConfigError(f"modality {name!r}: clip_seconds={cfg.clip_seconds} is longer than the "
                               f"{fixed / self.rate:.2f} s the feature extractor of {cfg.model!r} takes")
         aug = cfg.augment
+        for key in ("gain_db", "noise_snr_db"):
+            bounds = getattr(aug, key)
+            if bounds is not None and (len(bounds) != 2 or float(bounds[0]) > float(bounds[1])):
+                raise ConfigError(f"modality {name!r}: augment.{key} must be [low, high] with low <= high")
         if self.features.axes is None and (aug.freq_masks or aug.time_masks):
             raise ConfigError(f"modality {name!r}: SpecAugment needs spectrogram features; {cfg.model!r} takes "
                               "waveforms (use the model's own mask_time_prob via tower_kwargs)")
@@ -342,15 +343,15 @@ class AudioModality(Modality):
         return {"input": x, "valid": torch.tensor(valid, dtype=torch.float32)}
 
     def augment_wave(self, wave: torch.Tensor) -> torch.Tensor:
-        aug, where = self.cfg.augment, f"{self.name}.augment"
+        aug = self.cfg.augment
         if aug.shift_s > 0:
             limit = int(aug.shift_s * self.rate)
             wave = time_shift(wave, int(torch.randint(-limit, limit + 1, ()).item()))
-        gain = uniform(aug.gain_db, f"{where}.gain_db")
+        gain = uniform(aug.gain_db)
         if gain:
             wave = wave * 10 ** (gain / 20)
         if aug.noise_snr_db is not None and torch.rand(()).item() < aug.noise_p:
-            wave = add_noise(wave, uniform(aug.noise_snr_db, f"{where}.noise_snr_db"))
+            wave = add_noise(wave, uniform(aug.noise_snr_db))
         return wave
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
