@@ -158,11 +158,13 @@ def test_config_errors_name_the_problem():
         audio_model(eval_crop="middle")
     with pytest.raises(ConfigError, match="features must be logmel or fbank"):
         audio_model(features="mfcc")
+    with pytest.raises(ConfigError, match=r"augment.gain_db must be \[low, high\]"):
+        audio_model(augment={"gain_db": [6, -6]})
     with pytest.raises(ConfigError, match=r"unknown key 'modalities.audio.augment.gain' \(did you mean 'gain_db'\?\)"):
         audio_model(augment={"gain": [0, 1]})
 
 
-# ------------------------------------------------------------------------------------------- HF towers from local folders
+# ------------------------------------------------------------------------------------------- HF towers, local folders
 
 
 def save_tiny_hf(kind: str, path) -> str:
@@ -198,11 +200,12 @@ def save_tiny_hf(kind: str, path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["ast", "whisper", "clap", "wav2vec2"])
-def test_hf_tower_loads_from_local_folder_trains_and_round_trips(kind, tmp_path):
+@pytest.mark.parametrize("kind,tower", [("ast", "hf"), ("whisper", "hf"), ("clap", "hf"), ("clap", "hf_clip"),
+                                        ("wav2vec2", "hf")])
+def test_hf_tower_loads_from_local_folder_trains_and_round_trips(kind, tower, tmp_path):
     folder = save_tiny_hf(kind, tmp_path / kind)
     augment = {} if kind == "wav2vec2" else {"freq_masks": 1, "freq_mask_width": 2, "time_masks": 1}
-    model = audio_model(tower="hf", model=folder, clip_seconds=0.5, augment={"gain_db": [-3, 3], **augment},
+    model = audio_model(tower=tower, model=folder, clip_seconds=0.5, augment={"gain_db": [-3, 3], **augment},
                         eval_crop="windows", eval_windows=2, tower_kwargs={})
     modality = model.modalities["audio"]
     assert modality.rate == 16000

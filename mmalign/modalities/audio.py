@@ -6,17 +6,21 @@ several evenly spaced windows when evaluating, so a file always embeds the same)
 only). Short clips are zero-padded and carry the fraction of each window that holds signal (``valid``), from which
 the towers build their time masks.
 
-An item is ``{"input": W x <features>, "valid": W}`` with W windows (1 when training). Towers encode each window
-and average the window features (the "fusion of several windows" evaluation of long clips).
+An item is ``{"input": W x <features>, "valid": W}`` with W windows (1 when training). A batch stacks the windows
+as rows, ``{"input": N x <features>, "valid": N}``, plus ``window_owner`` when an item has several: the adapter then
+averages the tower features of an item's windows (the "fusion of several windows" evaluation of long clips).
 
 Features: ``logmel`` (torchaudio ``MelSpectrogram``, log) or ``fbank`` (Kaldi filterbanks,
 ``torchaudio.compliance.kaldi``) for the towers trained from scratch; HF towers use their own feature extractor
 (AST, Whisper, CLAP, wav2vec2/HuBERT/WavLM), loaded from the same hub name or folder as the model.
+
+Towers: ``mel_cnn`` (from scratch), ``hf`` (any of the HF encoders above; from a ``ClapModel`` checkpoint its audio
+half with the audio projection) and ``hf_clip`` (the audio part of an HF dual encoder such as ``ClapModel``, kept in
+the checkpoint's layout so a CLAP pair exports as one ``ClapModel``).
 """
 from __future__ import annotations
 
 import io
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +34,11 @@ from torch import nn
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
 from .base import Modality, register_modality, register_tower
-from .text import resolve_pretrained
-
-log = logging.getLogger(__name__)
+from .hf import HFDualEncoderTower, resolve_pretrained
 
 EVAL_CROPS = ("start", "center", "windows")
 OWN_FEATURES = ("logmel", "fbank")
+HF_TOWERS = ("hf", "hf_clip")
 
 
 @dataclass
@@ -134,10 +137,8 @@ def spec_augment(spec: torch.Tensor, freq_axis: int, time_axis: int, cfg: AudioA
     return spec
 
 
-def uniform(bounds, where: str) -> float:
+def uniform(bounds: tuple) -> float:
     lo, hi = (float(b) for b in bounds)
-    if lo > hi:
-        raise ConfigError(f"{where}: range [{lo}, {hi}] is empty")
     return lo + (hi - lo) * torch.rand(()).item()
 
 
@@ -188,9 +189,10 @@ class OwnFeatures:
         if cfg.features == "fbank":
             from torchaudio.compliance import kaldi
 
+            ms = 1000 / self.rate
             feats = kaldi.fbank(window[None] * 32768, num_mel_bins=cfg.n_mels, sample_frequency=self.rate,
-                                frame_length=1000 * cfg.n_fft / self.rate, frame_shift=1000 * cfg.hop_length / self.rate,
-                                low_freq=cfg.f_min, high_freq=cfg.f_max or 0.0, dither=0.0, window_type="hanning").T
+                                frame_length=cfg.n_fft * ms, frame_shift=cfg.hop_length * ms, low_freq=cfg.f_min,
+                                high_freq=cfg.f_max or 0.0, dither=0.0, window_type="hanning").T
         else:
             if self._mel is None:
                 import torchaudio
@@ -269,11 +271,12 @@ class AudioModality(Modality):
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
         if cfg.eval_windows < 1 or (cfg.clip_seconds is not None and cfg.clip_seconds <= 0) or (cfg.channel or 0) < 0:
             raise ConfigError(f"modality {name!r}: eval_windows must be >= 1, clip_seconds > 0 and channel >= 0")
-        if cfg.tower == "hf":
+        if cfg.tower in HF_TOWERS:
             if not cfg.model:
-                raise ConfigError(f"modality {name!r}: audio tower hf needs 'model' (a hub name or local folder)")
+                raise ConfigError(f"modality {name!r}: audio tower {cfg.tower} needs 'model' (a hub name or folder)")
             if cfg.features != "auto":
-                raise ConfigError(f"modality {name!r}: hf towers use their own feature extractor; leave 'features' unset")
+                raise ConfigError(f"modality {name!r}: {cfg.tower} towers use the model's feature extractor; "
+                                  "leave 'features' unset")
             extractor = load_feature_extractor(cfg.model, cfg.trust_remote_code)
             family = hf_family(load_hf_config(cfg.model, cfg.trust_remote_code).model_type)
             if cfg.sample_rate not in (None, extractor.sampling_rate):
@@ -296,6 +299,10 @@ class AudioModality(Modality):
             raise ConfigError(f"modality {name!r}: clip_seconds={cfg.clip_seconds} is longer than the "
                               f"{fixed / self.rate:.2f} s the feature extractor of {cfg.model!r} takes")
         aug = cfg.augment
+        for key in ("gain_db", "noise_snr_db"):
+            bounds = getattr(aug, key)
+            if bounds is not None and (len(bounds) != 2 or float(bounds[0]) > float(bounds[1])):
+                raise ConfigError(f"modality {name!r}: augment.{key} must be [low, high] with low <= high")
         if self.features.axes is None and (aug.freq_masks or aug.time_masks):
             raise ConfigError(f"modality {name!r}: SpecAugment needs spectrogram features; {cfg.model!r} takes "
                               "waveforms (use the model's own mask_time_prob via tower_kwargs)")
@@ -336,44 +343,34 @@ class AudioModality(Modality):
         return {"input": x, "valid": torch.tensor(valid, dtype=torch.float32)}
 
     def augment_wave(self, wave: torch.Tensor) -> torch.Tensor:
-        aug, where = self.cfg.augment, f"{self.name}.augment"
+        aug = self.cfg.augment
         if aug.shift_s > 0:
             limit = int(aug.shift_s * self.rate)
             wave = time_shift(wave, int(torch.randint(-limit, limit + 1, ()).item()))
-        gain = uniform(aug.gain_db, f"{where}.gain_db")
+        gain = uniform(aug.gain_db)
         if gain:
             wave = wave * 10 ** (gain / 20)
         if aug.noise_snr_db is not None and torch.rand(()).item() < aug.noise_p:
-            wave = add_noise(wave, uniform(aug.noise_snr_db, f"{where}.noise_snr_db"))
+            wave = add_noise(wave, uniform(aug.noise_snr_db))
         return wave
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([item[k] for item in items]) for k in ("input", "valid")}
+        """Windows as rows; ``window_owner`` (row -> item) when an item has several, for the adapter to average."""
+        batch = {k: torch.cat([item[k] for item in items]) for k in ("input", "valid")}
+        counts = torch.tensor([item["valid"].shape[0] for item in items])
+        if (counts > 1).any():
+            batch["window_owner"] = torch.repeat_interleave(torch.arange(len(items)), counts)
+        return batch
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
-        if self.cfg.tower != "hf":
-            return {}
-        directory.mkdir(parents=True, exist_ok=True)
-        self.features.extractor.save_pretrained(directory)
-        tower.model.config.save_pretrained(directory)
-        return {"model": f"./{directory.name}"}
+        """HF towers: the model config (the tower's ``save_config``) and the feature extractor."""
+        updates = super().save_assets(tower, directory)
+        if updates:
+            self.features.extractor.save_pretrained(directory)
+        return updates
 
 
 # --------------------------------------------------------------------------------------------- towers
-
-
-class AudioTower(nn.Module):
-    """Base of the audio towers: encodes every window of ``{"input": B x W x ..., "valid": B x W}`` and averages."""
-
-    out_dim: int
-
-    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        x, valid = inputs["input"], inputs["valid"]
-        b, w = valid.shape
-        return self.encode(x.flatten(0, 1), valid.flatten()).view(b, w, -1).mean(1)
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
@@ -386,7 +383,7 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     return out
 
 
-class MelCNN(AudioTower):
+class MelCNN(nn.Module):
     """1-D convolutions over time with mel bins as channels (fast on CPU), optional transformer layers on top;
     masked mean + max pooling over the frames that hold signal. The stem strides by ``stem_stride`` and each
     residual block halves the time resolution."""
@@ -408,12 +405,12 @@ class MelCNN(AudioTower):
                             if transformer_layers else None)
         self.out_dim = 2 * width
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        h = self.stem(self.input_norm(x))
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.stem(self.input_norm(inputs["input"]))
         for block in self.blocks:
             h = F.avg_pool1d(F.gelu(h + block(h)), 2, ceil_mode=True)
         h = h.transpose(1, 2)  # N x T x C
-        mask = frame_mask(valid, h.shape[1])
+        mask = frame_mask(inputs["valid"], h.shape[1])
         if self.transformer is not None:
             h = self.transformer(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device), src_key_padding_mask=~mask)
         peak = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
@@ -425,7 +422,7 @@ def mel_cnn(cfg: AudioConfig) -> nn.Module:
     return MelCNN(cfg.n_mels, **cfg.tower_kwargs)
 
 
-class HFAudioTower(AudioTower):
+class HFAudioTower(nn.Module):
     """A HF audio encoder: AST (pooler output), Whisper encoder (masked mean), CLAP audio tower with its projection
     (``audio_embeds``), or any waveform encoder such as wav2vec2/HuBERT/WavLM (masked mean of the last layer)."""
 
@@ -460,13 +457,12 @@ class HFAudioTower(AudioTower):
         # wav2vec2-style models with group-normalised conv features are trained on zero padding without a mask
         self.pass_mask = getattr(cfg, "feat_extract_norm", "layer") == "layer"
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        x, valid = inputs["input"], inputs["valid"]
         if self.family == "ast":
             return self.model(input_values=x).pooler_output
         if self.family == "clap":
-            fusion = bool(self.model.config.enable_fusion)  # the extractor marks a single clip "longer" in fusion mode
-            is_longer = torch.full((x.shape[0], 1), fusion, dtype=torch.bool, device=x.device)
-            return self.model(input_features=x, is_longer=is_longer).audio_embeds
+            return self.model(input_features=x, is_longer=clap_is_longer(self.model.config, x)).audio_embeds
         if self.family == "whisper":
             hidden = self.model(input_features=x).last_hidden_state
         else:
@@ -475,6 +471,32 @@ class HFAudioTower(AudioTower):
         return masked_mean(hidden, frame_mask(valid, hidden.shape[1]))
 
 
+    def save_config(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory)
+
+
 @register_tower(AudioModality, "hf")
 def hf_audio(cfg: AudioConfig) -> nn.Module:
     return HFAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+
+
+def clap_is_longer(audio_config, x: torch.Tensor) -> torch.Tensor:
+    """CLAP's ``is_longer`` flags: the feature extractor marks a single clip "longer" exactly in fusion mode (and
+    clips never exceed its fixed length here, so no clip is longer otherwise)."""
+    return torch.full((x.shape[0], 1), bool(audio_config.enable_fusion), dtype=torch.bool, device=x.device)
+
+
+class ClapDualAudioTower(HFDualEncoderTower):
+    """``hf_clip`` for audio: ``ClapModel.get_audio_features`` on this modality's features."""
+
+    def __init__(self, name: str, from_scratch: bool, trust_remote_code: bool, **kwargs):
+        super().__init__(name, "audio", from_scratch, trust_remote_code, **kwargs)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = inputs["input"]
+        return super().forward({"input_features": x, "is_longer": clap_is_longer(self.sub_config, x)})
+
+
+@register_tower(AudioModality, "hf_clip")
+def hf_clip_audio(cfg: AudioConfig) -> nn.Module:
+    return ClapDualAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
