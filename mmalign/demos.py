@@ -18,6 +18,11 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
         "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
         "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
     }),
+    "coca": ("data_tools.digits", "coca.yaml", {
+        "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
+        "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test", "eval.caption.data": "test",
+        "model.modalities.text.tokenizer": "tokenizer",
+    }),
 }
 
 

@@ -56,7 +56,7 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         ax.set_xticks(range(len(per_class)), list(per_class), rotation=45, ha="right")
         ax.set(ylabel="accuracy", ylim=(0, 1.02), title="zero-shot accuracy per class")
         written.append(_save(fig, run_dir / "per_class_accuracy.png"))
-    write_report(run_dir, results, written)
+    write_report(run_dir, results, written, extras.get("_captions"))
     return written
 
 
@@ -67,7 +67,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: Path, results: dict, images: list[Path]) -> Path:
+def write_report(run_dir: Path, results: dict, images: list[Path], captions: list[dict] | None = None) -> Path:
+    """``report.md``: the headline numbers, example generated captions (if any), the plots."""
     lines = [f"# Run report: {run_dir}", "", "| metric | value |", "|---|---|"]
     for k, v in results.items():
         if isinstance(v, float):
@@ -75,6 +76,10 @@ def write_report(run_dir: Path, results: dict, images: list[Path]) -> Path:
         elif isinstance(v, (int, str)):
             lines.append(f"| {k} | {v} |")
     lines.append("")
+    if captions:
+        lines += ["## Generated captions", "", "| key | caption | a reference |", "|---|---|---|"]
+        lines += [f"| {c['key']} | {c['caption']} | {(c.get('references') or [''])[0]} |" for c in captions]
+        lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in images]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config, to_dict
 from .data import expand_urls, iterate_batches
-from .errors import DataError, MMAlignError
+from .errors import ConfigError, DataError, MMAlignError
 from .io import atomic_dir, write_json
 from .losses import LOSSES, build_loss
 from .model import AlignmentModel
@@ -54,6 +54,11 @@ def build_model(cfg: Config) -> AlignmentModel:
     loss_cls = LOSSES.get(cfg.loss.name)
     if loss_cls is not None and getattr(loss_cls, "needs_bias", False):
         cfg.model.logit_bias = True
+    if loss_cls is not None and getattr(loss_cls, "needs_captions", False) != (cfg.model.caption is not None):
+        raise ConfigError(f"loss {cfg.loss.name!r} needs model.caption (a caption decoder)"
+                          if cfg.model.caption is None else
+                          f"model.caption trains a caption decoder: use a loss with a caption term (coca), "
+                          f"not {cfg.loss.name!r}")
     return AlignmentModel(cfg.model)
 
 
@@ -214,9 +219,9 @@ def train(cfg: Config) -> dict[str, Any]:
             sync = micro == cfg.train.grad_accum - 1
             with accelerator.no_sync(ddp_model) if not sync else nullcontext():
                 with accelerator.autocast():
-                    embeddings = ddp_model(inputs)
+                    embeddings, loss_inputs = ddp_model(inputs, loss_inputs=True)  # + caption logits for CoCa
                     out = loss_fn({k: v.float() for k, v in embeddings.items()}, logit_scale=model.logit_scale(),
-                                  logit_bias=model.logit_bias)
+                                  logit_bias=model.logit_bias, **loss_inputs)
                 accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum
@@ -272,12 +277,12 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
     """The recipe's evaluations at the end of training, plus plots in the run directory."""
-    from .eval.runner import evaluate_retrieval, evaluate_zeroshot
+    from .eval.runner import evaluate_captions, evaluate_retrieval, evaluate_zeroshot
     from .plots import plot_run
 
     results: dict[str, Any] = {}
     extras: dict[str, Any] = {}
-    zs, rt = cfg.eval.zeroshot, cfg.eval.retrieval
+    zs, rt, cap = cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.caption
     if zs.data and zs.classes:
         out = evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text, cfg.eval.batch_size)
         extras.update({k: v for k, v in out.items() if k.startswith("_")})
@@ -286,6 +291,10 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
         out = evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size)
         extras["_similarity"] = out.pop("_similarity")
         out.pop("_skipped", None)
+        results.update(out)
+    if cap.data:
+        out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
+        extras["_captions"] = out.pop("_examples")
         results.update(out)
     plot_run(run_dir, results, extras)
     return results

@@ -5,10 +5,15 @@ A modality has two halves:
 * ``Modality`` (CPU side, picklable, runs in DataLoader workers): decode bytes from a shard, train/eval
   transforms, collate a list of items into a batch, and (for text) tokenise.
 * A tower (``nn.Module`` with an ``out_dim`` attribute, ``forward(batch) -> B x out_dim``) built by a builder from
-  the modality's tower registry.
+  the modality's tower registry. A tower that can also give its token sequence (spatial positions, patches,
+  frames) sets ``token_dim`` and defines ``forward_tokens(batch) -> (B x N x token_dim, mask B x N or None)``, mask
+  True for real tokens; a CoCa caption head can then sit on that modality. A caption decoder tower (the text side
+  of CoCa) also sets ``context_dim`` and defines ``caption(batch, context, context_mask) -> (B x out_dim features,
+  B x T x V logits)`` and ``step(tokens, context, context_mask) -> B x V`` next-token logits.
 
-``ModalityAdapter`` wraps a tower with a projection head to the shared dimension, applies LiT-style locking and
-caches a frozen tower's outputs on request. Nothing here knows which modality it serves.
+``ModalityAdapter`` wraps a tower with a projection head to the shared dimension (or, for the captioned modality of
+a CoCa model, with ``heads.CocaHead`` on the tower's tokens), applies LiT-style locking and caches a frozen tower's
+outputs on request. Nothing here knows which modality it serves.
 """
 from __future__ import annotations
 
@@ -158,13 +163,34 @@ def _row_keys(inputs: Any) -> list[bytes]:
 
 
 class ModalityAdapter(nn.Module):
-    """Tower + projection head -> L2-normalised embeddings in the shared space."""
+    """Tower + projection head -> L2-normalised embeddings in the shared space.
 
-    def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000):
+    With ``coca`` (``{"context_dim", "n_queries", "n_heads"}``) the head is instead a ``CocaHead`` on the tower's
+    tokens: its one-query pooler gives the embedding and its ``n_queries`` pooler the context a caption decoder
+    reads (``embed_with_context``).
+    """
+
+    def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000, coca: dict | None = None):
         super().__init__()
         cfg = modality.cfg
         self.tower = modality.build_tower()
-        self.proj = build_projection(cfg.proj, self.tower.out_dim, embed_dim, cfg.proj_hidden)
+        if coca is None:
+            self.proj = build_projection(cfg.proj, self.tower.out_dim, embed_dim, cfg.proj_hidden)
+            self.coca_head = None
+        else:
+            from ..heads import CocaHead
+
+            if getattr(self.tower, "token_dim", None) is None:
+                raise ConfigError(f"modality {modality.name!r}: its {cfg.tower} tower gives no token sequence "
+                                  f"(forward_tokens), so it cannot be the context of a caption decoder")
+            if cfg.cache_frozen:
+                raise ConfigError(f"modality {modality.name!r}: cache_frozen caches pooled features, but the "
+                                  f"caption head reads the tower's tokens; turn it off")
+            try:
+                self.coca_head = CocaHead(self.tower.token_dim, embed_dim, **coca)
+            except AssertionError as e:  # nn.MultiheadAttention: embed_dim must be divisible by num_heads
+                raise ConfigError(f"model.caption: {e} (heads must divide the decoder width)") from None
+            self.proj = None
         self.fully_locked = cfg.lock and cfg.unlocked_layers == 0 and not cfg.unlock_norms
         if cfg.lock:
             lock_tower(self.tower, cfg.unlocked_layers, cfg.unlock_norms)
@@ -186,6 +212,12 @@ class ModalityAdapter(nn.Module):
                 return self.tower(inputs)
             return self._cached_features(inputs)
 
+    def tower_tokens(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.fully_locked:
+            return self.tower.forward_tokens(inputs)
+        with torch.no_grad():
+            return self.tower.forward_tokens(inputs)
+
     def _cached_features(self, inputs: Any) -> torch.Tensor:
         keys = _row_keys(inputs)
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
@@ -200,4 +232,16 @@ class ModalityAdapter(nn.Module):
         return torch.stack([self._cache[k] for k in keys])
 
     def forward(self, inputs: Any) -> torch.Tensor:
+        if self.coca_head is not None:
+            return F.normalize(self.coca_head.embed(*self.tower_tokens(inputs)), dim=-1)
         return F.normalize(self.proj(self.tower_features(inputs)), dim=-1)
+
+    def embed_with_context(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised embedding B x D, caption context B x n_queries x context_dim) from one pass of the tower."""
+        out = self.coca_head(*self.tower_tokens(inputs))
+        return F.normalize(out["embedding"], dim=-1), out["context"]
+
+    def caption(self, inputs: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption decoder towers: (normalised text embedding B x D, logits B x T x V) in one pass."""
+        features, logits = self.tower.caption(inputs, context)
+        return F.normalize(self.proj(features), dim=-1), logits

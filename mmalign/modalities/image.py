@@ -66,7 +66,10 @@ class ImageModality(Modality):
 
 
 class SmallCNN(nn.Module):
-    """A small conv net for tiny images (digits, glyphs): conv-BN-ReLU stages, then global average pooling."""
+    """A small conv net for tiny images (digits, glyphs): conv-BN-ReLU stages, then global average pooling.
+
+    Its tokens are the last stage's spatial positions (B x H'W' x C, row-major).
+    """
 
     def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3):
         super().__init__()
@@ -80,10 +83,13 @@ class SmallCNN(nn.Module):
             ))
             c = out
         self.blocks = nn.Sequential(*layers)
-        self.out_dim = c
+        self.out_dim = self.token_dim = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).mean(dim=(2, 3))
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.blocks(x).flatten(2).transpose(1, 2), None
 
 
 @register_tower(ImageModality, "small_cnn")
@@ -92,11 +98,16 @@ def small_cnn(cfg: ImageConfig) -> nn.Module:
 
 
 class OpenClipVisual(nn.Module):
-    """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...)."""
+    """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...).
+
+    open_clip ViTs also give tokens: the patch tokens after the final LayerNorm, or, for a CoCa architecture
+    (``coca_ViT-*``), the outputs of its attentional pooler.
+    """
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
         import open_clip
+        from open_clip.transformer import VisionTransformer
 
         try:
             model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
@@ -104,9 +115,17 @@ class OpenClipVisual(nn.Module):
             raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
         self.visual = model.visual
         self.out_dim = model.visual.output_dim
+        self.token_dim = None
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.output_tokens = True
+            self.token_dim = self.visual.ln_post.normalized_shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
+        out = self.visual(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.visual(x)[1], None  # only called when token_dim is set (ViTs)
 
 
 @register_tower(ImageModality, "open_clip")

@@ -1,10 +1,12 @@
-"""Text modality: captions from ``txt``/``json`` members, tokenisers, and towers (any HF encoder, open_clip text).
+"""Text modality: captions from ``txt``/``json`` members, tokenisers, and towers (any HF encoder, open_clip text,
+mmalign's CoCa caption decoder).
 
 A ``txt`` member holds one caption per non-empty line; a ``json`` member holds a string, a list of strings, or an
 object with ``captions``/``caption``/``text``. Training picks one caption at random per sample; evaluation keeps all of them.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -47,7 +49,91 @@ def resolve_pretrained(name: str) -> str:
 class TextConfig(ModalityConfig):
     max_length: int = 77
     pooling: str = "mean"  # "mean" | "cls" (HF towers)
-    tokenizer: str | None = None  # defaults to the tower's own
+    tokenizer: str | None = None  # defaults to the tower's own (coca_decoder: open_clip's CLIP BPE)
+
+
+DEFAULT_CAPTION_TOKENIZER = "ViT-B-32"  # open_clip's CLIP BPE: ships with open_clip, so it works offline
+CAPTION_TOWERS = ("coca_decoder",)  # text towers that are caption decoders (see ``CocaDecoderTower``)
+
+
+class CaptionTokenizer:
+    """Token ids for a caption decoder and back to text: ``[BOS] words [EOS]`` then padding.
+
+    ``name`` is an open_clip architecture (its tokenizer: CLIP BPE, sot/eot, pad 0) or an HF tokenizer (hub name
+    or local folder; BOS = its bos token, else cls; EOS = eos, else sep; pad = pad, else EOS). The attention mask,
+    not the pad id, marks padding, so captions from a tokenizer that pads with EOS still learn to stop.
+    """
+
+    def __init__(self, name: str, trust_remote_code: bool = False):
+        import open_clip
+
+        self.name = name
+        self.hf = None
+        if name in open_clip.list_models():
+            tok = open_clip.get_tokenizer(name)
+            if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+                self.bpe = tok
+                self.bos_id, self.eos_id, self.pad_id = tok.sot_token_id, tok.eot_token_id, 0
+                self.vocab_size = tok.vocab_size
+                return
+            self.hf = tok.tokenizer  # open_clip's HFTokenizer wraps a transformers tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            try:
+                self.hf = AutoTokenizer.from_pretrained(resolve_pretrained(name), trust_remote_code=trust_remote_code)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"cannot load tokenizer {name!r} (an open_clip architecture name, an HF hub name "
+                                  f"or a local folder): {str(e).splitlines()[0]}") from None
+        tok = self.hf
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        if self.bos_id is None or self.eos_id is None:
+            raise ConfigError(f"tokenizer {name!r} has no bos/cls or no eos/sep token to start and end captions")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(tok)
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input_ids B x T, attention_mask B x T, number of captions truncated), T <= max_length, right padding."""
+        if self.hf is not None:
+            words = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        else:
+            words = [self.bpe.encode(t) for t in texts]
+        rows = [[self.bos_id] + w[: max_length - 2] + [self.eos_id] for w in words]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask, sum(len(w) > max_length - 2 for w in words)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Generated ids B x L (BOS first) -> the text between BOS and the first EOS of each row."""
+        out = []
+        for row in ids.tolist():
+            row = row[1:] if row and row[0] == self.bos_id else row
+            row = row[: row.index(self.eos_id)] if self.eos_id in row else row
+            if self.hf is not None:
+                out.append(self.hf.decode(row, skip_special_tokens=True).strip())
+            else:
+                out.append(self.bpe.decode(row).strip())
+        return out
+
+    def save(self, directory: Path) -> bool:
+        """Write an HF tokenizer's files to ``directory`` (True); open_clip's ship with open_clip (False)."""
+        if self.hf is None:
+            return False
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(directory)
+        return True
+
+
+@functools.lru_cache(maxsize=8)
+def caption_tokenizer(name: str, trust_remote_code: bool = False) -> CaptionTokenizer:
+    """One shared ``CaptionTokenizer`` per name (the tower needs its vocabulary size, the modality its ids)."""
+    return CaptionTokenizer(name, trust_remote_code)
 
 
 def parse_captions(data: bytes, ext: str) -> list[str]:
@@ -99,10 +185,17 @@ class TextModality(Modality):
         return random.choice(item) if train else item
 
     @property
+    def captions(self) -> bool:
+        """Whether the tower is a caption decoder (its tokens are ``[BOS] caption [EOS]``, see ``CaptionTokenizer``)."""
+        return self.cfg.tower in CAPTION_TOWERS
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
             cfg = self.cfg
-            if cfg.tower == "open_clip":
+            if self.captions:
+                self._tokenizer = caption_tokenizer(cfg.tokenizer or DEFAULT_CAPTION_TOKENIZER, cfg.trust_remote_code)
+            elif cfg.tower == "open_clip":
                 import open_clip
 
                 self._tokenizer = open_clip.get_tokenizer(cfg.tokenizer or cfg.model, context_length=cfg.max_length)
@@ -124,6 +217,10 @@ class TextModality(Modality):
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask, truncated to ``max_length``; truncations are counted and reported."""
         L = self.cfg.max_length
+        if self.captions:
+            ids, mask, truncated = self.tokenizer.encode(texts, L)
+            self._count_truncations(truncated, len(texts))
+            return {"input_ids": ids, "attention_mask": mask}
         if self.cfg.tower == "open_clip":
             tok = self.tokenizer
             lengths = [len(tok.encode(t)) + 2 for t in texts]
@@ -152,6 +249,8 @@ class TextModality(Modality):
             )
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
+        if self.captions:
+            return {"tokenizer": f"./{directory.name}"} if self.tokenizer.save(directory) else {}
         if self.cfg.tower != "hf":
             return {}
         directory.mkdir(parents=True, exist_ok=True)
@@ -218,3 +317,45 @@ def open_clip_text(cfg: TextConfig) -> nn.Module:
         raise ConfigError("text tower open_clip needs 'model' (an open_clip architecture name, e.g. ViT-B-32)")
     pretrained = cfg.pretrained if cfg.init == "pretrained" else None
     return OpenClipText(cfg.model, pretrained, **cfg.tower_kwargs)
+
+
+class CocaDecoderTower(nn.Module):
+    """mmalign's CoCa text decoder (``heads.CocaTextDecoder``) as a text tower, trained from scratch.
+
+    ``forward`` runs the unimodal half and returns the CLS features (``width`` wide; the adapter's projection makes
+    them the text embedding), which is all zero-shot and retrieval need. ``caption`` (training) and ``step``
+    (generation) add the half that cross-attends to a ``context_dim``-wide context from the captioned modality.
+    tower_kwargs: ``CocaTextDecoder`` sizes (width, heads, layers, unimodal_layers, mlp_ratio, dropout).
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, pad_id: int, **kwargs):
+        super().__init__()
+        from ..heads import CocaTextDecoder
+
+        width = kwargs.setdefault("width", 512)
+        try:
+            self.decoder = CocaTextDecoder(vocab_size, None, width, context_length=context_length, pad_id=pad_id,
+                                           **kwargs)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"text tower coca_decoder: {e}") from None
+        self.out_dim = self.context_dim = width
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.decoder.encode(inputs["input_ids"], inputs["attention_mask"])
+
+    def caption(
+        self, inputs: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS features B x out_dim, logits B x T x V with ``logits[:, t]`` predicting token t + 1)."""
+        out = self.decoder(inputs["input_ids"], context, inputs["attention_mask"], context_mask)
+        return out["text_embedding"], out["logits"]
+
+    def step(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
+        return self.decoder.step(tokens, context, context_mask)
+
+
+@register_tower(TextModality, "coca_decoder")
+def coca_decoder(cfg: TextConfig) -> nn.Module:
+    tok = caption_tokenizer(cfg.tokenizer or DEFAULT_CAPTION_TOKENIZER, cfg.trust_remote_code)
+    return CocaDecoderTower(tok.vocab_size, cfg.max_length, tok.pad_id, **cfg.tower_kwargs)
+
