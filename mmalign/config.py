@@ -63,7 +63,8 @@ class CaptionConfig:
 
     context: str = MISSING_REQUIRED  # modality whose tower offers tokens (image, audio, ...): what is captioned
     text: str = "text"  # text modality whose tower is a caption decoder
-    n_queries: int = 64  # learned queries of the caption pooler = context length the decoder attends to
+    n_queries: int = 64  # learned queries of the caption pooler = context length the decoder attends to;
+    #                      0: the tower's own tokens and pooled output as they are (open_clip CoCa ViTs)
     heads: int = 8  # attention heads of both poolers (must divide the decoder width)
 
 
@@ -334,8 +335,8 @@ def validate(cfg: Config, source: str = "config") -> None:
                                   f"model.modalities ({', '.join(cfg.model.modalities)})")
         if cap.context == cap.text:
             raise ConfigError(f"{source}: model.caption.context and model.caption.text must differ")
-        if cap.n_queries < 1 or cap.heads < 1:
-            raise ConfigError(f"{source}: model.caption.n_queries and model.caption.heads must be >= 1")
+        if cap.n_queries < 0 or cap.heads < 1:
+            raise ConfigError(f"{source}: model.caption.n_queries must be >= 0 and model.caption.heads >= 1")
     validate_generation(cfg.eval.caption, lambda key: f"{source}: eval.caption.{key}")
 
 

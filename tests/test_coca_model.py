@@ -175,3 +175,43 @@ def test_open_clip_vit_tokens_feed_the_caption_head():
     assert model.adapters["image"].tower.token_dim == 32
     assert embeddings["image"].shape == embeddings["text"].shape == (2, 8)
     assert extras["caption_logits"].shape[:2] == extras["caption_labels"].shape == (2, tokens["input_ids"].shape[1] - 1)
+
+
+def test_open_clip_coca_from_a_recipe_equals_open_clip(tmp_path):
+    """An open_clip CoCa checkpoint loaded through a recipe (its image tower + the open_clip_coca text tower, the
+    tower's own tokens as context) gives open_clip's image/text embeddings and caption logits; save/load keeps them."""
+    from test_coca_heads import TINY_OPEN_CLIP
+
+    from mmalign.heads import open_clip_coca
+
+    torch.manual_seed(0)
+    reference = open_clip_coca("coca_ViT-B-32", **TINY_OPEN_CLIP).eval()
+    torch.save(reference.model.state_dict(), tmp_path / "coca.pt")
+    common = {"model": "coca_ViT-B-32", "pretrained": str(tmp_path / "coca.pt"), "tower_kwargs": TINY_OPEN_CLIP,
+              "proj": "none"}
+    config = {"embed_dim": 64, "caption": {"context": "image", "n_queries": 0},
+              "modalities": {"image": {"tower": "open_clip", "image_size": 32, **common},
+                             "text": {"tower": "open_clip_coca", "max_length": 76, **common}}}
+    model = AlignmentModel(from_dict(ModelConfig, config)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = model.modalities["text"].tokenize(["a dog", "two cats on a sofa"])
+    assert torch.equal(tokens["input_ids"], reference.tokenizer(["a dog", "two cats on a sofa"]))
+    with torch.no_grad():
+        expected = reference(images, tokens["input_ids"])
+        embeddings, extras = model({"image": images, "text": tokens}, loss_inputs=True)
+        torch.testing.assert_close(embeddings["image"], torch.nn.functional.normalize(expected["image_embedding"]))
+        torch.testing.assert_close(embeddings["text"], torch.nn.functional.normalize(expected["text_embedding"]))
+        torch.testing.assert_close(extras["caption_logits"], expected["logits"][:, :-1])
+        torch.testing.assert_close(model.encode("text", tokens), embeddings["text"])
+    ours = model.generate_captions(images, GenerationConfig(max_length=4))
+    context = reference.encode_image(images)[1]
+    from mmalign.heads import generate
+
+    ids = generate(reference.step, context, reference.bos_id, reference.eos_id, reference.pad_id, max_length=4)
+    assert ours == reference.decode(ids)
+    model.save_pretrained(tmp_path / "saved")
+    again = AlignmentModel.from_pretrained(tmp_path / "saved").eval()
+    assert again.generate_captions(images, GenerationConfig(max_length=4)) == ours
+    with pytest.raises(ConfigError, match="n_queries 0 passes the tower's 64-wide tokens"):
+        _model({"image": {"tower": "open_clip", "image_size": 32, **common}, "text": TEXT},
+               caption={"context": "image", "n_queries": 0})

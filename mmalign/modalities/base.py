@@ -7,9 +7,11 @@ A modality has two halves:
 * A tower (``nn.Module`` with an ``out_dim`` attribute, ``forward(batch) -> B x out_dim``) built by a builder from
   the modality's tower registry. A tower that can also give its token sequence (spatial positions, patches,
   frames) sets ``token_dim`` and defines ``forward_tokens(batch) -> (B x N x token_dim, mask B x N or None)``, mask
-  True for real tokens; a CoCa caption head can then sit on that modality. A caption decoder tower (the text side
-  of CoCa) also sets ``context_dim`` and defines ``caption(batch, context, context_mask) -> (B x out_dim features,
-  B x T x V logits)`` and ``step(tokens, context, context_mask) -> B x V`` next-token logits.
+  True for real tokens; a CoCa caption head can then sit on that modality. One whose own pooling already makes
+  caption tokens (open_clip's CoCa ViTs) may define ``forward_pooled_tokens(batch) -> (B x out_dim, tokens, mask)``
+  as well, for captioning models that use the tower's tokens as they are (``model.caption.n_queries: 0``).
+  A caption decoder tower (the text side of CoCa) sets ``context_dim`` and defines ``caption(batch, context) ->
+  (B x out_dim features, B x T x V logits)`` and ``step(tokens, context) -> B x V`` next-token logits.
 
 ``ModalityAdapter`` wraps a tower with a projection head to the shared dimension (or, for the captioned modality of
 a CoCa model, with ``heads.CocaHead`` on the tower's tokens), applies LiT-style locking and caches a frozen tower's
@@ -162,35 +164,49 @@ def _row_keys(inputs: Any) -> list[bytes]:
     return [b"".join(f[i].tobytes() for f in flat) for i in range(flat[0].shape[0])]
 
 
+def _check_token_tower(tower: nn.Module, modality: Modality, coca: dict) -> None:
+    """Can this tower be the context of a caption decoder with these settings? Else a ConfigError saying why."""
+    where = f"modality {modality.name!r}"
+    if getattr(tower, "token_dim", None) is None:
+        raise ConfigError(f"{where}: its {modality.cfg.tower} tower gives no token sequence (forward_tokens), "
+                          f"so it cannot be the context of a caption decoder")
+    if modality.cfg.cache_frozen:
+        raise ConfigError(f"{where}: cache_frozen caches pooled features, but captioning reads the tower's "
+                          f"tokens; turn it off")
+    if coca["n_queries"] == 0:
+        if not hasattr(tower, "forward_pooled_tokens"):
+            raise ConfigError(f"{where}: model.caption.n_queries 0 uses the tower's own pooling, which its "
+                              f"{modality.cfg.tower} tower lacks (forward_pooled_tokens); set n_queries >= 1")
+        if tower.token_dim != coca["context_dim"]:
+            raise ConfigError(f"{where}: model.caption.n_queries 0 passes the tower's {tower.token_dim}-wide "
+                              f"tokens to a decoder that reads {coca['context_dim']}-wide context; set n_queries >= 1")
+
+
 class ModalityAdapter(nn.Module):
     """Tower + projection head -> L2-normalised embeddings in the shared space.
 
     With ``coca`` (``{"context_dim", "n_queries", "n_heads"}``) the head is instead a ``CocaHead`` on the tower's
     tokens: its one-query pooler gives the embedding and its ``n_queries`` pooler the context a caption decoder
-    reads (``embed_with_context``).
+    reads (``embed_with_context``). With ``n_queries`` 0 the tower pools itself: the embedding is its pooled output
+    through the projection, the context its tokens as they are (``forward_pooled_tokens``, one pass).
     """
 
     def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000, coca: dict | None = None):
         super().__init__()
         cfg = modality.cfg
         self.tower = modality.build_tower()
-        if coca is None:
+        self.proj, self.coca_head = None, None
+        if coca is not None:
+            _check_token_tower(self.tower, modality, coca)
+        if coca is None or coca["n_queries"] == 0:
             self.proj = build_projection(cfg.proj, self.tower.out_dim, embed_dim, cfg.proj_hidden)
-            self.coca_head = None
         else:
             from ..heads import CocaHead
 
-            if getattr(self.tower, "token_dim", None) is None:
-                raise ConfigError(f"modality {modality.name!r}: its {cfg.tower} tower gives no token sequence "
-                                  f"(forward_tokens), so it cannot be the context of a caption decoder")
-            if cfg.cache_frozen:
-                raise ConfigError(f"modality {modality.name!r}: cache_frozen caches pooled features, but the "
-                                  f"caption head reads the tower's tokens; turn it off")
             try:
                 self.coca_head = CocaHead(self.tower.token_dim, embed_dim, **coca)
             except AssertionError as e:  # nn.MultiheadAttention: embed_dim must be divisible by num_heads
                 raise ConfigError(f"model.caption: {e} (heads must divide the decoder width)") from None
-            self.proj = None
         self.fully_locked = cfg.lock and cfg.unlocked_layers == 0 and not cfg.unlock_norms
         if cfg.lock:
             lock_tower(self.tower, cfg.unlocked_layers, cfg.unlock_norms)
@@ -212,11 +228,13 @@ class ModalityAdapter(nn.Module):
                 return self.tower(inputs)
             return self._cached_features(inputs)
 
-    def tower_tokens(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def tower_tokens(self, inputs: Any, pooled: bool = False) -> tuple:
+        """``tower.forward_tokens`` (or ``forward_pooled_tokens``), without gradient for a locked tower."""
+        fn = self.tower.forward_pooled_tokens if pooled else self.tower.forward_tokens
         if not self.fully_locked:
-            return self.tower.forward_tokens(inputs)
+            return fn(inputs)
         with torch.no_grad():
-            return self.tower.forward_tokens(inputs)
+            return fn(inputs)
 
     def _cached_features(self, inputs: Any) -> torch.Tensor:
         keys = _row_keys(inputs)
@@ -237,7 +255,10 @@ class ModalityAdapter(nn.Module):
         return F.normalize(self.proj(self.tower_features(inputs)), dim=-1)
 
     def embed_with_context(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised embedding B x D, caption context B x n_queries x context_dim) from one pass of the tower."""
+        """(normalised embedding B x D, caption context B x N x context_dim) from one pass of the tower."""
+        if self.coca_head is None:  # the tower pools itself
+            pooled, tokens, _ = self.tower_tokens(inputs, pooled=True)
+            return F.normalize(self.proj(pooled), dim=-1), tokens
         out = self.coca_head(*self.tower_tokens(inputs))
         return F.normalize(out["embedding"], dim=-1), out["context"]
 

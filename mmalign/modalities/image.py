@@ -101,7 +101,8 @@ class OpenClipVisual(nn.Module):
     """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...).
 
     open_clip ViTs also give tokens: the patch tokens after the final LayerNorm, or, for a CoCa architecture
-    (``coca_ViT-*``), the outputs of its attentional pooler.
+    (``coca_ViT-*``), the outputs of its attentional pooler (the context open_clip's CoCa decoder reads), in the
+    same pass as the pooled output (``forward_pooled_tokens``).
     """
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
@@ -124,8 +125,12 @@ class OpenClipVisual(nn.Module):
         out = self.visual(x)
         return out[0] if isinstance(out, tuple) else out
 
+    def forward_pooled_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pooled, tokens = self.visual(x)  # only called when token_dim is set (ViTs)
+        return pooled, tokens, None
+
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.visual(x)[1], None  # only called when token_dim is set (ViTs)
+        return self.forward_pooled_tokens(x)[1:]
 
 
 @register_tower(ImageModality, "open_clip")

@@ -53,7 +53,10 @@ class TextConfig(ModalityConfig):
 
 
 DEFAULT_CAPTION_TOKENIZER = "ViT-B-32"  # open_clip's CLIP BPE: ships with open_clip, so it works offline
-CAPTION_TOWERS = ("coca_decoder",)  # text towers that are caption decoders (see ``CocaDecoderTower``)
+CAPTION_TOWERS = ("coca_decoder", "open_clip_coca")  # text towers that are caption decoders
+# open_clip's CoCa appends its CLS token after the padding, so its text embedding depends on the padded length:
+# these towers always get max_length tokens, as open_clip's tokenizer gives them.
+PAD_TO_MAX_LENGTH = ("open_clip_coca",)
 
 
 class CaptionTokenizer:
@@ -94,14 +97,15 @@ class CaptionTokenizer:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(tok)
 
-    def encode(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(input_ids B x T, attention_mask B x T, number of captions truncated), T <= max_length, right padding."""
+    def encode(self, texts: list[str], max_length: int, pad_to: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input_ids B x T, attention_mask B x T, number of captions truncated), right padding to the longest
+        caption or ``pad_to``, T <= max_length."""
         if self.hf is not None:
             words = self.hf(list(texts), add_special_tokens=False)["input_ids"]
         else:
             words = [self.bpe.encode(t) for t in texts]
         rows = [[self.bos_id] + w[: max_length - 2] + [self.eos_id] for w in words]
-        T = max(len(r) for r in rows)
+        T = max(pad_to, *(len(r) for r in rows))
         ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -194,7 +198,8 @@ class TextModality(Modality):
         if self._tokenizer is None:
             cfg = self.cfg
             if self.captions:
-                self._tokenizer = caption_tokenizer(cfg.tokenizer or DEFAULT_CAPTION_TOKENIZER, cfg.trust_remote_code)
+                name = cfg.tokenizer or (cfg.model if cfg.tower == "open_clip_coca" else DEFAULT_CAPTION_TOKENIZER)
+                self._tokenizer = caption_tokenizer(name, cfg.trust_remote_code)
             elif cfg.tower == "open_clip":
                 import open_clip
 
@@ -218,7 +223,7 @@ class TextModality(Modality):
         """Token ids and attention mask, truncated to ``max_length``; truncations are counted and reported."""
         L = self.cfg.max_length
         if self.captions:
-            ids, mask, truncated = self.tokenizer.encode(texts, L)
+            ids, mask, truncated = self.tokenizer.encode(texts, L, pad_to=L if self.cfg.tower in PAD_TO_MAX_LENGTH else 0)
             self._count_truncations(truncated, len(texts))
             return {"input_ids": ids, "attention_mask": mask}
         if self.cfg.tower == "open_clip":
@@ -343,15 +348,13 @@ class CocaDecoderTower(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.decoder.encode(inputs["input_ids"], inputs["attention_mask"])
 
-    def caption(
-        self, inputs: dict[str, torch.Tensor], context: torch.Tensor, context_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def caption(self, inputs: dict[str, torch.Tensor], context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLS features B x out_dim, logits B x T x V with ``logits[:, t]`` predicting token t + 1)."""
-        out = self.decoder(inputs["input_ids"], context, inputs["attention_mask"], context_mask)
+        out = self.decoder(inputs["input_ids"], context, inputs["attention_mask"])
         return out["text_embedding"], out["logits"]
 
-    def step(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
-        return self.decoder.step(tokens, context, context_mask)
+    def step(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step(tokens, context)
 
 
 @register_tower(TextModality, "coca_decoder")
@@ -359,3 +362,47 @@ def coca_decoder(cfg: TextConfig) -> nn.Module:
     tok = caption_tokenizer(cfg.tokenizer or DEFAULT_CAPTION_TOKENIZER, cfg.trust_remote_code)
     return CocaDecoderTower(tok.vocab_size, cfg.max_length, tok.pad_id, **cfg.tower_kwargs)
 
+
+
+class OpenClipCocaText(nn.Module):
+    """The text side of an open_clip CoCa architecture (``coca_ViT-B-32``, ...), from scratch or a checkpoint:
+    its text transformer (CLS appended; the projected CLS output is the text embedding, ``out_dim`` = the CoCa
+    embed_dim) and its multimodal decoder, which cross-attends to ``context_dim``-wide image tokens.
+
+    Pair it with the same architecture's image tower (``tower: open_clip``) and ``model.caption.n_queries: 0`` to
+    get open_clip's CoCa exactly (both projections ``none``); any other tower with tokens works through a head.
+    """
+
+    def __init__(self, model_name: str, pretrained: str | None, **kwargs):
+        super().__init__()
+        from ..heads import open_clip_coca
+
+        try:
+            coca = open_clip_coca(model_name, pretrained, **kwargs).model
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"text tower open_clip_coca: {model_name!r} (pretrained={pretrained!r}): {e}") from None
+        self.text, self.text_decoder = coca.text, coca.text_decoder
+        self.out_dim = coca.text.output_dim
+        self.context_dim = coca.text_decoder.width
+        self.context_length = coca.text.context_length  # text positions (one more holds the CLS token)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.text(inputs["input_ids"])[0]
+
+    def caption(self, inputs: dict[str, torch.Tensor], context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, states = self.text(inputs["input_ids"])
+        return pooled, self.text_decoder(context, states)
+
+    def step(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.text_decoder(context, self.text(tokens)[1])[:, -1]
+
+
+@register_tower(TextModality, "open_clip_coca")
+def open_clip_coca_text(cfg: TextConfig) -> nn.Module:
+    if not cfg.model:
+        raise ConfigError("text tower open_clip_coca needs 'model' (an open_clip CoCa architecture, e.g. coca_ViT-B-32)")
+    tower = OpenClipCocaText(cfg.model, cfg.pretrained if cfg.init == "pretrained" else None, **cfg.tower_kwargs)
+    if cfg.max_length > tower.context_length:
+        raise ConfigError(f"text tower open_clip_coca: max_length {cfg.max_length} exceeds the model's "
+                          f"{tower.context_length} text positions")
+    return tower
