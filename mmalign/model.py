@@ -22,6 +22,7 @@ from .heads.generation import generate
 from .losses.caption import caption_inputs
 from .io import atomic_dir, write_json
 from .modalities import Modality, ModalityAdapter, build_modality
+from .modalities.base import merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class AlignmentModel(nn.Module):
             raise ConfigError("this model has no caption decoder (model.caption is not set)")
         gen = generation or GenerationConfig()
         text = self.modalities[cap.text]
-        limit = text.cfg.max_length - 1  # BOS + generated tokens must fit the decoder's positions
+        limit = text.max_length - 1  # BOS + generated tokens must fit the decoder's positions
         max_length = gen.max_length or limit
         if max_length > limit:
             raise ConfigError(f"max_length {max_length} is more than the decoder can place after BOS ({limit})")
@@ -117,6 +118,14 @@ class AlignmentModel(nn.Module):
             no_repeat_ngram_size=gen.no_repeat_ngram_size, generator=generator, length_penalty=gen.length_penalty,
         )
         return tok.decode(ids)
+
+    def merge_lora(self) -> "AlignmentModel":
+        """Fold every tower's LoRA adapters into its weights (same embeddings, plain modules); returns self."""
+        for name, adapter in self.adapters.items():
+            if self.config.modalities[name].lora is not None:
+                adapter.tower = merge_lora(adapter.tower)
+                self.config.modalities[name].lora = None
+        return self
 
     # ------------------------------------------------------------------------------------------- save / load
 
