@@ -22,6 +22,18 @@ MISSING_REQUIRED = "???"  # marker default for keys a recipe must set
 
 
 @dataclass
+class LoraConfig:
+    """LoRA (Hu et al. 2021) on a tower via ``peft``: W x + (alpha / r) B A x, with the tower's own weights frozen."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names (suffixes, as peft matches them) or one regex; default: every linear layer and multi-head
+    # attention inside the tower's block stack (attention and MLP)
+    target_modules: Optional[Union[list, str]] = None
+
+
+@dataclass
 class ModalityConfig:
     """What every modality section has: which tower, how it is projected, whether it trains."""
 
@@ -37,6 +49,7 @@ class ModalityConfig:
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     unlock_norms: bool = False  # with lock: keep normalisation layers trainable
     cache_frozen: bool = False  # cache a fully locked tower's features per distinct input (e.g. repeated captions)
+    lora: Optional[LoraConfig] = None  # parameter-efficient fine-tuning: train LoRA adapters instead of the tower
     trust_remote_code: bool = False
 
 
@@ -117,6 +130,7 @@ class RetrievalConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
+    report_examples: int = 6  # retrieval queries shown in report.html with their top items
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
@@ -306,6 +320,11 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")
         if m.init not in ("pretrained", "scratch"):
             raise ConfigError(f"{source}: model.modalities.{name}.init must be pretrained or scratch")
+        if getattr(m, "long_text", None) == "windows" and cfg.train.gradcache_chunk:
+            raise ConfigError(f"{source}: model.modalities.{name}.long_text: windows does not combine with "
+                              f"train.gradcache_chunk (GradCache splits batches by rows, windows add rows)")
+        if m.lora is not None and (m.lora.r <= 0 or not 0 <= m.lora.dropout < 1):
+            raise ConfigError(f"{source}: model.modalities.{name}.lora needs r > 0 and 0 <= dropout < 1")
 
 
 def _number(x: Any) -> bool:

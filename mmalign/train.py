@@ -433,9 +433,10 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
-    """The recipe's evaluations at the end of training, plus plots in the run directory."""
-    from .eval.runner import evaluate_retrieval, evaluate_zeroshot
+    """The recipe's evaluations at the end of training, plus plots, report.md and report.html in the run directory."""
+    from .eval.runner import evaluate_retrieval, evaluate_zeroshot, merge_results
     from .plots import plot_run
+    from .report import write_html_report
 
     results: dict[str, Any] = {}
     extras: dict[str, Any] = {}
@@ -445,14 +446,15 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
         if skipped := out.pop("skipped"):
             results["zeroshot_skipped"] = skipped
         extras.update({k: v for k, v in out.items() if k.startswith("_")})
-        results.update({k: v for k, v in out.items() if not k.startswith("_")})
+        merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
     if rt.data:
         out = evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size)
-        extras["_similarity"] = out.pop("_similarity")
         if skipped := out.pop("skipped"):
             results["retrieval_skipped"] = skipped
-        results.update(out)
+        extras.update({k: v for k, v in out.items() if k.startswith("_")})
+        merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
     plot_run(run_dir, results, extras)
+    write_html_report(run_dir, results, extras, model, cfg.eval.report_examples)
     return results
 
 

@@ -178,3 +178,41 @@ def write_shard(path, samples: list[dict]) -> str:
         for sample in samples:
             sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
     return str(path)
+
+
+def save_clip_tokenizer(path: Path) -> None:
+    """The real CLIP BPE tokenizer (vocabulary shipped by open_clip) as an HF ``CLIPTokenizer`` folder, offline."""
+    import gzip
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+
+
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory) -> str:
+    """A tiny randomly initialised ``CLIPModel`` saved like a hub checkpoint: weights, CLIP tokenizer, image
+    processor (32 px, centre crop, non-default mean/std so the test sees they come from the checkpoint)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = tmp_path_factory.mktemp("tiny-hf-clip")
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **TINY_TOWER),
+                        vision_config=dict(image_size=32, patch_size=8, **TINY_TOWER), projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(path)
+    save_clip_tokenizer(path)
+    return str(path)

@@ -223,7 +223,7 @@ class Decoder:
                                          f"{where}: {other} (reads {', '.join(modality.extensions)})")
                     raise SkipSample(f"missing {name}", where)
                 try:
-                    item = modality.decode(sample[member], member.rsplit(".", 1)[-1])
+                    item = modality.decode_member(sample, member)
                     out[name] = modality.transform(item, self.train)
                 except DataError as e:
                     raise SkipSample(f"bad {name}", f"{where}: {member}: {e}") from None

@@ -1,4 +1,4 @@
-"""Image modality: PIL decoding, open_clip's train/eval transforms, and towers (small CNN, open_clip, timm)."""
+"""Image modality: PIL decoding, open_clip's train/eval transforms, and towers (small CNN, open_clip, timm, HF CLIP)."""
 from __future__ import annotations
 
 import io
@@ -12,6 +12,7 @@ from torch import nn
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
 from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
+from .hf import hf_dual_tower
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -19,10 +20,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class ImageConfig(ModalityConfig):
-    image_size: int = 224
-    mean: Optional[tuple] = OPENAI_MEAN
-    std: Optional[tuple] = OPENAI_STD
-    resize_mode: str = "shortest"  # open_clip: "shortest" | "longest" | "squash"
+    # Preprocessing left unset comes from the checkpoint (HF image processor, open_clip preprocess config),
+    # else 224 px with CLIP's mean/std, shortest-side resize + centre crop, bicubic.
+    image_size: Optional[int] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    resize_mode: Optional[str] = None  # open_clip: "shortest" | "longest" | "squash"
+    interpolation: Optional[str] = None  # "bicubic" | "bilinear" | "nearest"
     augment: dict = field(default_factory=dict)  # open_clip AugmentationCfg keys, e.g. {scale: [0.8, 1.0]}
 
 
@@ -33,6 +37,8 @@ class ImageModality(Modality):
     config_class = ImageConfig
     towers = {}
     default_tower = "small_cnn"
+    defaults = {"image_size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD, "resize_mode": "shortest",
+                "interpolation": "bicubic"}
 
     def __init__(self, name: str, cfg: ImageConfig):
         super().__init__(name, cfg)
@@ -69,11 +75,11 @@ class ImageModality(Modality):
         if train not in self._transforms:
             import open_clip
 
-            cfg = self.cfg
-            aug = {"scale": (0.8, 1.0), **cfg.augment}
+            cfg = {k: getattr(self.cfg, k) if getattr(self.cfg, k) is not None else v for k, v in self.defaults.items()}
+            aug = {"scale": (0.8, 1.0), **self.cfg.augment}
             self._transforms[train] = open_clip.image_transform(
-                cfg.image_size, is_train=train, mean=cfg.mean, std=cfg.std, resize_mode=cfg.resize_mode,
-                aug_cfg=aug if train else None,
+                cfg["image_size"], is_train=train, mean=cfg["mean"], std=cfg["std"], resize_mode=cfg["resize_mode"],
+                interpolation=cfg["interpolation"], aug_cfg=aug if train else None,
             )
         return self._transforms[train](item)
 
@@ -121,8 +127,19 @@ class OpenClipVisual(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
-        self.visual = create_open_clip(model_name, pretrained, **kwargs).visual
-        self.out_dim = self.visual.output_dim
+        import open_clip
+
+        model = create_open_clip(model_name, pretrained, **kwargs)
+        self.visual = model.visual
+        self.model_name = model_name
+        self.out_dim = model.visual.output_dim
+        pp = dict(open_clip.get_model_preprocess_cfg(model))
+        if isinstance(pp.get("size"), (tuple, list)):
+            pp["size"] = pp["size"][0]
+        names = {"size": "image_size", "mean": "mean", "std": "std", "resize_mode": "resize_mode",
+                 "interpolation": "interpolation"}
+        self.preprocess = {names[k]: tuple(v) if isinstance(v, list) else v
+                           for k, v in pp.items() if k in names and v is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.visual(x)
@@ -156,3 +173,6 @@ class TimmTower(nn.Module):
 @register_tower(ImageModality, "timm")
 def timm_tower(cfg: ImageConfig) -> nn.Module:
     return TimmTower(*model_and_weights(cfg, "a timm architecture name, e.g. resnet18"), **cfg.tower_kwargs)
+
+
+register_tower(ImageModality, "hf_clip")(hf_dual_tower("image"))
