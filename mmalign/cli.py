@@ -1,4 +1,4 @@
-"""``mmalign`` command line: train, eval, data, demo.
+"""``mmalign`` command line: train, eval, data, export, report, demo.
 
 Every command that computes a result prints one JSON object with its headline numbers as the last line of
 standard output; logs and progress bars go to standard error. User errors are one line, without a traceback.
@@ -65,6 +65,18 @@ def cmd_data(args) -> dict:
     return write_shards(args.source, args.out, args.shard_size)
 
 
+def cmd_export(args) -> dict:
+    from .export import export_model
+
+    return export_model(load_model(args.model), args.to, args.format)
+
+
+def cmd_report(args) -> dict:
+    from .report import report_run
+
+    return report_run(Path(args.run), args.examples)
+
+
 def cmd_demo(args) -> dict:
     from .demos import run_demo
 
@@ -105,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--shard-size", type=int, default=1000)
     q.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("export", help="write a trained model as a transformers or open_clip folder")
+    p.add_argument("--model", required=True, help="run directory or saved model folder")
+    p.add_argument("--to", required=True, help="output folder")
+    p.add_argument("--format", choices=("hf", "open_clip"), default="hf")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="evaluate a run again and write report.html (+ report.md) with plots and examples")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--examples", type=int, default=None,
+                   help="queries per direction shown with their top retrieved items (default: eval.report_examples)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="build offline demo data, train, evaluate, report")
     p.add_argument("name", nargs="?", default="lit")

@@ -16,6 +16,7 @@ from .config import ModelConfig, from_dict, to_dict
 from .errors import ConfigError
 from .io import atomic_dir, write_json
 from .modalities import Modality, ModalityAdapter, build_modality
+from .modalities.base import merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ class AlignmentModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Normalised embeddings for every modality of the model that the batch carries."""
         return {name: adapter(batch[name]) for name, adapter in self.adapters.items() if name in batch}
+
+    def merge_lora(self) -> "AlignmentModel":
+        """Fold every tower's LoRA adapters into its weights (same embeddings, plain modules); returns self."""
+        for name, adapter in self.adapters.items():
+            if self.config.modalities[name].lora is not None:
+                adapter.tower = merge_lora(adapter.tower)
+                self.config.modalities[name].lora = None
+        return self
 
     # ------------------------------------------------------------------------------------------- save / load
 

@@ -7,8 +7,9 @@ A modality has two halves:
 * A tower (``nn.Module`` with an ``out_dim`` attribute, ``forward(batch) -> B x out_dim``) built by a builder from
   the modality's tower registry.
 
-``ModalityAdapter`` wraps a tower with a projection head to the shared dimension, applies LiT-style locking and
-caches a frozen tower's outputs on request. Nothing here knows which modality it serves.
+``ModalityAdapter`` wraps a tower with a projection head to the shared dimension, applies LiT-style locking or LoRA,
+pools sliding windows of one item and caches a frozen tower's outputs on request. Nothing here knows which modality
+it serves.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModalityConfig, register_modality_config
+from ..config import LoraConfig, ModalityConfig, register_modality_config
 from ..errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Modality:
     config_class: ClassVar[type[ModalityConfig]] = ModalityConfig
     towers: ClassVar[dict[str, TowerBuilder]]
     default_tower: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}  # config fields left None that neither the recipe nor the tower set
 
     def __init__(self, name: str, cfg: ModalityConfig):
         self.name = name
@@ -73,12 +75,26 @@ class Modality:
     def build_tower(self) -> nn.Module:
         return self.towers[self.cfg.tower](self.cfg)
 
+    def adopt_tower_defaults(self, tower: nn.Module) -> None:
+        """Fill config fields the recipe left unset (None): first from ``tower.preprocess`` (what the checkpoint says:
+        an HF processor, open_clip's preprocess config), then from the kind's ``defaults``. The saved config then
+        records concrete values, so a reloaded model preprocesses exactly as the trained one."""
+        for source in (getattr(tower, "preprocess", {}), self.defaults):
+            for key, value in source.items():
+                if hasattr(self.cfg, key) and getattr(self.cfg, key) is None:
+                    setattr(self.cfg, key, value)
+
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
         """Write what is needed to rebuild the tower without its original source (tokenizer, HF config).
 
+        Towers with a ``save_config(directory)`` method (HF towers) write their config (and processor) there.
         Returns updates to this modality's config in the saved model (paths relative to the model folder).
         """
-        return {}
+        if not hasattr(tower, "save_config"):
+            return {}
+        directory.mkdir(parents=True, exist_ok=True)
+        tower.save_config(directory)
+        return {"model": f"./{directory.name}"}
 
 
 def register_modality(cls: type[Modality]) -> type[Modality]:
@@ -101,19 +117,43 @@ def build_modality(name: str, cfg: ModalityConfig) -> Modality:
     return MODALITIES[cfg.kind](name, cfg)
 
 
+def model_and_weights(cfg: ModalityConfig, example: str) -> tuple[str, str | None]:
+    """The architecture a tower builder needs (``cfg.model``) and its weights (None when built from scratch)."""
+    if not cfg.model:
+        raise ConfigError(f"{cfg.kind} tower {cfg.tower} needs 'model' ({example})")
+    return cfg.model, cfg.pretrained if cfg.init == "pretrained" else None
+
+
+def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Module:
+    """An open_clip model by architecture name; ``pretrained`` is a tag (network) or a local checkpoint file."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------- adapter
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
 
-def tower_blocks(tower: nn.Module) -> nn.ModuleList | None:
-    """The tower's sequence of blocks (transformer layers, CNN stages): its longest ``nn.ModuleList``/Sequential."""
-    if hasattr(tower, "blocks") and isinstance(tower.blocks, (nn.ModuleList, nn.Sequential)):
+def tower_blocks(tower: nn.Module) -> nn.Module | None:
+    """The tower's stack of blocks (transformer layers, CNN stages).
+
+    A tower may name it ``blocks``; otherwise it is the ``ModuleList``/``Sequential`` of two or more children of one
+    type (so an MLP's Linear-GELU-Linear never qualifies) holding the most parameters.
+    """
+    if isinstance(getattr(tower, "blocks", None), (nn.ModuleList, nn.Sequential)):
         return tower.blocks
-    best = None
+    best, best_size = None, 0
     for module in tower.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > (len(best) if best is not None else 1):
-            best = module
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
+            if len({type(child) for child in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if size > best_size:
+                    best, best_size = module, size
     return best
 
 
@@ -121,6 +161,11 @@ def lock_tower(tower: nn.Module, unlocked_layers: int = 0, unlock_norms: bool = 
     """LiT locking: freeze every parameter, then unfreeze the last ``unlocked_layers`` blocks and/or all norms."""
     for p in tower.parameters():
         p.requires_grad_(False)
+    unlock(tower, unlocked_layers, unlock_norms)
+
+
+def unlock(tower: nn.Module, unlocked_layers: int = 0, unlock_norms: bool = False) -> None:
+    """Make the last ``unlocked_layers`` blocks and/or all normalisation layers trainable."""
     if unlocked_layers > 0:
         blocks = tower_blocks(tower)
         if blocks is None:
@@ -133,6 +178,54 @@ def lock_tower(tower: nn.Module, unlocked_layers: int = 0, unlock_norms: bool = 
             if isinstance(module, NORM_TYPES):
                 for p in module.parameters():
                     p.requires_grad_(True)
+
+
+def default_lora_targets(tower: nn.Module) -> list[str]:
+    """Attention and MLP of every block: the block stack's ``nn.Linear`` layers and ``nn.MultiheadAttention``
+    modules (peft adapts an MHA's in- and out-projections itself; its ``out_proj`` is never called directly)."""
+    blocks = tower_blocks(tower)
+    if blocks is None:
+        raise ConfigError(f"LoRA: {type(tower).__name__} has no block list; name lora.target_modules")
+    prefix = next(name for name, module in tower.named_modules() if module is blocks)
+    inside_mha = {f"{name}.out_proj" for name, m in blocks.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    targets = [
+        f"{prefix}.{name}" for name, m in blocks.named_modules()
+        if isinstance(m, nn.MultiheadAttention) or (isinstance(m, nn.Linear) and name not in inside_mha)
+    ]
+    if not targets:
+        raise ConfigError(f"LoRA: no linear or attention layers in the blocks of {type(tower).__name__}; "
+                          f"name lora.target_modules")
+    return targets
+
+
+def add_lora(tower: nn.Module, spec: LoraConfig) -> nn.Module:
+    """Wrap ``tower`` in a peft ``LoraModel``: its own weights frozen, only the low-rank adapters trainable.
+
+    ``merge_lora`` folds the adapters back into the weights (exactly the same function, plain modules again).
+    """
+    import peft
+
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                             target_modules=spec.target_modules or default_lora_targets(tower))
+    try:
+        return peft.LoraModel(tower, config, "default")
+    except ValueError as e:
+        raise ConfigError(f"LoRA on {type(tower).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def merge_lora(tower: nn.Module) -> nn.Module:
+    """The tower with its LoRA adapters merged into the weights (peft ``merge_and_unload``); others unchanged."""
+    import peft
+
+    return tower.merge_and_unload() if isinstance(tower, peft.LoraModel) else tower
+
+
+def pool_windows(features: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Mean of the feature rows that belong to the same item (``owner[i]`` = item of row i, items 0..n-1)."""
+    n = int(owner.max()) + 1
+    sums = features.new_zeros(n, features.shape[1]).index_add_(0, owner, features)
+    counts = torch.bincount(owner, minlength=n).clamp(min=1).to(features.dtype)
+    return sums / counts[:, None]
 
 
 def build_projection(kind: str, in_dim: int, out_dim: int, hidden: int | None = None) -> nn.Module:
@@ -161,16 +254,25 @@ def _row_keys(inputs: Any) -> list[bytes]:
 
 
 class ModalityAdapter(nn.Module):
-    """Tower + projection head -> L2-normalised embeddings in the shared space."""
+    """Tower + projection head -> L2-normalised embeddings in the shared space.
+
+    An input dict may carry ``window_owner`` (several windows of one long item, e.g. a long caption): the tower
+    encodes every window and the item's feature is the mean over its windows.
+    """
 
     def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000):
         super().__init__()
         cfg = modality.cfg
-        self.tower = modality.build_tower()
-        self.proj = build_projection(cfg.proj, self.tower.out_dim, embed_dim, cfg.proj_hidden)
-        self.fully_locked = cfg.lock and cfg.unlocked_layers == 0 and not cfg.unlock_norms
-        if cfg.lock:
-            lock_tower(self.tower, cfg.unlocked_layers, cfg.unlock_norms)
+        tower = modality.build_tower()
+        modality.adopt_tower_defaults(tower)
+        self.proj = build_projection(cfg.proj, tower.out_dim, embed_dim, cfg.proj_hidden)
+        self.fully_locked = cfg.lock and cfg.lora is None and cfg.unlocked_layers == 0 and not cfg.unlock_norms
+        if cfg.lora is not None:
+            tower = add_lora(tower, cfg.lora)
+            unlock(tower, cfg.unlocked_layers, cfg.unlock_norms)
+        elif cfg.lock:
+            lock_tower(tower, cfg.unlocked_layers, cfg.unlock_norms)
+        self.tower = tower
         self.cache_frozen = cfg.cache_frozen and self.fully_locked
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
@@ -182,12 +284,15 @@ class ModalityAdapter(nn.Module):
         return self
 
     def tower_features(self, inputs: Any) -> torch.Tensor:
+        owner = inputs.get("window_owner") if isinstance(inputs, dict) else None
+        if owner is not None:
+            inputs = {k: v for k, v in inputs.items() if k != "window_owner"}
         if not self.fully_locked:
-            return self.tower(inputs)
-        with torch.no_grad():
-            if not self.cache_frozen:
-                return self.tower(inputs)
-            return self._cached_features(inputs)
+            features = self.tower(inputs)
+        else:
+            with torch.no_grad():
+                features = self._cached_features(inputs) if self.cache_frozen else self.tower(inputs)
+        return features if owner is None else pool_windows(features, owner)
 
     def _cached_features(self, inputs: Any) -> torch.Tensor:
         keys = _row_keys(inputs)
