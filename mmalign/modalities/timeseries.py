@@ -130,8 +130,10 @@ def _load_npy(data: bytes | Path, where: str) -> np.ndarray:
 
 
 def _read_wfdb(path: Path) -> Signal:
-    import wfdb
-
+    try:
+        import wfdb
+    except ImportError:
+        raise DataError(f"{path}: reading WFDB records needs the wfdb package (pip install wfdb)") from None
     try:
         record = wfdb.rdrecord(str(path.with_suffix("")))
     except Exception as e:  # wfdb raises many types for bad headers or data files; all mean "unreadable record"
