@@ -173,12 +173,14 @@ def _reps(B: int, quick: bool) -> tuple[int, int]:
     """(warm-up, timed) repetitions: fewer at the sizes where one step takes a minute."""
     if quick:
         return 1, 2
-    if B <= 8192:
+    if B <= 2048:
         return 1, 5
-    if B <= 16384:
+    if B <= 8192:
         return 1, 3
-    if B <= 32768:
+    if B <= 16384:
         return 1, 2
+    if B <= 32768:
+        return 0, 2
     return 0, 1
 
 

@@ -88,8 +88,8 @@ class DataConfig:
     batch_size: int = 64
     shuffle_buffer: int = 1000
     num_workers: int = 2
-    resampled: bool = False  # sample shards with replacement (infinite stream) instead of epoch passes
-    max_bad_fraction: float = 0.1  # stop when more than this fraction of samples is unusable
+    resampled: bool = False  # draw shards with replacement (an epoch: as many draws as shards) instead of each once
+    max_bad_fraction: float = 0.1  # stop when more than this fraction of samples is unusable (from 100 samples on)
 
 
 @dataclass
@@ -102,12 +102,13 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
     gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
-    grad_clip: Optional[float] = 1.0
+    grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 10
+    max_nonfinite_in_row: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
 
 
 @dataclass
@@ -281,21 +282,35 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(cfg, source)
     if not cfg.model.modalities:
         raise ConfigError(f"{source}: model.modalities is required (e.g. image: {{tower: small_cnn}}, text: {{...}})")
+    t, ls = cfg.train, cfg.model.logit_scale
     checks = [
+        (cfg.run_dir.strip() != "", "run_dir must not be empty"),
+        (cfg.seed >= 0, "seed must be >= 0"),
         (cfg.model.embed_dim > 0, "model.embed_dim must be > 0"),
         (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
+        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
-        (cfg.train.steps > 0, "train.steps must be > 0"),
-        (cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "train.lr must be a positive number"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (cfg.train.gradcache_chunk is None or cfg.train.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
-        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
-        (cfg.train.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
-        (cfg.train.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
-        (cfg.model.logit_scale.max > 0, "model.logit_scale.max must be > 0"),
+        (t.steps > 0, "train.steps must be > 0"),
+        (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
+        (t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay must be >= 0"),
+        (len(t.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in t.betas),
+         "train.betas must be two numbers in [0, 1)"),
+        (t.eps > 0 and math.isfinite(t.eps), "train.eps must be a positive number"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.gradcache_chunk is None or t.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
+        (t.grad_clip is None or (t.grad_clip > 0 and math.isfinite(t.grad_clip)),
+         "train.grad_clip must be a positive number or null"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (t.log_every > 0, "train.log_every must be > 0"),
+        (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
+        (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
+        (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
+        (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
+        (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
+        (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),
     ]
     for ok, message in checks:
         if not ok:
@@ -310,6 +325,10 @@ def validate(cfg: Config, source: str = "config") -> None:
                               f"train.gradcache_chunk (GradCache splits batches by rows, windows add rows)")
         if m.lora is not None and (m.lora.r <= 0 or not 0 <= m.lora.dropout < 1):
             raise ConfigError(f"{source}: model.modalities.{name}.lora needs r > 0 and 0 <= dropout < 1")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _require(obj: Any, source: str, where: str = "") -> None:

@@ -152,6 +152,34 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ------------------------------------------------------------------------------------------- shards in tests
+
+
+def shape_png(i: int, canvas: int = 16) -> bytes:
+    """PNG bytes of the ``i``-th shape/colour combination: a real little image for shards written by tests."""
+    import io
+
+    shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+    buf = io.BytesIO()
+    draw_shape(shape, COLOURS[colour], 8, (i % 5, (i // 5) % 5), canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shape_sample(i: int) -> dict:
+    shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+    return {"__key__": f"s{i:05d}", "image.png": shape_png(i), "text.txt": f"a {colour} {shape}", "label.txt": shape}
+
+
+def write_shard(path, samples: list[dict]) -> str:
+    """Write ``samples`` (``__key__`` plus member name -> bytes or str) as one WebDataset tar; returns its path."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
+    return str(path)
+
+
 def save_clip_tokenizer(path: Path) -> None:
     """The real CLIP BPE tokenizer (vocabulary shipped by open_clip) as an HF ``CLIPTokenizer`` folder, offline."""
     import gzip

@@ -73,7 +73,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
                            "mean_per_class_recall": acc["mean_per_class_recall"]},
         "_per_class": per_class,
         "_confusion": (target.tolist(), acc["predictions"], classnames),
-        "_skipped": emb["skipped"],
+        "skipped": emb["skipped"].get("counts", {}),
     }
 
 
@@ -110,5 +110,5 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     out["_retrieval"] = {"data": data, "query": query, "gallery": gallery, "query_embeddings": q,
                          "gallery_embeddings": g, "owners": emb["owners"][gallery], "keys": emb["keys"]}
     out["_similarity"] = (q[:32] @ g[:64].T)
-    out["_skipped"] = emb["skipped"]
+    out["skipped"] = emb["skipped"].get("counts", {})
     return out

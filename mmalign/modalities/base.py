@@ -35,7 +35,8 @@ class Modality:
     """CPU side of a modality. Subclasses set ``kind``, ``extensions``, ``config_class`` and override the hooks."""
 
     kind: ClassVar[str]
-    extensions: ClassVar[tuple[str, ...]]
+    extensions: ClassVar[tuple[str, ...]]  # shard member extensions this kind decodes
+    file_extensions: ClassVar[tuple[str, ...]] = ()  # further files on disk it packs into members (``file_members``)
     config_class: ClassVar[type[ModalityConfig]] = ModalityConfig
     towers: ClassVar[dict[str, TowerBuilder]]
     default_tower: ClassVar[str]
@@ -52,9 +53,18 @@ class Modality:
                 f"known: {', '.join(sorted(self.towers))}"
             )
 
+    @classmethod
+    def file_members(cls, path: Path) -> dict[str, bytes]:
+        """A file on disk -> shard members (extension -> bytes); by default the file itself, as it is."""
+        return {path.suffix.lower().lstrip("."): path.read_bytes()}
+
     def decode(self, data: bytes, ext: str) -> Any:
         """Bytes of one shard member -> item. Raise ``DataError`` with the reason for unusable input."""
         raise NotImplementedError
+
+    def decode_member(self, sample: dict, key: str) -> Any:
+        """The item held by member ``key`` of a raw sample; kinds whose items span members (npy + json) override."""
+        return self.decode(sample[key], key.rsplit(".", 1)[-1])
 
     def transform(self, item: Any, train: bool) -> Any:
         return item

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,16 +45,31 @@ class ImageModality(Modality):
         self._transforms: dict[bool, object] = {}
 
     def decode(self, data: bytes, ext: str):
+        """Any image PIL reads (the content decides, not the extension), as RGB.
+
+        Images over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), or that would exceed it once resized,
+        are refused before decoding. PIL's plugins raise many exception types on malformed files, so every exception
+        of decoding becomes a DataError.
+        """
         from PIL import Image, UnidentifiedImageError
 
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot decode image ({ext}): {e}") from None
-        if image.width == 0 or image.height == 0:
-            raise DataError("image has zero size")
-        return image.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                w, h = image.size
+                if w == 0 or h == 0:
+                    raise DataError("image has zero size")
+                if self.cfg.image_size ** 2 * max(w, h) / min(w, h) > Image.MAX_IMAGE_PIXELS:
+                    raise DataError(f"image of {w}x{h} is too elongated to resize to {self.cfg.image_size}")
+                image.load()
+                return image.convert("RGB")
+        except DataError:
+            raise
+        except UnidentifiedImageError:
+            raise DataError(f"cannot decode image ({ext}): not an image format PIL reads") from None
+        except Exception as e:
+            raise DataError(f"cannot decode image ({ext}): {type(e).__name__}: {e}") from None
 
     def transform(self, item, train: bool) -> torch.Tensor:
         if train not in self._transforms:

@@ -41,8 +41,8 @@ def parse_captions(data: bytes, ext: str) -> list[str]:
     if ext == "json":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"text json is invalid: {e}") from None
+        except (ValueError, RecursionError) as e:  # also too-long integers and too-deep nesting
+            raise DataError(f"text json is invalid: {type(e).__name__}: {e}") from None
         if isinstance(obj, dict):
             obj = next((obj[k] for k in ("captions", "caption", "text") if k in obj), None)
         captions = [obj] if isinstance(obj, str) else obj
@@ -179,6 +179,9 @@ class HFTextTower(nn.Module):
                 self.model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load HF text model {name!r}: {str(e).splitlines()[0]}") from None
+        if getattr(self.model, "pooler", None) is not None:
+            # Pooling is ours (below); a pooler whose output is unused never gets gradients, which stalls DDP.
+            self.model.pooler = None
         self.pooling = pooling
         self.out_dim = self.model.config.hidden_size
 
