@@ -351,12 +351,10 @@ class AudioModality(Modality):
         return {k: torch.stack([item[k] for item in items]) for k in ("input", "valid")}
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
-        if self.cfg.tower != "hf":
-            return {}
-        directory.mkdir(parents=True, exist_ok=True)
-        self.features.extractor.save_pretrained(directory)
-        tower.model.config.save_pretrained(directory)
-        return {"model": f"./{directory.name}"}
+        updates = super().save_assets(tower, directory)  # HF towers: their config (also under LoRA)
+        if updates:
+            self.features.extractor.save_pretrained(directory)
+        return updates
 
 
 # --------------------------------------------------------------------------------------------- towers
@@ -459,6 +457,9 @@ class HFAudioTower(AudioTower):
         self.out_dim = cfg.projection_dim if self.family == "clap" else getattr(cfg, "d_model", None) or cfg.hidden_size
         # wav2vec2-style models with group-normalised conv features are trained on zero padding without a mask
         self.pass_mask = getattr(cfg, "feat_extract_norm", "layer") == "layer"
+
+    def save_config(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory)
 
     def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         if self.family == "ast":
