@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf", "open_clip"), default="hf")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("report", help="evaluate a run again and write report.html (+ report.md) with plots and examples")
+    p = sub.add_parser("report", help="evaluate a run again; write report.html (+ report.md): plots, examples")
     p.add_argument("run", help="run directory")
     p.add_argument("--examples", type=int, default=None,
                    help="queries per direction shown with their top retrieved items (default: eval.report_examples)")

@@ -9,6 +9,7 @@ when the decoded item holds a numeric array (audio waveforms, ECG leads) and to 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import html
 import io
@@ -69,6 +70,8 @@ def find_array(item: Any) -> np.ndarray | None:
         item = item.detach().cpu().numpy()
     if isinstance(item, np.ndarray) and item.dtype.kind in "fiu" and item.ndim in (1, 2) and item.size > 1:
         return item.astype(np.float32)
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):  # e.g. a time-series Signal(data, rate)
+        item = vars(item)
     values = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else []
     for value in values:
         found = find_array(value)

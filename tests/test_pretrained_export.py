@@ -269,3 +269,26 @@ def test_siglip_checkpoint_towers_and_export(tmp_path):
         assert _max_diff(F.normalize(exported.get_image_features(pixel_values=x).pooler_output, dim=-1), image) < 1e-5
         assert exported.logit_bias.item() == pytest.approx(-10.0) and exported.logit_scale.exp().item() == \
             pytest.approx(10.0)
+
+
+def test_lora_on_an_hf_audio_tower_saves_and_reloads(tmp_path):
+    """LoRA works on any tower: a wav2vec2 audio tower trains only its adapters and reloads to the same embeddings."""
+    from test_audio import audio_model, save_tiny_hf, tone
+
+    folder = save_tiny_hf("wav2vec2", tmp_path / "w2v")
+    model = audio_model(tower="hf", model=folder, clip_seconds=0.5,
+                        lora={"r": 2, "target_modules": ["q_proj", "v_proj"]}).eval()
+    tower = {n for n, p in model.adapters["audio"].tower.named_parameters() if p.requires_grad}
+    assert tower and all("lora_" in n for n in tower)
+    modality = model.modalities["audio"]
+    batch = modality.collate([modality.transform(modality.decode(tone(440, 0.8), "wav"), train=False)])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+        expected = model.encode("audio", batch)
+    model.save_pretrained(tmp_path / "saved")
+    again = AlignmentModel.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert _max_diff(again.encode("audio", batch), expected) < 1e-6
+        assert _max_diff(again.merge_lora().encode("audio", batch), expected) < 1e-5
