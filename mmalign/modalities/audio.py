@@ -403,9 +403,10 @@ class MelCNN(nn.Module):
                                            norm_first=True)
         self.transformer = (nn.TransformerEncoder(layer, transformer_layers, enable_nested_tensor=False)
                             if transformer_layers else None)
-        self.out_dim = 2 * width
+        self.out_dim, self.token_dim = 2 * width, width
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_tokens(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame features N x T' x width and the mask of frames that hold signal (a CoCa decoder's context)."""
         h = self.stem(self.input_norm(inputs["input"]))
         for block in self.blocks:
             h = F.avg_pool1d(F.gelu(h + block(h)), 2, ceil_mode=True)
@@ -413,6 +414,10 @@ class MelCNN(nn.Module):
         mask = frame_mask(inputs["valid"], h.shape[1])
         if self.transformer is not None:
             h = self.transformer(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device), src_key_padding_mask=~mask)
+        return h, mask
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        h, mask = self.forward_tokens(inputs)
         peak = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         return torch.cat([masked_mean(h, mask), peak], dim=-1)
 
@@ -453,23 +458,31 @@ class HFAudioTower(nn.Module):
             raise ConfigError(f"cannot load HF audio model {name!r}: {str(e).splitlines()[0]}") from None
         self.model = model.get_encoder() if isinstance(model, transformers.WhisperModel) else model
         cfg = model.config
-        self.out_dim = cfg.projection_dim if self.family == "clap" else getattr(cfg, "d_model", None) or cfg.hidden_size
+        width = getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size", None)
+        self.out_dim = cfg.projection_dim if self.family == "clap" else width
+        self.token_dim = None if self.family == "clap" else width  # CLAP's Swin gives no plain token sequence
         # wav2vec2-style models with group-normalised conv features are trained on zero padding without a mask
         self.pass_mask = getattr(cfg, "feat_extract_norm", "layer") == "layer"
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_tokens(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last hidden states and the mask of frames that hold signal (AST: every patch; not for CLAP)."""
         x, valid = inputs["input"], inputs["valid"]
         if self.family == "ast":
-            return self.model(input_values=x).pooler_output
-        if self.family == "clap":
-            return self.model(input_features=x, is_longer=clap_is_longer(self.model.config, x)).audio_embeds
+            return self.model(input_values=x).last_hidden_state, None
         if self.family == "whisper":
             hidden = self.model(input_features=x).last_hidden_state
         else:
             attention = frame_mask(valid, x.shape[-1]).long() if self.pass_mask else None
             hidden = self.model(input_values=x, attention_mask=attention).last_hidden_state
-        return masked_mean(hidden, frame_mask(valid, hidden.shape[1]))
+        return hidden, frame_mask(valid, hidden.shape[1])
 
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.family == "ast":
+            return self.model(input_values=inputs["input"]).pooler_output
+        if self.family == "clap":
+            x = inputs["input"]
+            return self.model(input_features=x, is_longer=clap_is_longer(self.model.config, x)).audio_embeds
+        return masked_mean(*self.forward_tokens(inputs))
 
     def save_config(self, directory: Path) -> None:
         self.model.config.save_pretrained(directory)
