@@ -157,7 +157,8 @@ def test_caption_decoder_reads_audio_frames():
     """CoCa on audio (audio captioning): the decoder cross-attends to the tower's frames; padded frames masked."""
     from mmalign.losses import build_loss
 
-    audio = {"tower": "mel_cnn", "clip_seconds": 0.5, "n_mels": 16, "tower_kwargs": {"width": 16, "depth": 2, "transformer_layers": 1}}
+    audio = {"tower": "mel_cnn", "clip_seconds": 0.5, "n_mels": 16,
+             "tower_kwargs": {"width": 16, "depth": 2, "transformer_layers": 1}}
     text = {"tower": "coca_decoder", "max_length": 12, "tower_kwargs": {"width": 16, "heads": 2, "layers": 2}}
     model = AlignmentModel(from_dict(ModelConfig, {
         "embed_dim": 16, "modalities": {"audio": audio, "text": text},
