@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +28,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, register_modality, register_tower, sinusoidal_positions
 from .text import resolve_pretrained
 
 log = logging.getLogger(__name__)
@@ -374,16 +373,6 @@ class AudioTower(nn.Module):
         x, valid = inputs["input"], inputs["valid"]
         b, w = valid.shape
         return self.encode(x.flatten(0, 1), valid.flatten()).view(b, w, -1).mean(1)
-
-
-def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
-    """length x dim sine/cosine position codes (Vaswani et al. 2017)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim, device=device)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-    return out
 
 
 class MelCNN(AudioTower):
