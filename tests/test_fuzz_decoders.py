@@ -22,7 +22,11 @@ from mmalign.modalities import MODALITIES, build_modality
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 # Config fields a kind needs to build its Modality (CPU side only: no tower is loaded).
-CONFIG = {"image": {"image_size": 16}, "text": {"model": "not-loaded"}}
+CONFIG = {"image": {"image_size": 16}, "text": {"model": "not-loaded"},
+          "timeseries": {"channels": 3, "window_s": 2.0, "bandpass": [0.5, 40.0]}}
+# Members a kind reads beside the one it is found by (a time series' metadata); they are fuzzed as well.
+COMPANIONS = {"timeseries": {"json": json.dumps({"sampling_rate": 250, "leads": ["I", "II", "V1"],
+                                                  "units": "mV"}).encode()}}
 
 
 def _image_files() -> dict[str, bytes]:
@@ -61,6 +65,12 @@ VALID = {
     "audio": _audio_files,
     "timeseries": _timeseries_files,
 }
+
+
+def decode(modality, ext: str, blob: bytes, companions: dict[str, bytes]):
+    """The item the pipeline would get for member ``m.<ext>`` of a sample that also holds ``companions``."""
+    sample = {f"m.{ext}": blob, **{f"m.{e}": data for e, data in companions.items()}}
+    return modality.decode_member(sample, f"m.{ext}")
 
 
 def build(kind: str):
@@ -103,15 +113,16 @@ def test_decoder_returns_an_item_or_a_data_error(kind):
         ext, valid = data.draw(st.sampled_from(files))
         ext = data.draw(st.sampled_from([ext, *modality.extensions]))  # and under another extension of the kind
         blob = data.draw(mutations(valid))
+        companions = {e: data.draw(st.one_of(st.just(c), mutations(c))) for e, c in COMPANIONS.get(kind, {}).items()}
         for train in (True, False):
             try:
-                modality.transform(modality.decode(blob, ext), train)
+                modality.transform(decode(modality, ext, blob, companions), train)
             except DataError:
                 pass
 
     for ext, valid in files:  # the valid files themselves decode
         if valid:
-            modality.transform(modality.decode(valid, ext), False)
+            modality.transform(decode(modality, ext, valid, COMPANIONS.get(kind, {})), False)
     check()
 
 

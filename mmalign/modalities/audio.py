@@ -21,7 +21,6 @@ the checkpoint's layout so a CLAP pair exports as one ``ClapModel``).
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +32,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, register_modality, register_tower, sinusoidal_positions
 from .hf import HFDualEncoderTower, resolve_pretrained
 
 EVAL_CROPS = ("start", "center", "windows")
@@ -371,16 +370,6 @@ class AudioModality(Modality):
 
 
 # --------------------------------------------------------------------------------------------- towers
-
-
-def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
-    """length x dim sine/cosine position codes (Vaswani et al. 2017)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim, device=device)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-    return out
 
 
 class MelCNN(nn.Module):
