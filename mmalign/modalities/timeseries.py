@@ -125,8 +125,8 @@ def _sidecar(path: Path) -> dict:
 def _load_npy(data: bytes | Path, where: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{where}cannot read npy ({e})") from None
+    except Exception as e:  # a malformed header raises ValueError, SyntaxError, tokenize.TokenError, ...
+        raise DataError(f"{where}cannot read npy ({type(e).__name__}: {e})") from None
 
 
 def _read_wfdb(path: Path) -> Signal:
@@ -244,6 +244,8 @@ def resample(data: np.ndarray, rate: float, target: float) -> np.ndarray:
         return data
     from scipy.signal import resample_poly
 
+    if not 1e-3 <= target / rate <= 1e3:
+        raise DataError(f"sampling rate {rate:g} Hz is too far from the tower's {target:g} Hz to resample")
     ratio = Fraction(target / rate).limit_denominator(1000)
     return resample_poly(data, ratio.numerator, ratio.denominator, axis=-1).astype(np.float32)
 
