@@ -35,6 +35,9 @@ from ..errors import ConfigError, DataError
 from .base import Modality, register_modality, register_tower, sinusoidal_positions
 from .hf import HFDualEncoderTower, resolve_pretrained
 
+AUDIO_RATES = (1_000, 768_000)  # sample rates (Hz) a file may declare
+MAX_RESAMPLE_PHASES = 4_000_000  # largest resampling filter (output x input phases) built for a file's rate
+
 EVAL_CROPS = ("start", "center", "windows")
 OWN_FEATURES = ("logmel", "fbank")
 HF_TOWERS = ("hf", "hf_clip")
@@ -317,12 +320,26 @@ class AudioModality(Modality):
         if peak < self.cfg.silence_threshold:
             raise DataError(f"audio ({ext}) is silent (peak amplitude {peak:.2g} < silence_threshold)")
         if rate != self.rate:
-            if rate not in self._resamplers:
-                import torchaudio
-
-                self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.rate)
-            wave = self._resamplers[rate](wave)
+            wave = self.resampler(rate, ext)(wave)
         return wave
+
+    def resampler(self, rate: int, ext: str) -> nn.Module:
+        """torchaudio's resampler from ``rate`` Hz (a few cached); a rate it cannot handle at a sane cost -> DataError.
+
+        Its filter has (target / g) x (rate / g) phases for g = gcd(rate, target): small for real-world rates, but
+        gigabytes for a co-prime one such as a corrupt header's 44101 Hz.
+        """
+        if rate not in self._resamplers:
+            g = math.gcd(rate, self.rate)
+            if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1] or (rate // g) * (self.rate // g) > MAX_RESAMPLE_PHASES:
+                raise DataError(f"audio ({ext}) at {rate} Hz cannot be resampled to {self.rate} Hz at a sane cost; "
+                                "convert it to a common rate (8000, 16000, 22050, 44100, 48000 Hz, ...)")
+            import torchaudio
+
+            if len(self._resamplers) >= 8:
+                self._resamplers.pop(next(iter(self._resamplers)))
+            self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.rate)
+        return self._resamplers[rate]
 
     def transform(self, wave: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
         n = self.clip_samples
