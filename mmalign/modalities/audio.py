@@ -21,6 +21,7 @@ the checkpoint's layout so a CLAP pair exports as one ``ClapModel``).
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
