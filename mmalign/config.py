@@ -48,11 +48,22 @@ def register_modality_config(kind: str, cls: type[ModalityConfig]) -> None:
 
 
 @dataclass
+class TemperatureScheduleConfig:
+    """Temperature tau (s = 1/tau) from ``tau_start`` to ``tau_end`` over ``steps`` (default: train.steps)."""
+
+    tau_start: float = 0.07
+    tau_end: float = 0.01
+    kind: str = "cosine"  # "cosine" | "linear" | "exponential" | "constant"
+    steps: Optional[int] = None
+
+
+@dataclass
 class LogitScaleConfig:
     init: Optional[float] = None  # multiplier s; default 1/0.07 (CLIP) or 10 (SigLIP)
-    learnable: bool = True
+    learnable: bool = True  # false: s stays fixed at init
     max: float = 100.0
     bias_init: Optional[float] = None  # SigLIP bias; default -10 when the loss needs a bias
+    schedule: Optional[TemperatureScheduleConfig] = None  # when set, s follows it (not learned, whatever learnable says)
 
 
 @dataclass
@@ -113,10 +124,19 @@ class RetrievalConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Embedding-space diagnostics written at the end of every run (gap, alignment, uniformity, PCA plot)."""
+
+    data: Optional[str] = None  # default: eval.retrieval.data, else eval.zeroshot.data, else data.train
+    max_samples: int = 500
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 @dataclass
@@ -280,6 +300,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         (cfg.train.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (cfg.train.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
         (cfg.model.logit_scale.max > 0, "model.logit_scale.max must be > 0"),
+        (cfg.eval.diagnostics.max_samples >= 2, "eval.diagnostics.max_samples must be >= 2"),
     ]
     for ok, message in checks:
         if not ok:

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -41,7 +41,8 @@ class AlignmentModel(nn.Module):
         )
         ls = config.logit_scale
         init = ls.init if ls.init is not None else (10.0 if config.logit_bias else 1 / 0.07)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=ls.learnable)
+        learned = ls.learnable and ls.schedule is None  # a scheduled scale comes from the loop (TemperatureSchedule)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learned)
         if config.logit_bias:
             self.logit_bias = nn.Parameter(torch.tensor(ls.bias_init if ls.bias_init is not None else -10.0))
         else:
@@ -63,9 +64,24 @@ class AlignmentModel(nn.Module):
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(self.adapters)}")
         return self.adapters[name](inputs)
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Normalised embeddings for every modality of the model that the batch carries."""
-        return {name: adapter(batch[name]) for name, adapter in self.adapters.items() if name in batch}
+    def forward(
+        self, batch: dict[str, Any], features: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Normalised embeddings for every modality of the model that the batch carries.
+
+        With ``features`` (modality names), returns ``(embeddings, tower_features)``: the named modalities' tower
+        outputs before projection, from the same pass (e.g. a frozen tower's features for CWCL's soft targets;
+        locked towers compute them without gradient, from their cache when enabled).
+        """
+        if features is None:
+            return {name: adapter(batch[name]) for name, adapter in self.adapters.items() if name in batch}
+        embeddings, tower_features = {}, {}
+        for name, adapter in self.adapters.items():
+            if name in batch:
+                embeddings[name], f = adapter(batch[name], return_features=True)
+                if name in features:
+                    tower_features[name] = f
+        return embeddings, tower_features
 
     # ------------------------------------------------------------------------------------------- save / load
 

@@ -22,7 +22,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]:
-    """Loss/scale curves, similarity matrix, retrieval recall@k and per-class accuracy; returns the PNG paths."""
+    """Loss/scale curves, similarity matrix, retrieval recall@k, per-class accuracy and the PCA of the diagnostic
+    embeddings (``extras["_embeddings"]``); returns the PNG paths."""
     written = []
     rows = _metrics(run_dir)
     if rows:
@@ -56,6 +57,10 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         ax.set_xticks(range(len(per_class)), list(per_class), rotation=45, ha="right")
         ax.set(ylabel="accuracy", ylim=(0, 1.02), title="zero-shot accuracy per class")
         written.append(_save(fig, run_dir / "per_class_accuracy.png"))
+    if "_embeddings" in extras:
+        from .eval.diagnostics import embedding_pca_plot
+
+        written.append(embedding_pca_plot(extras["_embeddings"], run_dir / "embedding_pca.png"))
     write_report(run_dir, results, written)
     return written
 

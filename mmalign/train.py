@@ -27,7 +27,7 @@ from .config import Config, to_dict
 from .data import expand_urls, iterate_batches
 from .errors import DataError, MMAlignError
 from .io import atomic_dir, write_json
-from .losses import LOSSES, build_loss
+from .losses import LOSSES, TemperatureSchedule, build_loss
 from .model import AlignmentModel
 from .modalities.base import NORM_TYPES
 
@@ -55,6 +55,19 @@ def build_model(cfg: Config) -> AlignmentModel:
     if loss_cls is not None and getattr(loss_cls, "needs_bias", False):
         cfg.model.logit_bias = True
     return AlignmentModel(cfg.model)
+
+
+def temperature_schedule(cfg: Config, model: AlignmentModel) -> TemperatureSchedule:
+    """Where the loss's logit scale comes from: ``model.logit_scale.schedule`` when set, else the model's scale
+    (learned, or fixed at its init with ``learnable: false``)."""
+    ls = cfg.model.logit_scale
+    if ls.schedule is not None:
+        sch = ls.schedule
+        steps = sch.steps if sch.steps is not None else cfg.train.steps
+        return TemperatureSchedule("scheduled", sch.tau_start, sch.tau_end, steps, sch.kind)
+    if ls.learnable:
+        return TemperatureSchedule("learnable")
+    return TemperatureSchedule("fixed", tau_start=1.0 / model.logit_scale().item())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -182,6 +195,12 @@ def train(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss.name, model.names, **cfg.loss.kwargs)
+    temperature = temperature_schedule(cfg, model)
+    needs_features = tuple(getattr(loss_fn, "needs_features", ()))  # e.g. CWCL: the frozen tower giving the weights
+    for name in needs_features:
+        if not model.adapters[name].fully_locked:
+            log.warning("loss %r uses the %r tower's features, but that tower is not fully locked: they drift as it "
+                        "trains", cfg.loss.name, name)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=tuple(cfg.train.betas), eps=cfg.train.eps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.steps)
@@ -199,8 +218,8 @@ def train(cfg: Config) -> dict[str, Any]:
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
     stream = batch_stream(cfg, model, state, pin_memory=accelerator.device.type == "cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    log.info("training %d of %d parameters on %s x %d process(es)", sum(p.numel() for p in trainable),
-             sum(p.numel() for p in model.parameters()), accelerator.device, accelerator.num_processes)
+    log.info("training %d of %d parameters on %s x %d process(es); logit scale: %s", sum(p.numel() for p in trainable),
+             sum(p.numel() for p in model.parameters()), accelerator.device, accelerator.num_processes, temperature)
 
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -214,9 +233,11 @@ def train(cfg: Config) -> dict[str, Any]:
             sync = micro == cfg.train.grad_accum - 1
             with accelerator.no_sync(ddp_model) if not sync else nullcontext():
                 with accelerator.autocast():
-                    embeddings = ddp_model(inputs)
-                    out = loss_fn({k: v.float() for k, v in embeddings.items()}, logit_scale=model.logit_scale(),
-                                  logit_bias=model.logit_bias)
+                    embeddings, features = ddp_model(inputs, features=needs_features)
+                    scale = temperature.logit_scale(state.step, learned=model.logit_scale())
+                    out = loss_fn({k: v.float() for k, v in embeddings.items()}, logit_scale=scale,
+                                  logit_bias=model.logit_bias,
+                                  frozen_features={k: v.float() for k, v in features.items()})
                 accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum
@@ -239,7 +260,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             elapsed = time.time() - t0
-            last = {"step": state.step, **totals, "logit_scale": model.logit_scale().item(),
+            last = {"step": state.step, **totals, "logit_scale": float(scale),
                     "lr": scheduler.get_last_lr()[0], "epoch": state.epoch, "samples": state.samples,
                     "skipped": sum(state.skipped.get("counts", {}).values()),
                     "grad_norm": grad_norm.item() if grad_norm is not None else None,
@@ -248,7 +269,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 last["logit_bias"] = model.logit_bias.item()
             logger.log(last)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", scale=f"{last['logit_scale']:.1f}")
-            if state.step == cfg.train.log_every and last["logit_scale"] >= cfg.model.logit_scale.max * 0.999:
+            if (temperature.learnable and state.step == cfg.train.log_every
+                    and last["logit_scale"] >= cfg.model.logit_scale.max * 0.999):
                 log.warning("logit scale hit its clamp (%.0f) early: the learning rate may be too high",
                             cfg.model.logit_scale.max)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
@@ -272,7 +294,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
     """The recipe's evaluations at the end of training, plus plots in the run directory."""
-    from .eval.runner import evaluate_retrieval, evaluate_zeroshot
+    from .eval.runner import evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot
     from .plots import plot_run
 
     results: dict[str, Any] = {}
@@ -287,6 +309,13 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
         extras["_similarity"] = out.pop("_similarity")
         out.pop("_skipped", None)
         results.update(out)
+    diagnostics_data = cfg.eval.diagnostics.data or rt.data or zs.data
+    if diagnostics_data is None:
+        log.info("no eval data: embedding diagnostics on the first training samples (seen in training)")
+    out = evaluate_diagnostics(model, diagnostics_data or cfg.data.train, cfg.eval.batch_size,
+                               cfg.eval.diagnostics.max_samples)
+    extras["_embeddings"] = out.pop("_embeddings")
+    results.update(out)
     plot_run(run_dir, results, extras)
     return results
 

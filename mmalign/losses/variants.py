@@ -441,6 +441,7 @@ class CwclObjective(PairwiseVariantObjective):
         self.weights_from = weights_from if weights_from is not None else self.modalities[0]
         if self.weights_from not in self.modalities:
             raise ConfigError(f"cwcl: weights_from={self.weights_from!r} is not one of the modalities {self.modalities}")
+        self.needs_features = (self.weights_from,)
 
     def batch_state(
         self, embeddings: dict[str, torch.Tensor], frozen_features: dict[str, torch.Tensor] | None = None, **_

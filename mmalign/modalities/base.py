@@ -192,5 +192,8 @@ class ModalityAdapter(nn.Module):
                 self._cache.popitem(last=False)
         return torch.stack([self._cache[k] for k in keys])
 
-    def forward(self, inputs: Any) -> torch.Tensor:
-        return F.normalize(self.proj(self.tower_features(inputs)), dim=-1)
+    def forward(self, inputs: Any, return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings; with ``return_features`` also the tower's output before projection (same pass)."""
+        features = self.tower_features(inputs)
+        embeddings = F.normalize(self.proj(features), dim=-1)
+        return (embeddings, features) if return_features else embeddings
