@@ -282,8 +282,8 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     results: dict[str, Any] = {"run_dir": str(run_dir), "steps": state.step}
-    if last:
-        results["final_loss"] = last["loss"]
+    if last:  # the last logged loss outputs (loss, its components, e.g. cwcl_positive_mass) and logit scale
+        results.update({f"final_{k}": last[k] for k in (*totals, "logit_scale")})
     if accelerator.is_main_process:
         model.save_pretrained(run_dir / "model")
         results.update(evaluate_run(cfg, model, run_dir))

@@ -23,15 +23,25 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_forward_returns_tower_features_from_the_same_pass(tiny_text_model):
-    torch.manual_seed(0)
+def _locked_text_model(text_model: str) -> AlignmentModel:
     cfg = load_config(None, ["run_dir=unused", "data.train=unused", "model.embed_dim=8",
                              "model.modalities.image={tower: small_cnn, tower_kwargs: {width: 4, depth: 1}}",
-                             f"model.modalities.text={{model: '{tiny_text_model}', lock: true, cache_frozen: true}}"])
-    model = AlignmentModel(cfg.model)
+                             f"model.modalities.text={{model: '{text_model}', lock: true, cache_frozen: true}}"])
+    return AlignmentModel(cfg.model)
+
+
+def _count_calls(module: torch.nn.Module) -> list:
     calls = []
-    model.adapters["text"].tower.register_forward_hook(lambda *_: calls.append(1))
-    batch = {"image": torch.randn(3, 3, 16, 16), "text": model.modalities["text"].tokenize(["a", "b c", "a"])}
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_forward_returns_tower_features_from_the_same_pass(tiny_text_model):
+    torch.manual_seed(0)
+    model = _locked_text_model(tiny_text_model)
+    calls = _count_calls(model.adapters["text"].tower)
+    captions = ["a caption only this test uses", "another one", "a caption only this test uses"]
+    batch = {"image": torch.randn(3, 3, 16, 16), "text": model.modalities["text"].tokenize(captions)}
     embeddings, features = model(batch, features=["text"])
     assert set(features) == {"text"} and features["text"].shape == (3, 32)
     assert not features["text"].requires_grad  # locked tower: computed without gradient
@@ -39,6 +49,18 @@ def test_forward_returns_tower_features_from_the_same_pass(tiny_text_model):
     expected = torch.nn.functional.normalize(model.adapters["text"].proj(features["text"]), dim=-1)
     torch.testing.assert_close(embeddings["text"], expected)
     torch.testing.assert_close(model(batch)["image"], embeddings["image"])
+
+
+def test_frozen_cache_is_shared_by_identical_towers_only(tiny_text_model):
+    first, same, changed = (_locked_text_model(tiny_text_model) for _ in range(3))
+    with torch.no_grad():
+        changed.adapters["text"].tower.model.embeddings.word_embeddings.weight.mul_(2.0)
+    tokens = first.modalities["text"].tokenize(["shared between runs", "of the same frozen tower"])
+    expected = first.adapters["text"].tower_features(tokens)
+    calls = {name: _count_calls(m.adapters["text"].tower) for name, m in (("same", same), ("changed", changed))}
+    torch.testing.assert_close(same.adapters["text"].tower_features(tokens), expected)
+    assert not torch.allclose(changed.adapters["text"].tower_features(tokens), expected)
+    assert calls == {"same": [], "changed": [1]}
 
 
 def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shards, shapes_dataset, tiny_text_model):
