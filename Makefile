@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= lit
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install sysdeps clean
 
 install: $(STAMP)
 
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Debian packages the demos synthesise data with (installed only when missing).
+sysdeps:
+	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
+	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf -a -f /usr/share/unicode/emoji/emoji-test.txt || \
+		(apt-get update && apt-get install -y fonts-noto-color-emoji unicode-data)
+
+demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: $(STAMP) sysdeps
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

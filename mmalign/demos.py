@@ -19,16 +19,21 @@ log = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
+# How a builder's paths fill a recipe: every demo builds train/test shards, classes and templates.
+ZEROSHOT_AND_RETRIEVAL = {
+    "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
+    "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
+}
+
 # demo name -> (data builder module in data_tools, recipe file, how the builder's paths fill the recipe)
 DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "lit": ("data_tools.digits", "lit_image_text.yaml", {
-        "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
-        "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
+    "lit": ("data_tools.digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "clap": ("data_tools.spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "ecg": ("data_tools.ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "coca": ("data_tools.digits", "coca.yaml", {
+        **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
     }),
-    "cwcl": ("data_tools.emoji", "cwcl.yaml", {
-        "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
-        "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
-    }),
+    "cwcl": ("data_tools.emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
 }
 
 
@@ -72,6 +77,7 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
 
     result = train(cfg)
     result["report"] = str(Path(cfg.run_dir) / "report.md")
+    result["report_html"] = str(Path(cfg.run_dir) / "report.html")
     return result
 
 

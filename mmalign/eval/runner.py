@@ -1,17 +1,42 @@
 """Evaluation entry points shared by ``mmalign eval`` and the end of training: shards in, headline numbers out."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
+from ..config import GenerationConfig
+from ..data import expand_urls
+from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
 from ..errors import ConfigError, DataError
+from ..io import atomic_write_text
+from ..modalities import Modality
+from ..modalities.text import TextModality, parse_captions
+from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
 from .embed import embed_shards
 from .retrieval import bidirectional_retrieval
 from .zeroshot import read_lines, read_templates, zeroshot_accuracy, zeroshot_classifier
 
 log = logging.getLogger(__name__)
+
+HEADLINE_KS = (1, 5, 10)
+CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100)  # recall@k curve in the report
+
+
+def merge_results(results: dict, new: dict) -> dict:
+    """``results.update(new)``, merging the ``clip_benchmark`` sub-objects instead of replacing one by the other."""
+    for key, value in new.items():
+        if key == "clip_benchmark" and key in results:
+            results[key] = {**results[key], **value}
+        else:
+            results[key] = value
+    return results
 
 
 def default_query(model, text: str = "text") -> str:
@@ -45,6 +70,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
     classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size)
     target = torch.tensor([index[lab] for lab in labels])
     acc = zeroshot_accuracy(emb["embeddings"][query], classifier.cpu(), target, topk=(1, min(5, len(classnames))))
+    k5 = min(5, len(classnames))
     per_class = {c: 0.0 for c in classnames}
     for c, i in index.items():
         mask = target == i
@@ -52,18 +78,27 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
             per_class[c] = (torch.tensor(acc["predictions"])[mask] == i).float().mean().item()
     return {
         "zeroshot_top1": acc["acc1"],
-        f"zeroshot_top{min(5, len(classnames))}": acc[f"acc{min(5, len(classnames))}"],
+        f"zeroshot_top{k5}": acc[f"acc{k5}"],
         "zeroshot_mean_per_class_recall": acc["mean_per_class_recall"],
         "zeroshot_n": len(labels),
+        # CLIP_benchmark's keys (acc5 is top-min(5, classes), as every class is within the top 5 of fewer classes)
+        "clip_benchmark": {"acc1": acc["acc1"], "acc5": acc[f"acc{k5}"],
+                           "mean_per_class_recall": acc["mean_per_class_recall"]},
         "_per_class": per_class,
         "_confusion": (target.tolist(), acc["predictions"], classnames),
-        "_skipped": emb["skipped"],
+        "skipped": emb["skipped"].get("counts", {}),
     }
 
 
 def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
                        num_workers: int = 0) -> dict:
-    """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed."""
+    """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
+
+    With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
+    ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and ``image_retrieval_recall@k`` (each text
+    retrieves its item; named "image" as in CLIP_benchmark whatever the non-text modality). ``_retrieval`` (the
+    embeddings, sample keys and owners) and ``_recall_curve`` are for the report.
+    """
     query = query or default_query(model, gallery)
     for name in (query, gallery):
         if name not in model.modalities:
@@ -72,11 +107,23 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     q, g = emb["embeddings"][query], emb["embeddings"][gallery]
     if q.shape[0] == 0:
         raise DataError(f"{data}: no usable samples to evaluate")
-    metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0])
-    out = {f"retrieval_{k}": v for k, v in metrics.items()}
+    ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= max(g.shape[0], q.shape[0])}))
+    metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0], ks=ks)
+    directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
+    out = {f"retrieval_{k}": v for k, v in metrics.items() if "_R@" not in k or int(k.rsplit("@", 1)[1]) in HEADLINE_KS}
     out["retrieval_n"] = q.shape[0]
+    kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
+    if "text" in kinds and kinds[0] != kinds[1]:
+        to_text, to_other = directions if kinds[1] == "text" else directions[::-1]
+        out["clip_benchmark"] = {
+            **{f"image_retrieval_recall@{k}": metrics[f"{to_other}_R@{k}"] for k in HEADLINE_KS},
+            **{f"text_retrieval_recall@{k}": metrics[f"{to_text}_R@{k}"] for k in HEADLINE_KS},
+        }
+    out["_recall_curve"] = {d: {k: metrics[f"{d}_R@{k}"] for k in ks} for d in directions}
+    out["_retrieval"] = {"data": data, "query": query, "gallery": gallery, "query_embeddings": q,
+                         "gallery_embeddings": g, "owners": emb["owners"][gallery], "keys": emb["keys"]}
     out["_similarity"] = (q[:32] @ g[:64].T)
-    out["_skipped"] = emb["skipped"]
+    out["skipped"] = emb["skipped"].get("counts", {})
     return out
 
 
@@ -85,7 +132,7 @@ def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: i
     ``data``: one row per sample and modality (the first caption where a sample has several)."""
     emb = embed_shards(model, data, list(model.modalities), batch_size, num_workers, max_samples)
     if not emb["keys"]:
-        raise DataError(f"{data}: no usable samples for the embedding diagnostics")
+        raise DataError(f"{data}: no sample with all of {', '.join(model.modalities)} for the embedding diagnostics")
     paired = {}
     for name, x in emb["embeddings"].items():
         owners = emb["owners"][name]
@@ -98,3 +145,109 @@ def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: i
     out["diagnostics_n"] = next(iter(paired.values())).shape[0]
     out["_embeddings"] = paired
     return out
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def caption_items(data: str, name: str, modality: Modality, text: str,
+                  stats: SkipStats) -> Iterator[tuple[str, Any, list[str] | None, str | None]]:
+    """(key, item ready to collate, reference captions or None, label or None) for each item to caption.
+
+    ``data``: shards (their ``name`` member is captioned; the ``text`` member gives references, ``label.txt`` the
+    class word), or files of the captioned modality: a folder (searched recursively), a glob, paths separated by
+    ``::``. Unusable samples are skipped and counted in ``stats``; a file of another kind is an error.
+    """
+    extensions = (*modality.extensions, *modality.file_extensions)
+    if os.path.isdir(data):
+        paths = sorted(str(f) for f in Path(data).rglob("*") if f.suffix.lower().lstrip(".") in extensions)
+        if not paths:
+            raise DataError(f"{data}: no {'/'.join(extensions)} files to caption")
+    else:
+        paths = expand_urls(data)
+    if all(u.endswith(SHARD_SUFFIXES) for u in paths):
+        samples = ShardReader(stats)({"url": u} for u in paths)
+    else:
+        for path in paths:
+            if Path(path).suffix.lower().lstrip(".") not in extensions:
+                raise DataError(f"{path}: cannot caption a {Path(path).suffix or 'suffix-less'} file "
+                                f"({name} files are {', '.join(extensions)})")
+        samples = ({"__key__": path, "__url__": path, **modality.file_members(Path(path))} for path in paths)
+    for sample in samples:
+        key = sample["__key__"]
+        where = f"{sample.get('__url__', '?')}:{key}"
+        member = find_member(sample, name, modality.extensions)
+        if member is None:
+            stats.add(f"missing {name}", where)
+            continue
+        text_member = find_member(sample, text, TextModality.extensions)
+        try:
+            item = modality.transform(modality.decode_member(sample, member), train=False)
+        except DataError as e:
+            stats.add(f"bad {name}", f"{where}: {member}: {e}")
+            continue
+        try:
+            refs = parse_captions(sample[text_member], text_member.rsplit(".", 1)[-1]) if text_member else None
+        except DataError as e:
+            stats.add(f"bad {text}", f"{where}: {text_member}: {e}")
+            continue
+        try:
+            label = decode_label(sample, where)
+        except SkipSample as e:
+            stats.add(e.reason, e.where)
+            continue
+        yield key, item, refs, label
+
+
+def evaluate_captions(model, data: str, out: str | Path, generation: GenerationConfig | None = None,
+                      batch_size: int = 256) -> dict:
+    """Caption every item of ``data`` (see ``caption_items``) with a CoCa model, write ``out`` as JSONL, score.
+
+    Each JSONL row holds ``key`` and ``caption``, plus ``references`` and ``label`` where the data has them.
+    Returns ``caption_n``, ``captions`` (the path), ``caption_BLEU-1..4`` and ``caption_CIDEr`` over the items
+    with references, and ``caption_exact_match`` (the class word appears in the caption) over those with labels.
+    """
+    cap = model.config.caption
+    if cap is None:
+        raise ConfigError("this model has no caption decoder (model.caption is not set)")
+    gen = generation or GenerationConfig()
+    modality = model.modalities[cap.context]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(gen.seed)
+    model.eval()
+    stats = SkipStats()
+    rows: list[dict[str, Any]] = []
+    batch: list[tuple] = []
+
+    def flush() -> None:
+        inputs = modality.collate([item for item, _ in batch])
+        inputs = inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
+        for (_, row), caption in zip(batch, model.generate_captions(inputs, gen, generator)):
+            rows.append({"key": row["key"], "caption": caption, **{k: v for k, v in row.items() if k != "key"}})
+        batch.clear()
+
+    for key, item, refs, label in tqdm(caption_items(data, cap.context, modality, cap.text, stats),
+                                       desc="caption", unit="item", leave=False):
+        row = {"key": key}
+        row.update({k: v for k, v in (("references", refs), ("label", label)) if v is not None})
+        batch.append((item, row))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not rows:
+        raise DataError(f"{data}: nothing to caption (skipped: {dict(stats.counts)})")
+    out = Path(out)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    result: dict[str, Any] = {"caption_n": len(rows), "captions": str(out)}
+    scored = [r for r in rows if "references" in r]
+    if scored:
+        metrics = caption_metrics([r["caption"] for r in scored], [r["references"] for r in scored])
+        result.update({f"caption_{k}": v for k, v in metrics.items()})
+    labelled = [r for r in rows if "label" in r]
+    if labelled:
+        result["caption_exact_match"] = caption_exact_match([r["caption"] for r in labelled],
+                                                            [r["label"] for r in labelled])
+    result["skipped"] = dict(stats.counts)
+    result["_examples"] = rows[:8]
+    return result

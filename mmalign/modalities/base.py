@@ -5,10 +5,17 @@ A modality has two halves:
 * ``Modality`` (CPU side, picklable, runs in DataLoader workers): decode bytes from a shard, train/eval
   transforms, collate a list of items into a batch, and (for text) tokenise.
 * A tower (``nn.Module`` with an ``out_dim`` attribute, ``forward(batch) -> B x out_dim``) built by a builder from
-  the modality's tower registry.
+  the modality's tower registry. A tower that can also give its token sequence (spatial positions, patches,
+  frames) sets ``token_dim`` and defines ``forward_tokens(batch) -> (B x N x token_dim, mask B x N or None)``, mask
+  True for real tokens; a CoCa caption head can then sit on that modality. One whose own pooling already makes
+  caption tokens (open_clip's CoCa ViTs) may define ``forward_pooled_tokens(batch) -> (B x out_dim, tokens, mask)``
+  as well, for captioning models that use the tower's tokens as they are (``model.caption.n_queries: 0``).
+  A caption decoder tower (the text side of CoCa) sets ``context_dim`` and defines ``caption(batch, context) ->
+  (B x out_dim features, B x T x V logits)`` and ``step(tokens, context) -> B x V`` next-token logits.
 
-``ModalityAdapter`` wraps a tower with a projection head to the shared dimension, applies LiT-style locking and
-caches a frozen tower's outputs on request. Nothing here knows which modality it serves.
+``ModalityAdapter`` wraps a tower with a projection head to the shared dimension (or, for the captioned modality of
+a CoCa model, with ``heads.CocaHead`` on the tower's tokens), applies LiT-style locking or LoRA, pools sliding
+windows of one item and caches a frozen tower's outputs on request. Nothing here knows which modality it serves.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModalityConfig, register_modality_config, to_dict
+from ..config import LoraConfig, ModalityConfig, register_modality_config, to_dict
 from ..errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -36,10 +43,12 @@ class Modality:
     """CPU side of a modality. Subclasses set ``kind``, ``extensions``, ``config_class`` and override the hooks."""
 
     kind: ClassVar[str]
-    extensions: ClassVar[tuple[str, ...]]
+    extensions: ClassVar[tuple[str, ...]]  # shard member extensions this kind decodes
+    file_extensions: ClassVar[tuple[str, ...]] = ()  # further files on disk it packs into members (``file_members``)
     config_class: ClassVar[type[ModalityConfig]] = ModalityConfig
     towers: ClassVar[dict[str, TowerBuilder]]
     default_tower: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}  # config fields left None that neither the recipe nor the tower set
 
     def __init__(self, name: str, cfg: ModalityConfig):
         self.name = name
@@ -52,9 +61,18 @@ class Modality:
                 f"known: {', '.join(sorted(self.towers))}"
             )
 
+    @classmethod
+    def file_members(cls, path: Path) -> dict[str, bytes]:
+        """A file on disk -> shard members (extension -> bytes); by default the file itself, as it is."""
+        return {path.suffix.lower().lstrip("."): path.read_bytes()}
+
     def decode(self, data: bytes, ext: str) -> Any:
         """Bytes of one shard member -> item. Raise ``DataError`` with the reason for unusable input."""
         raise NotImplementedError
+
+    def decode_member(self, sample: dict, key: str) -> Any:
+        """The item held by member ``key`` of a raw sample; kinds whose items span members (npy + json) override."""
+        return self.decode(sample[key], key.rsplit(".", 1)[-1])
 
     def transform(self, item: Any, train: bool) -> Any:
         return item
@@ -65,12 +83,26 @@ class Modality:
     def build_tower(self) -> nn.Module:
         return self.towers[self.cfg.tower](self.cfg)
 
+    def adopt_tower_defaults(self, tower: nn.Module) -> None:
+        """Fill config fields the recipe left unset (None): first from ``tower.preprocess`` (what the checkpoint says:
+        an HF processor, open_clip's preprocess config), then from the kind's ``defaults``. The saved config then
+        records concrete values, so a reloaded model preprocesses exactly as the trained one."""
+        for source in (getattr(tower, "preprocess", {}), self.defaults):
+            for key, value in source.items():
+                if hasattr(self.cfg, key) and getattr(self.cfg, key) is None:
+                    setattr(self.cfg, key, value)
+
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
         """Write what is needed to rebuild the tower without its original source (tokenizer, HF config).
 
+        Towers with a ``save_config(directory)`` method (HF towers) write their config (and processor) there.
         Returns updates to this modality's config in the saved model (paths relative to the model folder).
         """
-        return {}
+        if not hasattr(tower, "save_config"):
+            return {}
+        directory.mkdir(parents=True, exist_ok=True)
+        tower.save_config(directory)
+        return {"model": f"./{directory.name}"}
 
 
 def register_modality(cls: type[Modality]) -> type[Modality]:
@@ -93,19 +125,43 @@ def build_modality(name: str, cfg: ModalityConfig) -> Modality:
     return MODALITIES[cfg.kind](name, cfg)
 
 
+def model_and_weights(cfg: ModalityConfig, example: str) -> tuple[str, str | None]:
+    """The architecture a tower builder needs (``cfg.model``) and its weights (None when built from scratch)."""
+    if not cfg.model:
+        raise ConfigError(f"{cfg.kind} tower {cfg.tower} needs 'model' ({example})")
+    return cfg.model, cfg.pretrained if cfg.init == "pretrained" else None
+
+
+def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Module:
+    """An open_clip model by architecture name; ``pretrained`` is a tag (network) or a local checkpoint file."""
+    import open_clip
+
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
 # --------------------------------------------------------------------------------------------------- adapter
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 
 
-def tower_blocks(tower: nn.Module) -> nn.ModuleList | None:
-    """The tower's sequence of blocks (transformer layers, CNN stages): its longest ``nn.ModuleList``/Sequential."""
-    if hasattr(tower, "blocks") and isinstance(tower.blocks, (nn.ModuleList, nn.Sequential)):
+def tower_blocks(tower: nn.Module) -> nn.Module | None:
+    """The tower's stack of blocks (transformer layers, CNN stages).
+
+    A tower may name it ``blocks``; otherwise it is the ``ModuleList``/``Sequential`` of two or more children of one
+    type (so an MLP's Linear-GELU-Linear never qualifies) holding the most parameters.
+    """
+    if isinstance(getattr(tower, "blocks", None), (nn.ModuleList, nn.Sequential)):
         return tower.blocks
-    best = None
+    best, best_size = None, 0
     for module in tower.modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > (len(best) if best is not None else 1):
-            best = module
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
+            if len({type(child) for child in module}) == 1:
+                size = sum(p.numel() for p in module.parameters())
+                if size > best_size:
+                    best, best_size = module, size
     return best
 
 
@@ -113,6 +169,11 @@ def lock_tower(tower: nn.Module, unlocked_layers: int = 0, unlock_norms: bool = 
     """LiT locking: freeze every parameter, then unfreeze the last ``unlocked_layers`` blocks and/or all norms."""
     for p in tower.parameters():
         p.requires_grad_(False)
+    unlock(tower, unlocked_layers, unlock_norms)
+
+
+def unlock(tower: nn.Module, unlocked_layers: int = 0, unlock_norms: bool = False) -> None:
+    """Make the last ``unlocked_layers`` blocks and/or all normalisation layers trainable."""
     if unlocked_layers > 0:
         blocks = tower_blocks(tower)
         if blocks is None:
@@ -125,6 +186,54 @@ def lock_tower(tower: nn.Module, unlocked_layers: int = 0, unlock_norms: bool = 
             if isinstance(module, NORM_TYPES):
                 for p in module.parameters():
                     p.requires_grad_(True)
+
+
+def default_lora_targets(tower: nn.Module) -> list[str]:
+    """Attention and MLP of every block: the block stack's ``nn.Linear`` layers and ``nn.MultiheadAttention``
+    modules (peft adapts an MHA's in- and out-projections itself; its ``out_proj`` is never called directly)."""
+    blocks = tower_blocks(tower)
+    if blocks is None:
+        raise ConfigError(f"LoRA: {type(tower).__name__} has no block list; name lora.target_modules")
+    prefix = next(name for name, module in tower.named_modules() if module is blocks)
+    inside_mha = {f"{name}.out_proj" for name, m in blocks.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    targets = [
+        f"{prefix}.{name}" for name, m in blocks.named_modules()
+        if isinstance(m, nn.MultiheadAttention) or (isinstance(m, nn.Linear) and name not in inside_mha)
+    ]
+    if not targets:
+        raise ConfigError(f"LoRA: no linear or attention layers in the blocks of {type(tower).__name__}; "
+                          f"name lora.target_modules")
+    return targets
+
+
+def add_lora(tower: nn.Module, spec: LoraConfig) -> nn.Module:
+    """Wrap ``tower`` in a peft ``LoraModel``: its own weights frozen, only the low-rank adapters trainable.
+
+    ``merge_lora`` folds the adapters back into the weights (exactly the same function, plain modules again).
+    """
+    import peft
+
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                             target_modules=spec.target_modules or default_lora_targets(tower))
+    try:
+        return peft.LoraModel(tower, config, "default")
+    except ValueError as e:
+        raise ConfigError(f"LoRA on {type(tower).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def merge_lora(tower: nn.Module) -> nn.Module:
+    """The tower with its LoRA adapters merged into the weights (peft ``merge_and_unload``); others unchanged."""
+    import peft
+
+    return tower.merge_and_unload() if isinstance(tower, peft.LoraModel) else tower
+
+
+def pool_windows(features: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """Mean of the feature rows that belong to the same item (``owner[i]`` = item of row i, items 0..n-1)."""
+    n = int(owner.max()) + 1
+    sums = features.new_zeros(n, features.shape[1]).index_add_(0, owner, features)
+    counts = torch.bincount(owner, minlength=n).clamp(min=1).to(features.dtype)
+    return sums / counts[:, None]
 
 
 def build_projection(kind: str, in_dim: int, out_dim: int, hidden: int | None = None) -> nn.Module:
@@ -165,18 +274,61 @@ def frozen_tower_fingerprint(cfg: ModalityConfig, tower: nn.Module) -> str:
     return h.hexdigest()
 
 
-class ModalityAdapter(nn.Module):
-    """Tower + projection head -> L2-normalised embeddings in the shared space."""
+def _check_token_tower(tower: nn.Module, modality: Modality, coca: dict) -> None:
+    """Can this tower be the context of a caption decoder with these settings? Else a ConfigError saying why."""
+    where = f"modality {modality.name!r}"
+    if getattr(tower, "token_dim", None) is None:
+        raise ConfigError(f"{where}: its {modality.cfg.tower} tower gives no token sequence (forward_tokens), "
+                          f"so it cannot be the context of a caption decoder")
+    if modality.cfg.cache_frozen:
+        raise ConfigError(f"{where}: cache_frozen caches pooled features, but captioning reads the tower's "
+                          f"tokens; turn it off")
+    if coca["n_queries"] == 0:
+        if not hasattr(tower, "forward_pooled_tokens"):
+            raise ConfigError(f"{where}: model.caption.n_queries 0 uses the tower's own pooling, which its "
+                              f"{modality.cfg.tower} tower lacks (forward_pooled_tokens); set n_queries >= 1")
+        if tower.token_dim != coca["context_dim"]:
+            raise ConfigError(f"{where}: model.caption.n_queries 0 passes the tower's {tower.token_dim}-wide "
+                              f"tokens to a decoder that reads {coca['context_dim']}-wide context; set n_queries >= 1")
 
-    def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000):
+
+class ModalityAdapter(nn.Module):
+    """Tower + projection head -> L2-normalised embeddings in the shared space.
+
+    An input dict may carry ``window_owner`` (several windows of one long item, e.g. a long caption): the tower
+    encodes every window and the item's feature is the mean over its windows.
+
+    With ``coca`` (``{"context_dim", "n_queries", "n_heads"}``) the head is instead a ``CocaHead`` on the tower's
+    tokens: its one-query pooler gives the embedding and its ``n_queries`` pooler the context a caption decoder
+    reads (``embed_with_context``). With ``n_queries`` 0 the tower pools itself: the embedding is its pooled output
+    through the projection, the context its tokens as they are (``forward_pooled_tokens``, one pass).
+    """
+
+    def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000, coca: dict | None = None):
         super().__init__()
         cfg = modality.cfg
         self.modality_cfg = cfg
-        self.tower = modality.build_tower()
-        self.proj = build_projection(cfg.proj, self.tower.out_dim, embed_dim, cfg.proj_hidden)
-        self.fully_locked = cfg.lock and cfg.unlocked_layers == 0 and not cfg.unlock_norms
-        if cfg.lock:
-            lock_tower(self.tower, cfg.unlocked_layers, cfg.unlock_norms)
+        tower = modality.build_tower()
+        modality.adopt_tower_defaults(tower)
+        self.proj, self.coca_head = None, None
+        if coca is not None:
+            _check_token_tower(tower, modality, coca)
+        if coca is None or coca["n_queries"] == 0:
+            self.proj = build_projection(cfg.proj, tower.out_dim, embed_dim, cfg.proj_hidden)
+        else:
+            from ..heads import CocaHead
+
+            try:
+                self.coca_head = CocaHead(tower.token_dim, embed_dim, **coca)
+            except AssertionError as e:  # nn.MultiheadAttention: embed_dim must be divisible by num_heads
+                raise ConfigError(f"model.caption: {e} (heads must divide the decoder width)") from None
+        self.fully_locked = cfg.lock and cfg.lora is None and cfg.unlocked_layers == 0 and not cfg.unlock_norms
+        if cfg.lora is not None:
+            tower = add_lora(tower, cfg.lora)
+            unlock(tower, cfg.unlocked_layers, cfg.unlock_norms)
+        elif cfg.lock:
+            lock_tower(tower, cfg.unlocked_layers, cfg.unlock_norms)
+        self.tower = tower
         self.cache_frozen = cfg.cache_frozen and self.fully_locked
         self._cache: OrderedDict[bytes, torch.Tensor] | None = None  # chosen at first use, once weights are loaded
         self._cache_size = cache_size
@@ -188,12 +340,23 @@ class ModalityAdapter(nn.Module):
         return self
 
     def tower_features(self, inputs: Any) -> torch.Tensor:
+        owner = inputs.get("window_owner") if isinstance(inputs, dict) else None
+        if owner is not None:
+            inputs = {k: v for k, v in inputs.items() if k != "window_owner"}
         if not self.fully_locked:
-            return self.tower(inputs)
+            features = self.tower(inputs)
+        else:
+            with torch.no_grad():
+                features = self._cached_features(inputs) if self.cache_frozen else self.tower(inputs)
+        return features if owner is None else pool_windows(features, owner)
+
+    def tower_tokens(self, inputs: Any, pooled: bool = False) -> tuple:
+        """``tower.forward_tokens`` (or ``forward_pooled_tokens``), without gradient for a locked tower."""
+        fn = self.tower.forward_pooled_tokens if pooled else self.tower.forward_tokens
+        if not self.fully_locked:
+            return fn(inputs)
         with torch.no_grad():
-            if not self.cache_frozen:
-                return self.tower(inputs)
-            return self._cached_features(inputs)
+            return fn(inputs)
 
     def _cached_features(self, inputs: Any) -> torch.Tensor:
         """Features per distinct input, cached; the cache is shared by every adapter of this process whose frozen
@@ -216,6 +379,23 @@ class ModalityAdapter(nn.Module):
 
     def forward(self, inputs: Any, return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Normalised embeddings; with ``return_features`` also the tower's output before projection (same pass)."""
+        if self.coca_head is not None:
+            if return_features:
+                raise ConfigError("a tower read through a CoCa head gives tokens, not pooled features to return")
+            return F.normalize(self.coca_head.embed(*self.tower_tokens(inputs)), dim=-1)
         features = self.tower_features(inputs)
         embeddings = F.normalize(self.proj(features), dim=-1)
         return (embeddings, features) if return_features else embeddings
+
+    def embed_with_context(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised embedding B x D, caption context B x N x context_dim) from one pass of the tower."""
+        if self.coca_head is None:  # the tower pools itself
+            pooled, tokens, _ = self.tower_tokens(inputs, pooled=True)
+            return F.normalize(self.proj(pooled), dim=-1), tokens
+        out = self.coca_head(*self.tower_tokens(inputs))
+        return F.normalize(out["embedding"], dim=-1), out["context"]
+
+    def caption(self, inputs: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption decoder towers: (normalised text embedding B x D, logits B x T x V) in one pass."""
+        features, logits = self.tower.caption(inputs, context)
+        return F.normalize(self.proj(features), dim=-1), logits
