@@ -61,11 +61,22 @@ def register_modality_config(kind: str, cls: type[ModalityConfig]) -> None:
 
 
 @dataclass
+class TemperatureScheduleConfig:
+    """Temperature tau (s = 1/tau) from ``tau_start`` to ``tau_end`` over ``steps`` (default: train.steps)."""
+
+    tau_start: float = 0.07
+    tau_end: float = 0.01
+    kind: str = "cosine"  # "cosine" | "linear" | "exponential" | "constant"
+    steps: Optional[int] = None
+
+
+@dataclass
 class LogitScaleConfig:
     init: Optional[float] = None  # multiplier s; default 1/0.07 (CLIP) or 10 (SigLIP)
-    learnable: bool = True
+    learnable: bool = True  # false: s stays fixed at init
     max: float = 100.0
     bias_init: Optional[float] = None  # SigLIP bias; default -10 when the loss needs a bias
+    schedule: Optional[TemperatureScheduleConfig] = None  # when set, s follows it (not learned, whatever learnable says)
 
 
 @dataclass
@@ -142,6 +153,14 @@ class RetrievalConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Embedding-space diagnostics written at the end of every run (gap, alignment, uniformity, PCA plot)."""
+
+    data: Optional[str] = None  # default: eval.retrieval.data, else eval.zeroshot.data, else data.train
+    max_samples: int = 500
+
+
+@dataclass
 class GenerationConfig:
     """How captions are decoded (``mmalign.heads.generation.generate``)."""
 
@@ -170,6 +189,7 @@ class EvalConfig:
     report_examples: int = 6  # retrieval queries shown in report.html with their top items
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
 
 
@@ -349,6 +369,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
         (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
         (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),
+        (cfg.eval.diagnostics.max_samples >= 2, "eval.diagnostics.max_samples must be >= 2"),
     ]
     for ok, message in checks:
         if not ok:

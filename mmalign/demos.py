@@ -1,18 +1,25 @@
-"""``mmalign demo NAME``: build a demo data set from offline sources, train its recipe, evaluate, report."""
+"""``mmalign demo NAME``: build a demo data set from offline sources, train its recipe, evaluate, report.
+
+A demo listed in ``COMPARISONS`` trains its recipe once per variant (a few recipe overrides) and seed, on the same
+data, and reports the mean and standard deviation over seeds of each variant's headline numbers.
+"""
 from __future__ import annotations
 
 import importlib
 import logging
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_config
 from .errors import ConfigError, closest
+from .io import write_json
 
 log = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-# How a builder's paths fill a recipe: every single-run demo builds train/test shards, classes and templates.
+# How a builder's paths fill a recipe: every demo builds train/test shards, classes and templates.
 ZEROSHOT_AND_RETRIEVAL = {
     "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
     "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
@@ -26,6 +33,32 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
     "coca": ("data_tools.digits", "coca.yaml", {
         **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
     }),
+    "cwcl": ("data_tools.emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Variants of a demo's recipe (name -> overrides; [] is the recipe as is), each trained with every seed.
+
+    ``findings``: a markdown file in ``recipes/`` about what the comparison shows, written to the run directory as
+    ``findings.md`` with ``{<variant>_<metric>_mean}``-style fields filled from the summary.
+    """
+
+    variants: dict[str, list[str]]
+    metrics: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    findings: str | None = None
+
+
+COMPARISONS: dict[str, Comparison] = {
+    "cwcl": Comparison(
+        {"clip": ["loss.name=clip", "loss.kwargs={}"], "cwcl": []},
+        metrics=("zeroshot_top1", "zeroshot_top5", "retrieval_i2t_R@1", "retrieval_t2i_R@1",
+                 "modality_gap_image_text", "alignment_image_text", "uniformity_image", "final_loss",
+                 "final_logit_scale", "final_cwcl_positive_mass"),
+        findings="cwcl.findings.md",
+    ),
 }
 
 
@@ -36,11 +69,69 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
     log.info("building demo data for %r in %s", name, workdir / "demo_data" / name)
     paths = importlib.import_module(module).build(workdir / "demo_data" / name)
     sets = [f"{key}={paths[source]}" for key, source in fill.items()]
-    sets.append(f"run_dir={workdir / f'demo-{name}'}")
-    cfg = load_config(RECIPES / recipe, sets + list(overrides or []))
+    run_dir = workdir / f"demo-{name}"
+    if name in COMPARISONS:
+        return run_comparison(COMPARISONS[name], RECIPES / recipe, sets, run_dir, list(overrides or []))
+    cfg = load_config(RECIPES / recipe, [*sets, f"run_dir={run_dir}", *(overrides or [])])
     from .train import train
 
     result = train(cfg)
     result["report"] = str(Path(cfg.run_dir) / "report.md")
     result["report_html"] = str(Path(cfg.run_dir) / "report.html")
     return result
+
+
+def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_dir: Path,
+                   overrides: list[str]) -> dict:
+    """Train every variant with every seed (runs in ``run_dir/<variant>-seed<k>``); the summary goes to
+    ``run_dir/results.json`` and ``run_dir/report.md``. ``overrides`` apply to every run, after the variant's."""
+    from .train import train
+
+    runs: dict[str, list[dict]] = {v: [] for v in comparison.variants}
+    for seed in comparison.seeds:
+        for variant, variant_sets in comparison.variants.items():
+            log.info("comparison %s: %s, seed %d", run_dir.name, variant, seed)
+            cfg = load_config(recipe, [*sets, *variant_sets, f"seed={seed}",
+                                       f"run_dir={run_dir / f'{variant}-seed{seed}'}", *overrides])
+            runs[variant].append(train(cfg))
+    result: dict = summarise(runs, comparison.metrics)
+    result.update({"seeds": len(comparison.seeds), "run_dir": str(run_dir), "report": str(run_dir / "report.md")})
+    write_json(run_dir / "results.json", result)
+    write_comparison_report(run_dir, runs, comparison.metrics)
+    if comparison.findings:
+        template = (recipe.parent / comparison.findings).read_text()
+        (run_dir / "findings.md").write_text(template.format_map(result))
+    return result
+
+
+def summarise(runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> dict[str, float]:
+    """``<variant>_<metric>_mean`` and ``_std`` (sample standard deviation over seeds) of every reported metric."""
+    out = {}
+    for variant, results in runs.items():
+        for metric in metrics:
+            values = [r[metric] for r in results if metric in r]
+            if values:
+                out[f"{variant}_{metric}_mean"] = statistics.fmean(values)
+                out[f"{variant}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def write_comparison_report(run_dir: Path, runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> Path:
+    """Markdown: mean +- std per variant and metric, the per-seed values, and links to every run's report."""
+    variants = list(runs)
+    lines = [f"# Comparison: {', '.join(variants)} ({len(next(iter(runs.values())))} seeds each)", "",
+             "| metric | " + " | ".join(f"{v} (mean ± std)" for v in variants) + " | per seed |",
+             "|---|" + "---|" * (len(variants) + 1)]
+    for metric in metrics:
+        cells, seeds = [], []
+        for v in variants:
+            values = [r[metric] for r in runs[v] if metric in r]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}" if values else "-")
+            seeds.append(f"{v}: " + ", ".join(f"{x:.3f}" for x in values))
+        lines.append(f"| {metric} | " + " | ".join(cells) + " | " + "; ".join(seeds) + " |")
+    lines += ["", "Runs: " + ", ".join(f"[{Path(r['run_dir']).name}]({Path(r['run_dir']).name}/report.md)"
+                                       for v in variants for r in runs[v])]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

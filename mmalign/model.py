@@ -10,7 +10,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -46,7 +46,8 @@ class AlignmentModel(nn.Module):
         self.adapters = nn.ModuleDict(build_adapters(config, self.modalities))
         ls = config.logit_scale
         init = ls.init if ls.init is not None else (10.0 if config.logit_bias else 1 / 0.07)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=ls.learnable)
+        learned = ls.learnable and ls.schedule is None  # a scheduled scale comes from the loop (TemperatureSchedule)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learned)
         if config.logit_bias:
             self.logit_bias = nn.Parameter(torch.tensor(ls.bias_init if ls.bias_init is not None else -10.0))
         else:
@@ -68,21 +69,29 @@ class AlignmentModel(nn.Module):
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(self.adapters)}")
         return self.adapters[name](inputs)
 
-    def forward(self, batch: dict[str, Any], loss_inputs: bool = False):
+    def forward(self, batch: dict[str, Any], loss_inputs: bool = False, features: Collection[str] = ()):
         """Normalised embeddings for every modality of the model that the batch carries.
 
         With ``loss_inputs``: ``(embeddings, keyword arguments for the objective)``; for a captioning model whose
         batch carries both the captioned modality and the text, these are the caption logits, labels and pad id
-        (``losses.caption.caption_inputs``), and both embeddings come from the same passes as the logits.
+        (``losses.caption.caption_inputs``), and both embeddings come from the same passes as the logits. The
+        towers of the modalities named in ``features`` also give their outputs before projection, from the same
+        pass, as ``frozen_features`` (e.g. a frozen text tower's features for CWCL's soft targets; a locked tower
+        computes them without gradient, from its cache when enabled).
         """
         cap = self.config.caption
         captioning = loss_inputs and cap is not None and cap.context in batch and cap.text in batch
         pair = (cap.context, cap.text) if captioning else ()
+        with_features = [name for name in features if name in batch] if loss_inputs else []
         out = {name: adapter(batch[name]) for name, adapter in self.adapters.items()
-               if name in batch and name not in pair}
+               if name in batch and name not in pair and name not in with_features}
         if not loss_inputs:
             return out
         extras: dict[str, Any] = {}
+        if with_features:
+            extras["frozen_features"] = {}
+            for name in with_features:
+                out[name], extras["frozen_features"][name] = self.adapters[name](batch[name], return_features=True)
         if captioning:
             out[cap.context], context = self.adapters[cap.context].embed_with_context(batch[cap.context])
             text = batch[cap.text]

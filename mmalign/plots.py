@@ -23,7 +23,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]:
     """Loss/scale curves, similarity matrix, retrieval recall@k (the curve in ``extras["_recall_curve"]``, else the
-    headline ks), per-class accuracy and the zero-shot confusion matrix; returns the PNG paths."""
+    headline ks), per-class accuracy, the zero-shot confusion matrix and the PCA of the diagnostic embeddings
+    (``extras["_embeddings"]``); returns the PNG paths."""
     written = []
     rows = _metrics(run_dir)
     if rows:
@@ -59,6 +60,10 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         written.append(_save(fig, run_dir / "per_class_accuracy.png"))
     if "_confusion" in extras:
         written.append(plot_confusion(*extras["_confusion"], run_dir / "confusion_matrix.png"))
+    if "_embeddings" in extras:
+        from .eval.diagnostics import embedding_pca_plot
+
+        written.append(embedding_pca_plot(extras["_embeddings"], run_dir / "embedding_pca.png"))
     write_report(run_dir, results, written, extras.get("_captions"))
     return written
 

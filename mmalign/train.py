@@ -31,7 +31,7 @@ from .distributed import rank, sum_over_ranks, world_size
 from .errors import ConfigError, DataError, MMAlignError
 from .gradcache import gradcache_step
 from .io import atomic_dir, atomic_write_text, crash_point, remove_dir, remove_stale_temps, write_json
-from .losses import LOSSES, build_loss
+from .losses import LOSSES, TemperatureSchedule, build_loss
 from .model import AlignmentModel
 from .modalities.base import NORM_TYPES
 
@@ -65,6 +65,19 @@ def build_model(cfg: Config) -> AlignmentModel:
                           f"model.caption trains a caption decoder: use a loss with a caption term (coca), "
                           f"not {cfg.loss.name!r}")
     return AlignmentModel(cfg.model)
+
+
+def temperature_schedule(cfg: Config, model: AlignmentModel) -> TemperatureSchedule:
+    """Where the loss's logit scale comes from: ``model.logit_scale.schedule`` when set, else the model's scale
+    (learned, or fixed at its init with ``learnable: false``)."""
+    ls = cfg.model.logit_scale
+    if ls.schedule is not None:
+        sch = ls.schedule
+        steps = sch.steps if sch.steps is not None else cfg.train.steps
+        return TemperatureSchedule("scheduled", sch.tau_start, sch.tau_end, steps, sch.kind)
+    if ls.learnable:
+        return TemperatureSchedule("learnable")
+    return TemperatureSchedule("fixed", tau_start=1.0 / model.logit_scale().item())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -234,9 +247,15 @@ def to_device(batch: dict, names: list[str], device: torch.device) -> dict:
 
 
 def gradcache_backward(model: AlignmentModel, loss_fn, inputs: dict, chunk: int, accelerator: Accelerator,
-                       grad_accum: int) -> dict[str, torch.Tensor]:
-    """One micro-batch with gradient caching: encoder memory of ``chunk`` rows, the loss of the whole batch."""
+                       grad_accum: int, logit_scale, features: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """One micro-batch with gradient caching: encoder memory of ``chunk`` rows, the loss of the whole batch.
+
+    ``features``: modalities whose tower features the objective reads (``frozen_features``, e.g. CWCL's), computed
+    once for the whole batch without gradient (a frozen tower with ``cache_frozen`` then encodes each input once).
+    """
     outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), accelerator.autocast():
+        frozen = {name: model.adapters[name].tower_features(inputs[name]).float() for name in features}
 
     def encode(name: str):
         def fn(x):
@@ -245,7 +264,8 @@ def gradcache_backward(model: AlignmentModel, loss_fn, inputs: dict, chunk: int,
         return fn
 
     def loss_on(embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        outputs.update(loss_fn(embeddings, logit_scale=model.logit_scale(), logit_bias=model.logit_bias))
+        outputs.update(loss_fn(embeddings, logit_scale=logit_scale, logit_bias=model.logit_bias,
+                               frozen_features=frozen))
         return outputs["loss"] / grad_accum
 
     gradcache_step({m: encode(m) for m in inputs}, inputs, loss_on, chunk, scaler=accelerator.scaler)
@@ -316,6 +336,12 @@ def train(cfg: Config) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss.name, model.names, **cfg.loss.kwargs)
+    temperature = temperature_schedule(cfg, model)
+    needs_features = tuple(getattr(loss_fn, "needs_features", ()))  # e.g. CWCL: the frozen tower giving the weights
+    for name in needs_features:
+        if not model.adapters[name].fully_locked:
+            log.warning("loss %r uses the %r tower's features, but that tower is not fully locked: they drift as it "
+                        "trains", cfg.loss.name, name)
     if cfg.train.gradcache_chunk and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
                                          for m in model.modules()):
         log.warning("GradCache with BatchNorm: batch statistics are per chunk, so gradients differ from the plain "
@@ -337,8 +363,9 @@ def train(cfg: Config) -> dict[str, Any]:
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
     stream = batch_stream(cfg, urls, model, state, pin_memory=accelerator.device.type == "cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    log.info("training %d of %d parameters on %s x %d process(es)", sum(p.numel() for p in trainable),
-             sum(p.numel() for p in model.parameters()), accelerator.device, accelerator.num_processes)
+    log.info("training %d of %d parameters on %s x %d process(es); logit scale: %s",
+             sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()), accelerator.device,
+             accelerator.num_processes, temperature)
 
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -351,15 +378,17 @@ def train(cfg: Config) -> dict[str, Any]:
             batch = next(stream)
             inputs = to_device(batch, model.names, accelerator.device)
             sync = micro == cfg.train.grad_accum - 1
+            scale = temperature.logit_scale(state.step, learned=model.logit_scale())
             if cfg.train.gradcache_chunk:
                 out = gradcache_backward(model, loss_fn, inputs, cfg.train.gradcache_chunk, accelerator,
-                                         cfg.train.grad_accum)
+                                         cfg.train.grad_accum, scale, needs_features)
             else:
                 with accelerator.no_sync(ddp_model) if not sync else nullcontext():
                     with accelerator.autocast():
-                        embeddings, loss_inputs = ddp_model(inputs, loss_inputs=True)  # + caption logits for CoCa
+                        # + caption logits for CoCa, frozen-tower features for CWCL
+                        embeddings, loss_inputs = ddp_model(inputs, loss_inputs=True, features=needs_features)
                         out = loss_fn({k: v.float() for k, v in embeddings.items()},
-                                      logit_scale=model.logit_scale(), logit_bias=model.logit_bias, **loss_inputs)
+                                      logit_scale=scale, logit_bias=model.logit_bias, **loss_inputs)
                     accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum
@@ -400,7 +429,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             elapsed = time.time() - t0
             totals = mean_over_processes(totals, accelerator)
-            last = {"step": state.step, **totals, "logit_scale": model.logit_scale().item(),
+            last = {"step": state.step, **totals, "logit_scale": float(scale),
                     "lr": scheduler.get_last_lr()[0], "epoch": state.epoch, "samples": state.samples,
                     "skipped": n_skipped(state.skipped), "nonfinite_steps": state.nonfinite_steps,
                     "grad_norm": grad_norm.item(),
@@ -409,7 +438,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 last["logit_bias"] = model.logit_bias.item()
             logger.log(last)
             bar.set_postfix(loss=f"{totals['loss']:.3f}", scale=f"{last['logit_scale']:.1f}")
-            if state.step == cfg.train.log_every and last["logit_scale"] >= cfg.model.logit_scale.max * 0.999:
+            if (temperature.learnable and state.step == cfg.train.log_every
+                    and last["logit_scale"] >= cfg.model.logit_scale.max * 0.999):
                 log.warning("logit scale hit its clamp (%.0f) early: the learning rate may be too high",
                             cfg.model.logit_scale.max)
         if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.steps:
@@ -424,8 +454,8 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     results: dict[str, Any] = {"run_dir": str(run_dir), "steps": state.step}
-    if last:
-        results["final_loss"] = last["loss"]
+    if last:  # the last logged loss outputs (loss, its components, e.g. cwcl_positive_mass) and logit scale
+        results.update({f"final_{k}": last[k] for k in (*totals, "logit_scale")})
     if accelerator.is_main_process:
         if skipped:
             log.warning("skipped while training: %s; examples: %s", skipped["counts"], skipped["examples"])
@@ -439,7 +469,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
     """The recipe's evaluations at the end of training, plus plots, report.md and report.html in the run directory."""
-    from .eval.runner import evaluate_captions, evaluate_retrieval, evaluate_zeroshot, merge_results
+    from .eval.runner import (
+        evaluate_captions, evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot, merge_results,
+    )
     from .plots import plot_run
     from .report import write_html_report
 
@@ -464,6 +496,16 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
             results["caption_skipped"] = skipped
         extras["_captions"] = out.pop("_examples")
         results.update(out)
+    diagnostics_data = cfg.eval.diagnostics.data or rt.data or zs.data
+    if diagnostics_data is None:
+        log.info("no eval data: embedding diagnostics on the first training samples (seen in training)")
+    try:
+        out = evaluate_diagnostics(model, diagnostics_data or cfg.data.train, cfg.eval.batch_size,
+                                   cfg.eval.diagnostics.max_samples)
+        extras["_embeddings"] = out.pop("_embeddings")
+        results.update(out)
+    except DataError as e:  # e.g. eval data without every modality of the model: the run itself stands
+        log.warning("no embedding diagnostics: %s", e)
     plot_run(run_dir, results, extras)
     write_html_report(run_dir, results, extras, model, cfg.eval.report_examples)
     return results

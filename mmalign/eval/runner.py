@@ -18,6 +18,7 @@ from ..io import atomic_write_text
 from ..modalities import Modality
 from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
+from .diagnostics import embedding_diagnostics
 from .embed import embed_shards
 from .retrieval import bidirectional_retrieval
 from .zeroshot import read_lines, read_templates, zeroshot_accuracy, zeroshot_classifier
@@ -123,6 +124,26 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
                          "gallery_embeddings": g, "owners": emb["owners"][gallery], "keys": emb["keys"]}
     out["_similarity"] = (q[:32] @ g[:64].T)
     out["skipped"] = emb["skipped"].get("counts", {})
+    return out
+
+
+def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: int = 500, num_workers: int = 0) -> dict:
+    """Embedding-space diagnostics (modality gap, alignment, uniformity) of the first ``max_samples`` samples of
+    ``data``: one row per sample and modality (the first caption where a sample has several)."""
+    emb = embed_shards(model, data, list(model.modalities), batch_size, num_workers, max_samples)
+    if not emb["keys"]:
+        raise DataError(f"{data}: no sample with all of {', '.join(model.modalities)} for the embedding diagnostics")
+    paired = {}
+    for name, x in emb["embeddings"].items():
+        owners = emb["owners"][name]
+        if owners is not None:
+            first = torch.ones_like(owners, dtype=torch.bool)
+            first[1:] = owners[1:] != owners[:-1]
+            x = x[first]
+        paired[name] = x[:max_samples]
+    out: dict = embedding_diagnostics(paired)
+    out["diagnostics_n"] = next(iter(paired.values())).shape[0]
+    out["_embeddings"] = paired
     return out
 
 

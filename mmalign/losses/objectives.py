@@ -19,10 +19,15 @@ from .registry import register_loss
 
 
 class Objective(nn.Module):
-    """Base class: holds the ordered modality names the objective aligns."""
+    """Base class: holds the ordered modality names the objective aligns.
+
+    ``needs_bias``: the model must carry a learnable logit bias. ``needs_features``: modalities whose tower features
+    (before projection) the training loop passes to forward as ``frozen_features={name: B x D tensor}``.
+    """
 
     min_modalities = 2
     needs_bias = False
+    needs_features: tuple[str, ...] = ()
 
     def __init__(self, modalities: list[str]):
         super().__init__()

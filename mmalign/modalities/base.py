@@ -19,6 +19,8 @@ windows of one item and caches a frozen tower's outputs on request. Nothing here
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig, ModalityConfig, register_modality_config
+from ..config import LoraConfig, ModalityConfig, register_modality_config, to_dict
 from ..errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
@@ -273,6 +275,19 @@ def _row_keys(inputs: Any) -> list[bytes]:
     return [b"".join(f[i].tobytes() for f in flat) for i in range(flat[0].shape[0])]
 
 
+# Frozen-feature caches of this process, one per distinct frozen tower (see ``frozen_tower_fingerprint``).
+_FROZEN_CACHES: dict[str, OrderedDict] = {}
+
+
+def frozen_tower_fingerprint(cfg: ModalityConfig, tower: nn.Module) -> str:
+    """Hash of a tower's modality config and weights: equal fingerprints compute the same features (in eval mode)."""
+    h = hashlib.blake2b(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode(), digest_size=16)
+    for name, t in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _check_token_tower(tower: nn.Module, modality: Modality, coca: dict) -> None:
     """Can this tower be the context of a caption decoder with these settings? Else a ConfigError saying why."""
     where = f"modality {modality.name!r}"
@@ -306,6 +321,7 @@ class ModalityAdapter(nn.Module):
     def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000, coca: dict | None = None):
         super().__init__()
         cfg = modality.cfg
+        self.modality_cfg = cfg
         tower = modality.build_tower()
         modality.adopt_tower_defaults(tower)
         self.proj, self.coca_head = None, None
@@ -328,7 +344,7 @@ class ModalityAdapter(nn.Module):
             lock_tower(tower, cfg.unlocked_layers, cfg.unlock_norms)
         self.tower = tower
         self.cache_frozen = cfg.cache_frozen and self.fully_locked
-        self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[bytes, torch.Tensor] | None = None  # chosen at first use, once weights are loaded
         self._cache_size = cache_size
 
     def train(self, mode: bool = True) -> "ModalityAdapter":
@@ -357,6 +373,12 @@ class ModalityAdapter(nn.Module):
             return fn(inputs)
 
     def _cached_features(self, inputs: Any) -> torch.Tensor:
+        """Features per distinct input, cached; the cache is shared by every adapter of this process whose frozen
+        tower is identical (same config and weights), so repeated runs (seeds, comparisons) encode each input once."""
+        if self._cache is None:
+            device = next(self.tower.parameters()).device
+            key = f"{frozen_tower_fingerprint(self.modality_cfg, self.tower)}:{device}"
+            self._cache = _FROZEN_CACHES.setdefault(key, OrderedDict())
         keys = _row_keys(inputs)
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         if missing:
@@ -364,15 +386,20 @@ class ModalityAdapter(nn.Module):
             first = [keys.index(k) for k in unique]
             feats = self.tower(_rows(inputs, torch.tensor(first)))
             for k, f in zip(unique, feats):
-                self._cache[k] = f.detach()
+                self._cache[k] = f.detach().float()  # one dtype whether or not a run uses autocast
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return torch.stack([self._cache[k] for k in keys])
 
-    def forward(self, inputs: Any) -> torch.Tensor:
+    def forward(self, inputs: Any, return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings; with ``return_features`` also the tower's output before projection (same pass)."""
         if self.coca_head is not None:
+            if return_features:
+                raise ConfigError("a tower read through a CoCa head gives tokens, not pooled features to return")
             return F.normalize(self.coca_head.embed(*self.tower_tokens(inputs)), dim=-1)
-        return F.normalize(self.proj(self.tower_features(inputs)), dim=-1)
+        features = self.tower_features(inputs)
+        embeddings = F.normalize(self.proj(features), dim=-1)
+        return (embeddings, features) if return_features else embeddings
 
     def embed_with_context(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised embedding B x D, caption context B x N x context_dim) from one pass of the tower."""
