@@ -40,6 +40,7 @@ CAPTION_TEMPLATES = [
     "a {pitch}{gender} voice {saying} {word}",
     "{word}, spoken{speed} in {accent} accent",
 ]
+VOICE_FIELDS = ("variant", "accent", "wpm", "pitch")  # stored per clip in voice.json
 ZEROSHOT_TEMPLATES = ["someone saying {}", "the word {} spoken", "a person says {}"]
 
 
@@ -157,7 +158,7 @@ def build(out_dir: Path, train_clips: int = 6000, test_clips: int = 1000, held_o
                 clips = pool.imap(synthesise, jobs, chunksize=32)
                 samples = ({"__key__": job["key"], "audio.flac": clip, "label.txt": job["word"].encode(),
                             "text.json": json.dumps(captions(job, rng, captions_per_clip)).encode(),
-                            "voice.json": json.dumps({k: job[k] for k in ("variant", "accent", "wpm", "pitch")}).encode()}
+                            "voice.json": json.dumps({k: job[k] for k in VOICE_FIELDS}).encode()}
                            for job, clip in zip(jobs, clips))
                 paths[split] = write_samples(samples, out_dir, split, 1000)
         (out_dir / "classes.txt").write_text("\n".join(DIGITS) + "\n")

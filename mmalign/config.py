@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
@@ -69,11 +69,25 @@ class LogitScaleConfig:
 
 
 @dataclass
+class CaptionConfig:
+    """CoCa: the ``text`` modality's tower is a caption decoder (``coca_decoder``) whose cross-attending half reads a
+    context pooled from the ``context`` modality's tower tokens; that modality's embedding comes from the same
+    tokens (attentional poolers of ``heads.CocaHead``). Train with ``loss.name: coca``."""
+
+    context: str = MISSING_REQUIRED  # modality whose tower offers tokens (image, audio, ...): what is captioned
+    text: str = "text"  # text modality whose tower is a caption decoder
+    n_queries: int = 64  # learned queries of the caption pooler = context length the decoder attends to;
+    #                      0: the tower's own tokens and pooled output as they are (open_clip CoCa ViTs)
+    heads: int = 8  # attention heads of both poolers (must divide the decoder width)
+
+
+@dataclass
 class ModelConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     embed_dim: int = 256
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
     logit_bias: bool = False  # set automatically when the loss needs it
+    caption: Optional[CaptionConfig] = None  # CoCa: contrastive + captioning
 
 
 @dataclass
@@ -128,11 +142,35 @@ class RetrievalConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How captions are decoded (``mmalign.heads.generation.generate``)."""
+
+    strategy: str = "greedy"  # "greedy" | "beam" | "sample"
+    num_beams: int = 3
+    max_length: Optional[int] = None  # most tokens generated after BOS; default: the text modality's max_length - 1
+    min_length: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    seed: int = 0  # sampling
+
+
+@dataclass
+class CaptionEvalConfig(GenerationConfig):
+    data: Optional[str] = None  # shards (references from their text, class words from label.txt) or image files
+    out: str = "captions.jsonl"  # relative to the run directory
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
     report_examples: int = 6  # retrieval queries shown in report.html with their top items
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
 
 
 @dataclass
@@ -325,6 +363,37 @@ def validate(cfg: Config, source: str = "config") -> None:
                               f"train.gradcache_chunk (GradCache splits batches by rows, windows add rows)")
         if m.lora is not None and (m.lora.r <= 0 or not 0 <= m.lora.dropout < 1):
             raise ConfigError(f"{source}: model.modalities.{name}.lora needs r > 0 and 0 <= dropout < 1")
+    cap = cfg.model.caption
+    if cap is not None:
+        for key in ("context", "text"):
+            if getattr(cap, key) not in cfg.model.modalities:
+                raise ConfigError(f"{source}: model.caption.{key} {getattr(cap, key)!r} is not one of "
+                                  f"model.modalities ({', '.join(cfg.model.modalities)})")
+        if cap.context == cap.text:
+            raise ConfigError(f"{source}: model.caption.context and model.caption.text must differ")
+        if cap.n_queries < 0 or cap.heads < 1:
+            raise ConfigError(f"{source}: model.caption.n_queries must be >= 0 and model.caption.heads >= 1")
+        if cfg.train.gradcache_chunk:
+            raise ConfigError(f"{source}: model.caption does not combine with train.gradcache_chunk (GradCache "
+                              f"encodes each modality alone; the caption decoder reads both at once)")
+    validate_generation(cfg.eval.caption, lambda key: f"{source}: eval.caption.{key}")
+
+
+def validate_generation(gen: GenerationConfig, name: Callable[[str], str]) -> None:
+    """Check generation options; ``name(field)`` says how the error names a field (recipe key or CLI flag)."""
+    checks = [
+        (gen.strategy in ("greedy", "beam", "sample"), "strategy", "must be greedy, beam or sample"),
+        (gen.num_beams >= 1, "num_beams", "must be >= 1"),
+        (gen.max_length is None or gen.max_length >= 1, "max_length", "must be >= 1"),
+        (gen.min_length >= 0, "min_length", "must be >= 0"),
+        (gen.top_k >= 0, "top_k", "must be >= 0"),
+        (0 < gen.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (gen.temperature > 0, "temperature", "must be > 0"),
+        (gen.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+    ]
+    for ok, key, rule in checks:
+        if not ok:
+            raise ConfigError(f"{name(key)} {rule}")
 
 
 def _number(x: Any) -> bool:

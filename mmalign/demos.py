@@ -23,6 +23,9 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
     "lit": ("data_tools.digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
     "clap": ("data_tools.spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
     "ecg": ("data_tools.ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "coca": ("data_tools.digits", "coca.yaml", {
+        **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
+    }),
 }
 
 

@@ -54,6 +54,9 @@ def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
     """Write ``model`` (an ``AlignmentModel``; its LoRA adapters get merged in place) to ``out`` as ``fmt``."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
+    if model.config.caption is not None:
+        raise ConfigError("export: captioning (CoCa) models have no hf/open_clip export; use the saved model "
+                          "folder itself (AlignmentModel.from_pretrained, mmalign caption --model)")
     model.merge_lora().eval()
     with atomic_dir(out) as tmp:
         info = FORMATS[fmt](model, tmp)

@@ -59,7 +59,7 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         written.append(_save(fig, run_dir / "per_class_accuracy.png"))
     if "_confusion" in extras:
         written.append(plot_confusion(*extras["_confusion"], run_dir / "confusion_matrix.png"))
-    write_report(run_dir, results, written)
+    write_report(run_dir, results, written, extras.get("_captions"))
     return written
 
 
@@ -102,7 +102,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: Path, results: dict, images: list[Path]) -> Path:
+def write_report(run_dir: Path, results: dict, images: list[Path], captions: list[dict] | None = None) -> Path:
+    """``report.md``: the headline numbers, example generated captions (if any), the plots."""
     lines = [f"# Run report: {run_dir}", "", "| metric | value |", "|---|---|"]
     for k, v in flat_results(results).items():
         if isinstance(v, float):
@@ -110,6 +111,10 @@ def write_report(run_dir: Path, results: dict, images: list[Path]) -> Path:
         elif isinstance(v, (int, str)):
             lines.append(f"| {k} | {v} |")
     lines.append("")
+    if captions:
+        lines += ["## Generated captions", "", "| key | caption | a reference |", "|---|---|---|"]
+        lines += [f"| {c['key']} | {c['caption']} | {(c.get('references') or [''])[0]} |" for c in captions]
+        lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in images]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -59,6 +59,11 @@ def build_model(cfg: Config) -> AlignmentModel:
     loss_cls = LOSSES.get(cfg.loss.name)
     if loss_cls is not None and getattr(loss_cls, "needs_bias", False):
         cfg.model.logit_bias = True
+    if loss_cls is not None and getattr(loss_cls, "needs_captions", False) != (cfg.model.caption is not None):
+        raise ConfigError(f"loss {cfg.loss.name!r} needs model.caption (a caption decoder)"
+                          if cfg.model.caption is None else
+                          f"model.caption trains a caption decoder: use a loss with a caption term (coca), "
+                          f"not {cfg.loss.name!r}")
     return AlignmentModel(cfg.model)
 
 
@@ -352,9 +357,9 @@ def train(cfg: Config) -> dict[str, Any]:
             else:
                 with accelerator.no_sync(ddp_model) if not sync else nullcontext():
                     with accelerator.autocast():
-                        embeddings = ddp_model(inputs)
+                        embeddings, loss_inputs = ddp_model(inputs, loss_inputs=True)  # + caption logits for CoCa
                         out = loss_fn({k: v.float() for k, v in embeddings.items()},
-                                      logit_scale=model.logit_scale(), logit_bias=model.logit_bias)
+                                      logit_scale=model.logit_scale(), logit_bias=model.logit_bias, **loss_inputs)
                     accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum
@@ -434,13 +439,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
     """The recipe's evaluations at the end of training, plus plots, report.md and report.html in the run directory."""
-    from .eval.runner import evaluate_retrieval, evaluate_zeroshot, merge_results
+    from .eval.runner import evaluate_captions, evaluate_retrieval, evaluate_zeroshot, merge_results
     from .plots import plot_run
     from .report import write_html_report
 
     results: dict[str, Any] = {}
     extras: dict[str, Any] = {}
-    zs, rt = cfg.eval.zeroshot, cfg.eval.retrieval
+    zs, rt, cap = cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.caption
     if zs.data and zs.classes:
         out = evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text, cfg.eval.batch_size)
         if skipped := out.pop("skipped"):
@@ -453,6 +458,12 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
             results["retrieval_skipped"] = skipped
         extras.update({k: v for k, v in out.items() if k.startswith("_")})
         merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
+    if cap.data:
+        out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
+        if skipped := out.pop("skipped"):
+            results["caption_skipped"] = skipped
+        extras["_captions"] = out.pop("_examples")
+        results.update(out)
     plot_run(run_dir, results, extras)
     write_html_report(run_dir, results, extras, model, cfg.eval.report_examples)
     return results

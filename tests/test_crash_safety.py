@@ -84,7 +84,8 @@ def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, sha
 
     resumed = train(cfg)  # from 6: replays the first 2 batches of the second epoch
     assert names(run) == ["step_00000006", "step_00000008"]  # keep_last: 2
-    a, b = load_file(tmp_path / "straight" / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors")
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(run / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -3,6 +3,7 @@ import copy
 import json
 import logging
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from conftest import shape_png, shape_sample, tiny_recipe, write_shard
 from mmalign.config import load_config
-from mmalign.data import counted_batches, expand_urls, iterate_batches, pass_items
+from mmalign.data import SKIP_REASONS, counted_batches, expand_urls, iterate_batches, pass_items
 from mmalign.errors import DataError
 from mmalign.modalities import build_modality
 from mmalign.modalities.image import ImageConfig
@@ -65,6 +66,7 @@ def test_one_pass_counts_every_fault_exactly(bad_shards, modalities, workers, ca
                 for k in b["__key__"]]
     assert sorted(keys) == bad_shards["good"]  # every good sample once, including those before the cut
     assert skips["counts"] == {**PER_PASS, "unreadable shard": 1}
+    assert {re.sub("image|text", "{name}", reason) for reason in skips["counts"]} == set(SKIP_REASONS)  # documented
     corrupt = skips["examples"]["corrupt shard"]
     assert any("d-zero.tar: ReadError: empty file" in e for e in corrupt)
     assert any("b-cut.tar: ReadError" in e and "after 16 sample(s)" in e for e in corrupt), corrupt

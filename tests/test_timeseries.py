@@ -17,7 +17,7 @@ from mmalign.data.pipeline import seeded
 from mmalign.errors import ConfigError, DataError
 from mmalign.losses import clip_loss
 from mmalign.modalities import ModalityAdapter
-from mmalign.modalities.timeseries import TimeseriesConfig, TimeseriesModality, make_signal
+from mmalign.modalities.timeseries import TimeseriesConfig, TimeseriesModality, make_signal, read_signal_file
 
 LEADS12 = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 CLASSES = {"slow": 50, "medium": 80, "fast": 130}
@@ -99,6 +99,17 @@ def test_wfdb_npy_csv_round_trip_through_shards(signal_corpus):
     assert np.allclose(from_csv.data, beats(CLASSES["slow"], leads=2, seed=0), atol=1e-6)
     from_npy = m.decode_member(samples["000000002"], "ecg.npy")  # s1.npy with its sidecar json
     assert from_npy.leads == ("II", "I") and np.array_equal(from_npy.data, np.load(signal_corpus["root"] / "s1.npy"))
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "bad.hea").write_text("not a header\n")
+    (tmp_path / "norate.csv").write_text("I,II\n1,2\n3,4\n")
+    np.save(tmp_path / "cube.npy", np.ones((2, 2, 2)))
+    for name, message in [("bad.hea", "cannot read WFDB record"), ("norate.csv", "no sampling rate"),
+                          ("cube.npy", "expected channels x time")]:
+        with pytest.raises(DataError, match=message) as err:
+            read_signal_file(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
 
 
 def test_leads_are_selected_and_reordered_by_name():

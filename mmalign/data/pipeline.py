@@ -114,6 +114,15 @@ def merge_skips(total: dict, new: dict | None) -> None:
         examples[reason] = (examples.get(reason, []) + ex)[:3]
 
 
+def report_skips(total: dict, new: dict | None) -> None:
+    """``merge_skips``, logging the first skip of each reason with its example (bad data never goes unnoticed)."""
+    if not new or not new.get("counts"):
+        return
+    for reason in new["counts"].keys() - total.get("counts", {}).keys():
+        log.warning("skipping data: %s, e.g. %s", reason, new["examples"][reason][0])
+    merge_skips(total, new)
+
+
 def describe_error(exn: BaseException) -> str:
     """``Type: message`` without the stream objects and urls webdataset appends to an exception's args."""
     message = exn.strerror if isinstance(exn, OSError) and exn.strerror else (exn.args[0] if exn.args else "")
@@ -319,9 +328,8 @@ def make_dataset(
     shard_level_split = not train or len(urls) >= world_size()
     if resampled:
         per_worker = math.ceil(len(urls) / (world_size() * max(1, workers)))
-        # webdataset mixes the rank and worker into this seed (deterministic=True)
-        stages: list = [wds.ResampledShards(urls, nshards=per_worker, seed=zlib.crc32(f"shards:{seed}:{epoch}".encode()),
-                                            deterministic=True)]
+        shard_seed = zlib.crc32(f"shards:{seed}:{epoch}".encode())  # webdataset adds the rank and worker to it
+        stages: list = [wds.ResampledShards(urls, nshards=per_worker, seed=shard_seed, deterministic=True)]
     else:
         order = list(urls)
         if train:
@@ -375,11 +383,8 @@ def counted_batches(items: Iterable[dict], skips: dict, replay: int = 0) -> Iter
     for item in items:
         is_batch = not item.get("_empty")
         produced += is_batch
-        if counting and item.get("_skipped", {}).get("counts"):
-            new = item["_skipped"]
-            for reason in new["counts"].keys() - skips.get("counts", {}).keys():
-                log.warning("skipping data: %s, e.g. %s", reason, new["examples"][reason][0])
-            merge_skips(skips, new)
+        if counting:
+            report_skips(skips, item.get("_skipped"))
         elif is_batch and produced == replay + 1:
             counting = True
         if is_batch and produced > replay:

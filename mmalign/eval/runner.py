@@ -1,11 +1,23 @@
 """Evaluation entry points shared by ``mmalign eval`` and the end of training: shards in, headline numbers out."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
+from ..config import GenerationConfig
+from ..data import expand_urls
+from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
 from ..errors import ConfigError, DataError
+from ..io import atomic_write_text
+from ..modalities import Modality
+from ..modalities.text import TextModality, parse_captions
+from .captioning import caption_exact_match, caption_metrics
 from .embed import embed_shards
 from .retrieval import bidirectional_retrieval
 from .zeroshot import read_lines, read_templates, zeroshot_accuracy, zeroshot_classifier
@@ -112,3 +124,109 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     out["_similarity"] = (q[:32] @ g[:64].T)
     out["skipped"] = emb["skipped"].get("counts", {})
     return out
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def caption_items(data: str, name: str, modality: Modality, text: str,
+                  stats: SkipStats) -> Iterator[tuple[str, Any, list[str] | None, str | None]]:
+    """(key, item ready to collate, reference captions or None, label or None) for each item to caption.
+
+    ``data``: shards (their ``name`` member is captioned; the ``text`` member gives references, ``label.txt`` the
+    class word), or files of the captioned modality: a folder (searched recursively), a glob, paths separated by
+    ``::``. Unusable samples are skipped and counted in ``stats``; a file of another kind is an error.
+    """
+    extensions = (*modality.extensions, *modality.file_extensions)
+    if os.path.isdir(data):
+        paths = sorted(str(f) for f in Path(data).rglob("*") if f.suffix.lower().lstrip(".") in extensions)
+        if not paths:
+            raise DataError(f"{data}: no {'/'.join(extensions)} files to caption")
+    else:
+        paths = expand_urls(data)
+    if all(u.endswith(SHARD_SUFFIXES) for u in paths):
+        samples = ShardReader(stats)({"url": u} for u in paths)
+    else:
+        for path in paths:
+            if Path(path).suffix.lower().lstrip(".") not in extensions:
+                raise DataError(f"{path}: cannot caption a {Path(path).suffix or 'suffix-less'} file "
+                                f"({name} files are {', '.join(extensions)})")
+        samples = ({"__key__": path, "__url__": path, **modality.file_members(Path(path))} for path in paths)
+    for sample in samples:
+        key = sample["__key__"]
+        where = f"{sample.get('__url__', '?')}:{key}"
+        member = find_member(sample, name, modality.extensions)
+        if member is None:
+            stats.add(f"missing {name}", where)
+            continue
+        text_member = find_member(sample, text, TextModality.extensions)
+        try:
+            item = modality.transform(modality.decode_member(sample, member), train=False)
+        except DataError as e:
+            stats.add(f"bad {name}", f"{where}: {member}: {e}")
+            continue
+        try:
+            refs = parse_captions(sample[text_member], text_member.rsplit(".", 1)[-1]) if text_member else None
+        except DataError as e:
+            stats.add(f"bad {text}", f"{where}: {text_member}: {e}")
+            continue
+        try:
+            label = decode_label(sample, where)
+        except SkipSample as e:
+            stats.add(e.reason, e.where)
+            continue
+        yield key, item, refs, label
+
+
+def evaluate_captions(model, data: str, out: str | Path, generation: GenerationConfig | None = None,
+                      batch_size: int = 256) -> dict:
+    """Caption every item of ``data`` (see ``caption_items``) with a CoCa model, write ``out`` as JSONL, score.
+
+    Each JSONL row holds ``key`` and ``caption``, plus ``references`` and ``label`` where the data has them.
+    Returns ``caption_n``, ``captions`` (the path), ``caption_BLEU-1..4`` and ``caption_CIDEr`` over the items
+    with references, and ``caption_exact_match`` (the class word appears in the caption) over those with labels.
+    """
+    cap = model.config.caption
+    if cap is None:
+        raise ConfigError("this model has no caption decoder (model.caption is not set)")
+    gen = generation or GenerationConfig()
+    modality = model.modalities[cap.context]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(gen.seed)
+    model.eval()
+    stats = SkipStats()
+    rows: list[dict[str, Any]] = []
+    batch: list[tuple] = []
+
+    def flush() -> None:
+        inputs = modality.collate([item for item, _ in batch])
+        inputs = inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
+        for (_, row), caption in zip(batch, model.generate_captions(inputs, gen, generator)):
+            rows.append({"key": row["key"], "caption": caption, **{k: v for k, v in row.items() if k != "key"}})
+        batch.clear()
+
+    for key, item, refs, label in tqdm(caption_items(data, cap.context, modality, cap.text, stats),
+                                       desc="caption", unit="item", leave=False):
+        row = {"key": key}
+        row.update({k: v for k, v in (("references", refs), ("label", label)) if v is not None})
+        batch.append((item, row))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not rows:
+        raise DataError(f"{data}: nothing to caption (skipped: {dict(stats.counts)})")
+    out = Path(out)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    result: dict[str, Any] = {"caption_n": len(rows), "captions": str(out)}
+    scored = [r for r in rows if "references" in r]
+    if scored:
+        metrics = caption_metrics([r["caption"] for r in scored], [r["references"] for r in scored])
+        result.update({f"caption_{k}": v for k, v in metrics.items()})
+    labelled = [r for r in rows if "label" in r]
+    if labelled:
+        result["caption_exact_match"] = caption_exact_match([r["caption"] for r in labelled],
+                                                            [r["label"] for r in labelled])
+    result["skipped"] = dict(stats.counts)
+    result["_examples"] = rows[:8]
+    return result

@@ -6,17 +6,21 @@ several evenly spaced windows when evaluating, so a file always embeds the same)
 only). Short clips are zero-padded and carry the fraction of each window that holds signal (``valid``), from which
 the towers build their time masks.
 
-An item is ``{"input": W x <features>, "valid": W}`` with W windows (1 when training). Towers encode each window
-and average the window features (the "fusion of several windows" evaluation of long clips).
+An item is ``{"input": W x <features>, "valid": W}`` with W windows (1 when training). A batch stacks the windows
+as rows, ``{"input": N x <features>, "valid": N}``, plus ``window_owner`` when an item has several: the adapter then
+averages the tower features of an item's windows (the "fusion of several windows" evaluation of long clips).
 
 Features: ``logmel`` (torchaudio ``MelSpectrogram``, log) or ``fbank`` (Kaldi filterbanks,
 ``torchaudio.compliance.kaldi``) for the towers trained from scratch; HF towers use their own feature extractor
 (AST, Whisper, CLAP, wav2vec2/HuBERT/WavLM), loaded from the same hub name or folder as the model.
+
+Towers: ``mel_cnn`` (from scratch), ``hf`` (any of the HF encoders above; from a ``ClapModel`` checkpoint its audio
+half with the audio projection) and ``hf_clip`` (the audio part of an HF dual encoder such as ``ClapModel``, kept in
+the checkpoint's layout so a CLAP pair exports as one ``ClapModel``).
 """
 from __future__ import annotations
 
 import io
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +33,15 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
-from .text import resolve_pretrained
+from .base import Modality, register_modality, register_tower, sinusoidal_positions
+from .hf import HFDualEncoderTower, resolve_pretrained
 
-log = logging.getLogger(__name__)
+AUDIO_RATES = (1_000, 768_000)  # sample rates (Hz) a file may declare
+MAX_RESAMPLE_PHASES = 4_000_000  # largest resampling filter (output x input phases) built for a file's rate
 
 EVAL_CROPS = ("start", "center", "windows")
 OWN_FEATURES = ("logmel", "fbank")
+HF_TOWERS = ("hf", "hf_clip")
 
 
 @dataclass
@@ -134,10 +140,8 @@ def spec_augment(spec: torch.Tensor, freq_axis: int, time_axis: int, cfg: AudioA
     return spec
 
 
-def uniform(bounds, where: str) -> float:
+def uniform(bounds: tuple) -> float:
     lo, hi = (float(b) for b in bounds)
-    if lo > hi:
-        raise ConfigError(f"{where}: range [{lo}, {hi}] is empty")
     return lo + (hi - lo) * torch.rand(()).item()
 
 
@@ -188,9 +192,10 @@ class OwnFeatures:
         if cfg.features == "fbank":
             from torchaudio.compliance import kaldi
 
+            ms = 1000 / self.rate
             feats = kaldi.fbank(window[None] * 32768, num_mel_bins=cfg.n_mels, sample_frequency=self.rate,
-                                frame_length=1000 * cfg.n_fft / self.rate, frame_shift=1000 * cfg.hop_length / self.rate,
-                                low_freq=cfg.f_min, high_freq=cfg.f_max or 0.0, dither=0.0, window_type="hanning").T
+                                frame_length=cfg.n_fft * ms, frame_shift=cfg.hop_length * ms, low_freq=cfg.f_min,
+                                high_freq=cfg.f_max or 0.0, dither=0.0, window_type="hanning").T
         else:
             if self._mel is None:
                 import torchaudio
@@ -269,11 +274,12 @@ class AudioModality(Modality):
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
         if cfg.eval_windows < 1 or (cfg.clip_seconds is not None and cfg.clip_seconds <= 0) or (cfg.channel or 0) < 0:
             raise ConfigError(f"modality {name!r}: eval_windows must be >= 1, clip_seconds > 0 and channel >= 0")
-        if cfg.tower == "hf":
+        if cfg.tower in HF_TOWERS:
             if not cfg.model:
-                raise ConfigError(f"modality {name!r}: audio tower hf needs 'model' (a hub name or local folder)")
+                raise ConfigError(f"modality {name!r}: audio tower {cfg.tower} needs 'model' (a hub name or folder)")
             if cfg.features != "auto":
-                raise ConfigError(f"modality {name!r}: hf towers use their own feature extractor; leave 'features' unset")
+                raise ConfigError(f"modality {name!r}: {cfg.tower} towers use the model's feature extractor; "
+                                  "leave 'features' unset")
             extractor = load_feature_extractor(cfg.model, cfg.trust_remote_code)
             family = hf_family(load_hf_config(cfg.model, cfg.trust_remote_code).model_type)
             if cfg.sample_rate not in (None, extractor.sampling_rate):
@@ -296,6 +302,10 @@ class AudioModality(Modality):
             raise ConfigError(f"modality {name!r}: clip_seconds={cfg.clip_seconds} is longer than the "
                               f"{fixed / self.rate:.2f} s the feature extractor of {cfg.model!r} takes")
         aug = cfg.augment
+        for key in ("gain_db", "noise_snr_db"):
+            bounds = getattr(aug, key)
+            if bounds is not None and (len(bounds) != 2 or float(bounds[0]) > float(bounds[1])):
+                raise ConfigError(f"modality {name!r}: augment.{key} must be [low, high] with low <= high")
         if self.features.axes is None and (aug.freq_masks or aug.time_masks):
             raise ConfigError(f"modality {name!r}: SpecAugment needs spectrogram features; {cfg.model!r} takes "
                               "waveforms (use the model's own mask_time_prob via tower_kwargs)")
@@ -311,12 +321,26 @@ class AudioModality(Modality):
         if peak < self.cfg.silence_threshold:
             raise DataError(f"audio ({ext}) is silent (peak amplitude {peak:.2g} < silence_threshold)")
         if rate != self.rate:
-            if rate not in self._resamplers:
-                import torchaudio
-
-                self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.rate)
-            wave = self._resamplers[rate](wave)
+            wave = self.resampler(rate, ext)(wave)
         return wave
+
+    def resampler(self, rate: int, ext: str) -> nn.Module:
+        """torchaudio's resampler from ``rate`` Hz (a few cached); a rate it cannot handle at a sane cost -> DataError.
+
+        Its filter has (target / g) x (rate / g) phases for g = gcd(rate, target): small for real-world rates, but
+        gigabytes for a co-prime one such as a corrupt header's 44101 Hz.
+        """
+        if rate not in self._resamplers:
+            g = math.gcd(rate, self.rate)
+            if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1] or (rate // g) * (self.rate // g) > MAX_RESAMPLE_PHASES:
+                raise DataError(f"audio ({ext}) at {rate} Hz cannot be resampled to {self.rate} Hz at a sane cost; "
+                                "convert it to a common rate (8000, 16000, 22050, 44100, 48000 Hz, ...)")
+            import torchaudio
+
+            if len(self._resamplers) >= 8:
+                self._resamplers.pop(next(iter(self._resamplers)))
+            self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.rate)
+        return self._resamplers[rate]
 
     def transform(self, wave: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
         n = self.clip_samples
@@ -336,22 +360,28 @@ class AudioModality(Modality):
         return {"input": x, "valid": torch.tensor(valid, dtype=torch.float32)}
 
     def augment_wave(self, wave: torch.Tensor) -> torch.Tensor:
-        aug, where = self.cfg.augment, f"{self.name}.augment"
+        aug = self.cfg.augment
         if aug.shift_s > 0:
             limit = int(aug.shift_s * self.rate)
             wave = time_shift(wave, int(torch.randint(-limit, limit + 1, ()).item()))
-        gain = uniform(aug.gain_db, f"{where}.gain_db")
+        gain = uniform(aug.gain_db)
         if gain:
             wave = wave * 10 ** (gain / 20)
         if aug.noise_snr_db is not None and torch.rand(()).item() < aug.noise_p:
-            wave = add_noise(wave, uniform(aug.noise_snr_db, f"{where}.noise_snr_db"))
+            wave = add_noise(wave, uniform(aug.noise_snr_db))
         return wave
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        return {k: torch.stack([item[k] for item in items]) for k in ("input", "valid")}
+        """Windows as rows; ``window_owner`` (row -> item) when an item has several, for the adapter to average."""
+        batch = {k: torch.cat([item[k] for item in items]) for k in ("input", "valid")}
+        counts = torch.tensor([item["valid"].shape[0] for item in items])
+        if (counts > 1).any():
+            batch["window_owner"] = torch.repeat_interleave(torch.arange(len(items)), counts)
+        return batch
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
-        updates = super().save_assets(tower, directory)  # HF towers: their config (also under LoRA)
+        """HF towers: the model config (the tower's ``save_config``) and the feature extractor."""
+        updates = super().save_assets(tower, directory)
         if updates:
             self.features.extractor.save_pretrained(directory)
         return updates
@@ -360,31 +390,7 @@ class AudioModality(Modality):
 # --------------------------------------------------------------------------------------------- towers
 
 
-class AudioTower(nn.Module):
-    """Base of the audio towers: encodes every window of ``{"input": B x W x ..., "valid": B x W}`` and averages."""
-
-    out_dim: int
-
-    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        x, valid = inputs["input"], inputs["valid"]
-        b, w = valid.shape
-        return self.encode(x.flatten(0, 1), valid.flatten()).view(b, w, -1).mean(1)
-
-
-def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
-    """length x dim sine/cosine position codes (Vaswani et al. 2017)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim, device=device)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-    return out
-
-
-class MelCNN(AudioTower):
+class MelCNN(nn.Module):
     """1-D convolutions over time with mel bins as channels (fast on CPU), optional transformer layers on top;
     masked mean + max pooling over the frames that hold signal. The stem strides by ``stem_stride`` and each
     residual block halves the time resolution."""
@@ -404,16 +410,21 @@ class MelCNN(AudioTower):
                                            norm_first=True)
         self.transformer = (nn.TransformerEncoder(layer, transformer_layers, enable_nested_tensor=False)
                             if transformer_layers else None)
-        self.out_dim = 2 * width
+        self.out_dim, self.token_dim = 2 * width, width
 
-    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        h = self.stem(self.input_norm(x))
+    def forward_tokens(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame features N x T' x width and the mask of frames that hold signal (a CoCa decoder's context)."""
+        h = self.stem(self.input_norm(inputs["input"]))
         for block in self.blocks:
             h = F.avg_pool1d(F.gelu(h + block(h)), 2, ceil_mode=True)
         h = h.transpose(1, 2)  # N x T x C
-        mask = frame_mask(valid, h.shape[1])
+        mask = frame_mask(inputs["valid"], h.shape[1])
         if self.transformer is not None:
             h = self.transformer(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device), src_key_padding_mask=~mask)
+        return h, mask
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        h, mask = self.forward_tokens(inputs)
         peak = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         return torch.cat([masked_mean(h, mask), peak], dim=-1)
 
@@ -423,7 +434,7 @@ def mel_cnn(cfg: AudioConfig) -> nn.Module:
     return MelCNN(cfg.n_mels, **cfg.tower_kwargs)
 
 
-class HFAudioTower(AudioTower):
+class HFAudioTower(nn.Module):
     """A HF audio encoder: AST (pooler output), Whisper encoder (masked mean), CLAP audio tower with its projection
     (``audio_embeds``), or any waveform encoder such as wav2vec2/HuBERT/WavLM (masked mean of the last layer)."""
 
@@ -454,28 +465,58 @@ class HFAudioTower(AudioTower):
             raise ConfigError(f"cannot load HF audio model {name!r}: {str(e).splitlines()[0]}") from None
         self.model = model.get_encoder() if isinstance(model, transformers.WhisperModel) else model
         cfg = model.config
-        self.out_dim = cfg.projection_dim if self.family == "clap" else getattr(cfg, "d_model", None) or cfg.hidden_size
+        width = getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size", None)
+        self.out_dim = cfg.projection_dim if self.family == "clap" else width
+        self.token_dim = None if self.family == "clap" else width  # CLAP's Swin gives no plain token sequence
         # wav2vec2-style models with group-normalised conv features are trained on zero padding without a mask
         self.pass_mask = getattr(cfg, "feat_extract_norm", "layer") == "layer"
 
-    def save_config(self, directory: Path) -> None:
-        self.model.config.save_pretrained(directory)
-
-    def encode(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last hidden states and the mask of frames that hold signal (AST: every patch; not for CLAP)."""
+        x, valid = inputs["input"], inputs["valid"]
         if self.family == "ast":
-            return self.model(input_values=x).pooler_output
-        if self.family == "clap":
-            fusion = bool(self.model.config.enable_fusion)  # the extractor marks a single clip "longer" in fusion mode
-            is_longer = torch.full((x.shape[0], 1), fusion, dtype=torch.bool, device=x.device)
-            return self.model(input_features=x, is_longer=is_longer).audio_embeds
+            return self.model(input_values=x).last_hidden_state, None
         if self.family == "whisper":
             hidden = self.model(input_features=x).last_hidden_state
         else:
             attention = frame_mask(valid, x.shape[-1]).long() if self.pass_mask else None
             hidden = self.model(input_values=x, attention_mask=attention).last_hidden_state
-        return masked_mean(hidden, frame_mask(valid, hidden.shape[1]))
+        return hidden, frame_mask(valid, hidden.shape[1])
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.family == "ast":
+            return self.model(input_values=inputs["input"]).pooler_output
+        if self.family == "clap":
+            x = inputs["input"]
+            return self.model(input_features=x, is_longer=clap_is_longer(self.model.config, x)).audio_embeds
+        return masked_mean(*self.forward_tokens(inputs))
+
+    def save_config(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory)
 
 
 @register_tower(AudioModality, "hf")
 def hf_audio(cfg: AudioConfig) -> nn.Module:
     return HFAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+
+
+def clap_is_longer(audio_config, x: torch.Tensor) -> torch.Tensor:
+    """CLAP's ``is_longer`` flags: the feature extractor marks a single clip "longer" exactly in fusion mode (and
+    clips never exceed its fixed length here, so no clip is longer otherwise)."""
+    return torch.full((x.shape[0], 1), bool(audio_config.enable_fusion), dtype=torch.bool, device=x.device)
+
+
+class ClapDualAudioTower(HFDualEncoderTower):
+    """``hf_clip`` for audio: ``ClapModel.get_audio_features`` on this modality's features."""
+
+    def __init__(self, name: str, from_scratch: bool, trust_remote_code: bool, **kwargs):
+        super().__init__(name, "audio", from_scratch, trust_remote_code, **kwargs)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = inputs["input"]
+        return super().forward({"input_features": x, "is_longer": clap_is_longer(self.sub_config, x)})
+
+
+@register_tower(AudioModality, "hf_clip")
+def hf_clip_audio(cfg: AudioConfig) -> nn.Module:
+    return ClapDualAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)

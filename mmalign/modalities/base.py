@@ -5,15 +5,22 @@ A modality has two halves:
 * ``Modality`` (CPU side, picklable, runs in DataLoader workers): decode bytes from a shard, train/eval
   transforms, collate a list of items into a batch, and (for text) tokenise.
 * A tower (``nn.Module`` with an ``out_dim`` attribute, ``forward(batch) -> B x out_dim``) built by a builder from
-  the modality's tower registry.
+  the modality's tower registry. A tower that can also give its token sequence (spatial positions, patches,
+  frames) sets ``token_dim`` and defines ``forward_tokens(batch) -> (B x N x token_dim, mask B x N or None)``, mask
+  True for real tokens; a CoCa caption head can then sit on that modality. One whose own pooling already makes
+  caption tokens (open_clip's CoCa ViTs) may define ``forward_pooled_tokens(batch) -> (B x out_dim, tokens, mask)``
+  as well, for captioning models that use the tower's tokens as they are (``model.caption.n_queries: 0``).
+  A caption decoder tower (the text side of CoCa) sets ``context_dim`` and defines ``caption(batch, context) ->
+  (B x out_dim features, B x T x V logits)`` and ``step(tokens, context) -> B x V`` next-token logits.
 
-``ModalityAdapter`` wraps a tower with a projection head to the shared dimension, applies LiT-style locking or LoRA,
-pools sliding windows of one item and caches a frozen tower's outputs on request. Nothing here knows which modality
-it serves.
+``ModalityAdapter`` wraps a tower with a projection head to the shared dimension (or, for the captioned modality of
+a CoCa model, with ``heads.CocaHead`` on the tower's tokens), applies LiT-style locking or LoRA, pools sliding
+windows of one item and caches a frozen tower's outputs on request. Nothing here knows which modality it serves.
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -132,6 +139,19 @@ def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Mo
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------- tower helpers
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """length x dim sine/cosine position codes (Vaswani et al. 2017)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim, device=device)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- adapter
@@ -253,19 +273,53 @@ def _row_keys(inputs: Any) -> list[bytes]:
     return [b"".join(f[i].tobytes() for f in flat) for i in range(flat[0].shape[0])]
 
 
+def _check_token_tower(tower: nn.Module, modality: Modality, coca: dict) -> None:
+    """Can this tower be the context of a caption decoder with these settings? Else a ConfigError saying why."""
+    where = f"modality {modality.name!r}"
+    if getattr(tower, "token_dim", None) is None:
+        raise ConfigError(f"{where}: its {modality.cfg.tower} tower gives no token sequence (forward_tokens), "
+                          f"so it cannot be the context of a caption decoder")
+    if modality.cfg.cache_frozen:
+        raise ConfigError(f"{where}: cache_frozen caches pooled features, but captioning reads the tower's "
+                          f"tokens; turn it off")
+    if coca["n_queries"] == 0:
+        if not hasattr(tower, "forward_pooled_tokens"):
+            raise ConfigError(f"{where}: model.caption.n_queries 0 uses the tower's own pooling, which its "
+                              f"{modality.cfg.tower} tower lacks (forward_pooled_tokens); set n_queries >= 1")
+        if tower.token_dim != coca["context_dim"]:
+            raise ConfigError(f"{where}: model.caption.n_queries 0 passes the tower's {tower.token_dim}-wide "
+                              f"tokens to a decoder that reads {coca['context_dim']}-wide context; set n_queries >= 1")
+
+
 class ModalityAdapter(nn.Module):
     """Tower + projection head -> L2-normalised embeddings in the shared space.
 
     An input dict may carry ``window_owner`` (several windows of one long item, e.g. a long caption): the tower
     encodes every window and the item's feature is the mean over its windows.
+
+    With ``coca`` (``{"context_dim", "n_queries", "n_heads"}``) the head is instead a ``CocaHead`` on the tower's
+    tokens: its one-query pooler gives the embedding and its ``n_queries`` pooler the context a caption decoder
+    reads (``embed_with_context``). With ``n_queries`` 0 the tower pools itself: the embedding is its pooled output
+    through the projection, the context its tokens as they are (``forward_pooled_tokens``, one pass).
     """
 
-    def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000):
+    def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000, coca: dict | None = None):
         super().__init__()
         cfg = modality.cfg
         tower = modality.build_tower()
         modality.adopt_tower_defaults(tower)
-        self.proj = build_projection(cfg.proj, tower.out_dim, embed_dim, cfg.proj_hidden)
+        self.proj, self.coca_head = None, None
+        if coca is not None:
+            _check_token_tower(tower, modality, coca)
+        if coca is None or coca["n_queries"] == 0:
+            self.proj = build_projection(cfg.proj, tower.out_dim, embed_dim, cfg.proj_hidden)
+        else:
+            from ..heads import CocaHead
+
+            try:
+                self.coca_head = CocaHead(tower.token_dim, embed_dim, **coca)
+            except AssertionError as e:  # nn.MultiheadAttention: embed_dim must be divisible by num_heads
+                raise ConfigError(f"model.caption: {e} (heads must divide the decoder width)") from None
         self.fully_locked = cfg.lock and cfg.lora is None and cfg.unlocked_layers == 0 and not cfg.unlock_norms
         if cfg.lora is not None:
             tower = add_lora(tower, cfg.lora)
@@ -294,6 +348,14 @@ class ModalityAdapter(nn.Module):
                 features = self._cached_features(inputs) if self.cache_frozen else self.tower(inputs)
         return features if owner is None else pool_windows(features, owner)
 
+    def tower_tokens(self, inputs: Any, pooled: bool = False) -> tuple:
+        """``tower.forward_tokens`` (or ``forward_pooled_tokens``), without gradient for a locked tower."""
+        fn = self.tower.forward_pooled_tokens if pooled else self.tower.forward_tokens
+        if not self.fully_locked:
+            return fn(inputs)
+        with torch.no_grad():
+            return fn(inputs)
+
     def _cached_features(self, inputs: Any) -> torch.Tensor:
         keys = _row_keys(inputs)
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
@@ -308,4 +370,19 @@ class ModalityAdapter(nn.Module):
         return torch.stack([self._cache[k] for k in keys])
 
     def forward(self, inputs: Any) -> torch.Tensor:
+        if self.coca_head is not None:
+            return F.normalize(self.coca_head.embed(*self.tower_tokens(inputs)), dim=-1)
         return F.normalize(self.proj(self.tower_features(inputs)), dim=-1)
+
+    def embed_with_context(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised embedding B x D, caption context B x N x context_dim) from one pass of the tower."""
+        if self.coca_head is None:  # the tower pools itself
+            pooled, tokens, _ = self.tower_tokens(inputs, pooled=True)
+            return F.normalize(self.proj(pooled), dim=-1), tokens
+        out = self.coca_head(*self.tower_tokens(inputs))
+        return F.normalize(out["embedding"], dim=-1), out["context"]
+
+    def caption(self, inputs: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption decoder towers: (normalised text embedding B x D, logits B x T x V) in one pass."""
+        features, logits = self.tower.caption(inputs, context)
+        return F.normalize(self.proj(features), dim=-1), logits

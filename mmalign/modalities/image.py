@@ -97,7 +97,10 @@ def norm_2d(kind: str, channels: int) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """A small conv net for tiny images (digits, glyphs): conv-norm-ReLU stages, then global average pooling."""
+    """A small conv net for tiny images (digits, glyphs): conv-norm-ReLU stages, then global average pooling.
+
+    Its tokens are the last stage's spatial positions (B x H'W' x C, row-major).
+    """
 
     def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3, norm: str = "batch"):
         super().__init__()
@@ -111,10 +114,13 @@ class SmallCNN(nn.Module):
             ))
             c = out
         self.blocks = nn.Sequential(*layers)
-        self.out_dim = c
+        self.out_dim = self.token_dim = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).mean(dim=(2, 3))
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.blocks(x).flatten(2).transpose(1, 2), None
 
 
 @register_tower(ImageModality, "small_cnn")
@@ -123,11 +129,17 @@ def small_cnn(cfg: ImageConfig) -> nn.Module:
 
 
 class OpenClipVisual(nn.Module):
-    """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...)."""
+    """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...).
+
+    open_clip ViTs also give tokens: the patch tokens after the final LayerNorm, or, for a CoCa architecture
+    (``coca_ViT-*``), the outputs of its attentional pooler (the context open_clip's CoCa decoder reads), in the
+    same pass as the pooled output (``forward_pooled_tokens``).
+    """
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
         import open_clip
+        from open_clip.transformer import VisionTransformer
 
         model = create_open_clip(model_name, pretrained, **kwargs)
         self.visual = model.visual
@@ -140,9 +152,21 @@ class OpenClipVisual(nn.Module):
                  "interpolation": "interpolation"}
         self.preprocess = {names[k]: tuple(v) if isinstance(v, list) else v
                            for k, v in pp.items() if k in names and v is not None}
+        self.token_dim = None
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.output_tokens = True
+            self.token_dim = self.visual.ln_post.normalized_shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
+        out = self.visual(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_pooled_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pooled, tokens = self.visual(x)  # only called when token_dim is set (ViTs)
+        return pooled, tokens, None
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.forward_pooled_tokens(x)[1:]
 
 
 @register_tower(ImageModality, "open_clip")
