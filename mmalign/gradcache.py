@@ -161,7 +161,9 @@ def gradcache_step(
             torch.autograd.backward(emb, feature_grads[m][start : offsets[m]])
     log.debug("gradcache: %d chunks over %s", len(jobs), ", ".join(f"{m}={len(c)}" for m, c in chunks.items()))
 
-    outputs = {k: v.detach() for k, v in result.items()} if isinstance(result, Mapping) else {}
+    outputs = {}
+    if isinstance(result, Mapping):
+        outputs = {k: v.detach() if torch.is_tensor(v) else v for k, v in result.items()}
     return GradCacheOutput(
         loss=loss.detach(),
         outputs=outputs,
