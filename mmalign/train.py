@@ -333,6 +333,8 @@ def train(cfg: Config) -> dict[str, Any]:
         for stale in remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints"):
             log.info("removed %s, left by an interrupted write", stale)
     accelerator.wait_for_everyone()
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
     set_seed(cfg.seed)
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss.name, model.names, **cfg.loss.kwargs)
@@ -429,7 +431,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             elapsed = time.time() - t0
             totals = mean_over_processes(totals, accelerator)
-            last = {"step": state.step, **totals, "logit_scale": float(scale),
+            last = {"step": state.step, **totals, "logit_scale": float(torch.as_tensor(scale).detach()),
                     "lr": scheduler.get_last_lr()[0], "epoch": state.epoch, "samples": state.samples,
                     "skipped": n_skipped(state.skipped), "nonfinite_steps": state.nonfinite_steps,
                     "grad_norm": grad_norm.item(),
