@@ -1,4 +1,4 @@
-"""Gradient caching (GradCache, Gao et al. 2021): a contrastive step over a large batch with encoder memory of one chunk.
+"""Gradient caching (GradCache, Gao et al. 2021): a contrastive step on a large batch, encoder memory of one chunk.
 
 The loss needs every embedding of the batch, but the encoders' activations only need to exist one chunk at a time:
 

@@ -259,7 +259,7 @@ def resample(data: np.ndarray, rate: float, target: float) -> np.ndarray:
     if rate == target:
         return data
     if not 1e-3 <= target / rate <= 1e3:
-        raise DataError(f"cannot resample {rate:g} Hz to {target:g} Hz (more than a factor 1000)")
+        raise DataError(f"sampling rate {rate:g} Hz is too far from the tower's {target:g} Hz to resample")
     from scipy.signal import resample_poly
 
     ratio = Fraction(target / rate).limit_denominator(1000)
