@@ -130,7 +130,6 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
-    cpu_threads: Optional[int] = None  # torch threads for CPU math; null: torch's default (one per core)
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 10
@@ -367,7 +366,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
-        (t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads must be >= 1"),
         (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
         (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
         (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),

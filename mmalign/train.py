@@ -337,8 +337,6 @@ def train(cfg: Config) -> dict[str, Any]:
         for stale in remove_stale_temps(run_dir) + remove_stale_temps(run_dir / "checkpoints"):
             log.info("removed %s, left by an interrupted write", stale)
     accelerator.wait_for_everyone()
-    if cfg.train.cpu_threads:
-        torch.set_num_threads(cfg.train.cpu_threads)
     set_seed(cfg.seed)
     model = build_model(cfg)
     loss_fn = build_loss(cfg.loss.name, model.names, **cfg.loss.kwargs)

@@ -46,8 +46,7 @@ def trained(shards, shapes_dataset, tmp_path_factory):
         "model": {"embed_dim": 16, "modalities": {"image": IMAGE, "text": TEXT}, "caption": CAPTION},
         "loss": {"name": "coca"},
         "data": {"train": shards, "batch_size": 8, "shuffle_buffer": 16, "num_workers": 0},
-        "train": {"steps": 6, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 6, "log_every": 2,
-                  "cpu_threads": 1},
+        "train": {"steps": 6, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 6, "log_every": 2},
         "eval": {"batch_size": 16, "zeroshot": data, "retrieval": {"data": shards},
                  "caption": {"data": shards, "max_length": 6}},
     }
@@ -147,8 +146,6 @@ def test_config_errors_are_clear(tmp_path):
         load_config(base={**base, "eval": {"caption": {"strategy": "nucleus"}}})
     with pytest.raises(ConfigError, match="does not combine with train.gradcache_chunk"):
         load_config(base={**base, "model": {**base["model"], "caption": CAPTION}, "train": {"gradcache_chunk": 4}})
-    with pytest.raises(ConfigError, match="train.cpu_threads must be >= 1"):
-        load_config(base={**base, "train": {"cpu_threads": 0}})
 
 
 def test_hf_tokenizer_and_labels_keep_eos(tiny_text_model):
