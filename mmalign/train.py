@@ -429,7 +429,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             elapsed = time.time() - t0
             totals = mean_over_processes(totals, accelerator)
-            last = {"step": state.step, **totals, "logit_scale": float(scale),
+            last = {"step": state.step, **totals, "logit_scale": scale.item(),
                     "lr": scheduler.get_last_lr()[0], "epoch": state.epoch, "samples": state.samples,
                     "skipped": n_skipped(state.skipped), "nonfinite_steps": state.nonfinite_steps,
                     "grad_norm": grad_norm.item(),
