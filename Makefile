@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
 	touch $(STAMP)
 
-# Debian packages the demos synthesise data with (installed only when missing).
+# Debian packages, installed only when missing: espeak-ng (the demos synthesise speech with it), chromium
+# (a test renders the HTML run report headless), emoji glyphs and names (the CWCL demo's images and captions).
+SYSDEPS := espeak-ng chromium
 sysdeps:
-	command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng)
+	@missing=""; for p in $(SYSDEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf -a -f /usr/share/unicode/emoji/emoji-test.txt || \
-		(apt-get update && apt-get install -y fonts-noto-color-emoji unicode-data)
+		(apt-get update -q && apt-get install -y -q fonts-noto-color-emoji unicode-data)
 
 demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)

@@ -258,8 +258,9 @@ def run(device: str, sizes: list[int], quick: bool, in_process: bool, cap_gb: fl
     """All measurements on one device; returns the rows (machine, measurements, max-batch estimates)."""
     machine = _machine(device)
     warm, reps = _reps(0, True) if quick else (2, 5)
-    rate = _run_case({"method": "gemm", "B": 1024 if quick else 4096, "D": D, "reps": reps, "warmup": warm, "chunk": chunk,
-                      "device": device}, in_process, timeout).get("gemm_flops")
+    gemm = {"method": "gemm", "B": 1024 if quick else 4096, "D": D, "reps": reps, "warmup": warm, "chunk": chunk,
+            "device": device}
+    rate = _run_case(gemm, in_process, timeout).get("gemm_flops")
     machine["gemm_gflops"] = rate / 1e9 if rate else None
     rows: list[dict] = []
     for B in sizes:
@@ -329,7 +330,8 @@ def markdown(rows: list[dict], quick: bool) -> str:
                "had been larger before); it includes the feature gradients.")
     out += [f"Peak memory: {mem_how} 3-GEMM floor: 3 x 2B^2D flops at the measured matmul rate "
             f"({_fmt(machine.get('gemm_gflops'), '.0f')} GFLOP/s).", ""]
-    out += ["| B | method | time (s) | time / open_clip | time / 3-GEMM floor | peak memory (MB) | memory / open_clip |",
+    out += ["| B | method | time (s) | time / open_clip | time / 3-GEMM floor | peak memory (MB) "
+            "| memory / open_clip |",
             "|---:|---|---:|---:|---:|---:|---:|"]
     for r in meas:
         if r["status"] == "ok":

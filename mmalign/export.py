@@ -196,8 +196,9 @@ def export_hf_towers(model, out: Path) -> dict:
         elif isinstance(tower, HFTextTower):
             single, pooling = tower.model, tower.pooling
         else:
-            raise ConfigError(f"modality {name!r}: tower {model.config.modalities[name].tower!r} has no transformers "
-                              f"form (export hf needs hf or hf_clip towers; open_clip towers: --format open_clip)")
+            cfg = model.config.modalities[name]
+            raise ConfigError(f"modality {name!r}: export hf writes text towers hf/hf_clip and image towers hf_clip, "
+                              f"not the {cfg.kind} tower {cfg.tower!r} (open_clip towers: --format open_clip)")
         single.save_pretrained(out / name)
         modalities[name] = {"folder": name, "class": type(single).__name__, "pooling": pooling,
                             "head": describe_head(name, head, tensors)}

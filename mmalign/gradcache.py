@@ -1,4 +1,4 @@
-"""Gradient caching (GradCache, Gao et al. 2021): a contrastive step over a large batch with encoder memory of one chunk.
+"""Gradient caching (GradCache, Gao et al. 2021): a contrastive step on a large batch, encoder memory of one chunk.
 
 The loss needs every embedding of the batch, but the encoders' activations only need to exist one chunk at a time:
 
@@ -161,7 +161,9 @@ def gradcache_step(
             torch.autograd.backward(emb, feature_grads[m][start : offsets[m]])
     log.debug("gradcache: %d chunks over %s", len(jobs), ", ".join(f"{m}={len(c)}" for m, c in chunks.items()))
 
-    outputs = {k: v.detach() for k, v in result.items()} if isinstance(result, Mapping) else {}
+    outputs = {}
+    if isinstance(result, Mapping):
+        outputs = {k: v.detach() if torch.is_tensor(v) else v for k, v in result.items()}
     return GradCacheOutput(
         loss=loss.detach(),
         outputs=outputs,

@@ -96,7 +96,7 @@ class AlignmentModel(nn.Module):
             out[cap.context], context = self.adapters[cap.context].embed_with_context(batch[cap.context])
             text = batch[cap.text]
             out[cap.text], logits = self.adapters[cap.text].caption(text, context)
-            extras = caption_inputs(logits, text["input_ids"], text["attention_mask"])
+            extras.update(caption_inputs(logits, text["input_ids"], text["attention_mask"]))
         return out, extras
 
     @torch.no_grad()

@@ -153,6 +153,29 @@ def test_own_tower_variants_train(audio):
     assert emb.shape == (3, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(3))
 
 
+def test_caption_decoder_reads_audio_frames():
+    """CoCa on audio (audio captioning): the decoder cross-attends to the tower's frames; padded frames masked."""
+    from mmalign.losses import build_loss
+
+    audio = {"tower": "mel_cnn", "clip_seconds": 0.5, "n_mels": 16,
+             "tower_kwargs": {"width": 16, "depth": 2, "transformer_layers": 1}}
+    text = {"tower": "coca_decoder", "max_length": 12, "tower_kwargs": {"width": 16, "heads": 2, "layers": 2}}
+    model = AlignmentModel(from_dict(ModelConfig, {
+        "embed_dim": 16, "modalities": {"audio": audio, "text": text},
+        "caption": {"context": "audio", "text": "text", "n_queries": 4, "heads": 2}}))
+    audio_mod, text_mod = model.modalities["audio"], model.modalities["text"]
+    clips = [audio_mod.transform(audio_mod.decode(tone(f, s), "wav"), True) for f, s in ((220, 0.2), (880, 0.6))]
+    batch = {"audio": audio_mod.collate(clips), "text": text_mod.collate(["a low tone", "a high tone"])}
+    tokens, mask = model.adapters["audio"].tower.forward_tokens(batch["audio"])
+    assert tokens.shape[-1] == 16 and mask.sum(1).tolist() == [3, 7]  # 0.2 s and 0.5 s of signal in 7 frames
+    embeddings, extras = model(batch, loss_inputs=True)
+    out = build_loss("coca", model.names)(embeddings, logit_scale=model.logit_scale(), logit_bias=None, **extras)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.adapters["audio"].tower.stem[0].weight.grad is not None
+    model.eval()
+    assert len(model.generate_captions(batch["audio"])) == 2
+
+
 def test_config_errors_name_the_problem():
     with pytest.raises(ConfigError, match="eval_crop"):
         audio_model(eval_crop="middle")

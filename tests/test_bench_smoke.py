@@ -6,13 +6,14 @@ from benchmarks._results import update_results
 
 
 def test_quick_bench_writes_results(tmp_path):
-    assert bench_losses.main(["--quick", "--sizes", "128", "256", "--no-gpu", "--out-dir", str(tmp_path)]) == 0
+    argv = ["--quick", "--sizes", "64", "128", "--dim", "64", "--no-gpu", "--out-dir", str(tmp_path)]
+    assert bench_losses.main(argv) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     section = data["sections"]["losses_cpu_quick"]
     rows = section["rows"]
     assert rows[0]["kind"] == "machine" and rows[0]["cpus"] >= 1
     meas = [r for r in rows if r["kind"] == "measurement"]
-    assert {(r["method"], r["B"]) for r in meas} == {(m, B) for m in bench_losses.METHODS for B in (128, 256)}
+    assert {(r["method"], r["B"]) for r in meas} == {(m, B) for m in bench_losses.METHODS for B in (64, 128)}
     for r in meas:
         assert r["status"] == "ok" and r["time_s"] > 0 and r["peak_mb"] is not None
         assert r["time_vs_open_clip"] > 0

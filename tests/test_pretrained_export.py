@@ -292,3 +292,16 @@ def test_lora_on_an_hf_audio_tower_saves_and_reloads(tmp_path):
     with torch.no_grad():
         assert _max_diff(again.encode("audio", batch), expected) < 1e-6
         assert _max_diff(again.merge_lora().encode("audio", batch), expected) < 1e-5
+
+
+def test_export_errors_name_the_tower(tiny_text_model, tmp_path):
+    from mmalign.errors import ConfigError
+    from mmalign.export import export_model
+
+    model = _model({"image": {"tower": "small_cnn", "tower_kwargs": {"width": 4, "depth": 1}},
+                    "text": {"tower": "hf", "model": tiny_text_model}}, embed_dim=4)
+    with pytest.raises(ConfigError, match="not the image tower 'small_cnn'"):
+        export_model(model, tmp_path / "hf", "hf")
+    with pytest.raises(ConfigError, match="needs exactly one open_clip image tower"):
+        export_model(model, tmp_path / "oc", "open_clip")
+    assert not (tmp_path / "hf").exists()  # nothing half-written

@@ -34,7 +34,7 @@ def two_shards(shapes_dataset, tmp_path_factory):
 
 def _recipe(tmp_path, name, shards, text_model, batch_size, gradcache=None):
     # GroupNorm and a locked (eval-mode, dropout-free) text tower: nothing depends on how rows are split.
-    extra = f"\ntrain: {{steps: 3, lr: 0.01, warmup_steps: 0, checkpoint_every: 3, log_every: 1" + (
+    extra = "\ntrain: {steps: 3, lr: 0.01, warmup_steps: 0, checkpoint_every: 3, log_every: 1" + (
         f", gradcache_chunk: {gradcache}}}" if gradcache else "}")
     recipe = tiny_recipe(tmp_path / f"{name}.yaml", tmp_path / name, shards, text_model)
     text = recipe.read_text().replace("depth: 2}", "depth: 2, norm: group}").replace(

@@ -33,8 +33,11 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, register_modality, register_tower, sinusoidal_positions
 from .hf import HFDualEncoderTower, resolve_pretrained
+
+AUDIO_RATES = (1_000, 768_000)  # sample rates (Hz) a file may declare
+MAX_RESAMPLE_PHASES = 4_000_000  # largest resampling filter (output x input phases) built for a file's rate
 
 EVAL_CROPS = ("start", "center", "windows")
 OWN_FEATURES = ("logmel", "fbank")
@@ -318,12 +321,26 @@ class AudioModality(Modality):
         if peak < self.cfg.silence_threshold:
             raise DataError(f"audio ({ext}) is silent (peak amplitude {peak:.2g} < silence_threshold)")
         if rate != self.rate:
-            if rate not in self._resamplers:
-                import torchaudio
-
-                self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.rate)
-            wave = self._resamplers[rate](wave)
+            wave = self.resampler(rate, ext)(wave)
         return wave
+
+    def resampler(self, rate: int, ext: str) -> nn.Module:
+        """torchaudio's resampler from ``rate`` Hz (a few cached); a rate it cannot handle at a sane cost -> DataError.
+
+        Its filter has (target / g) x (rate / g) phases for g = gcd(rate, target): small for real-world rates, but
+        gigabytes for a co-prime one such as a corrupt header's 44101 Hz.
+        """
+        if rate not in self._resamplers:
+            g = math.gcd(rate, self.rate)
+            if not AUDIO_RATES[0] <= rate <= AUDIO_RATES[1] or (rate // g) * (self.rate // g) > MAX_RESAMPLE_PHASES:
+                raise DataError(f"audio ({ext}) at {rate} Hz cannot be resampled to {self.rate} Hz at a sane cost; "
+                                "convert it to a common rate (8000, 16000, 22050, 44100, 48000 Hz, ...)")
+            import torchaudio
+
+            if len(self._resamplers) >= 8:
+                self._resamplers.pop(next(iter(self._resamplers)))
+            self._resamplers[rate] = torchaudio.transforms.Resample(rate, self.rate)
+        return self._resamplers[rate]
 
     def transform(self, wave: torch.Tensor, train: bool) -> dict[str, torch.Tensor]:
         n = self.clip_samples
@@ -373,16 +390,6 @@ class AudioModality(Modality):
 # --------------------------------------------------------------------------------------------- towers
 
 
-def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
-    """length x dim sine/cosine position codes (Vaswani et al. 2017)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    out = torch.zeros(length, dim, device=device)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
-    return out
-
-
 class MelCNN(nn.Module):
     """1-D convolutions over time with mel bins as channels (fast on CPU), optional transformer layers on top;
     masked mean + max pooling over the frames that hold signal. The stem strides by ``stem_stride`` and each
@@ -403,9 +410,10 @@ class MelCNN(nn.Module):
                                            norm_first=True)
         self.transformer = (nn.TransformerEncoder(layer, transformer_layers, enable_nested_tensor=False)
                             if transformer_layers else None)
-        self.out_dim = 2 * width
+        self.out_dim, self.token_dim = 2 * width, width
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_tokens(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame features N x T' x width and the mask of frames that hold signal (a CoCa decoder's context)."""
         h = self.stem(self.input_norm(inputs["input"]))
         for block in self.blocks:
             h = F.avg_pool1d(F.gelu(h + block(h)), 2, ceil_mode=True)
@@ -413,6 +421,10 @@ class MelCNN(nn.Module):
         mask = frame_mask(inputs["valid"], h.shape[1])
         if self.transformer is not None:
             h = self.transformer(h + sinusoidal_positions(h.shape[1], h.shape[2], h.device), src_key_padding_mask=~mask)
+        return h, mask
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        h, mask = self.forward_tokens(inputs)
         peak = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
         return torch.cat([masked_mean(h, mask), peak], dim=-1)
 
@@ -453,23 +465,31 @@ class HFAudioTower(nn.Module):
             raise ConfigError(f"cannot load HF audio model {name!r}: {str(e).splitlines()[0]}") from None
         self.model = model.get_encoder() if isinstance(model, transformers.WhisperModel) else model
         cfg = model.config
-        self.out_dim = cfg.projection_dim if self.family == "clap" else getattr(cfg, "d_model", None) or cfg.hidden_size
+        width = getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size", None)
+        self.out_dim = cfg.projection_dim if self.family == "clap" else width
+        self.token_dim = None if self.family == "clap" else width  # CLAP's Swin gives no plain token sequence
         # wav2vec2-style models with group-normalised conv features are trained on zero padding without a mask
         self.pass_mask = getattr(cfg, "feat_extract_norm", "layer") == "layer"
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_tokens(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last hidden states and the mask of frames that hold signal (AST: every patch; not for CLAP)."""
         x, valid = inputs["input"], inputs["valid"]
         if self.family == "ast":
-            return self.model(input_values=x).pooler_output
-        if self.family == "clap":
-            return self.model(input_features=x, is_longer=clap_is_longer(self.model.config, x)).audio_embeds
+            return self.model(input_values=x).last_hidden_state, None
         if self.family == "whisper":
             hidden = self.model(input_features=x).last_hidden_state
         else:
             attention = frame_mask(valid, x.shape[-1]).long() if self.pass_mask else None
             hidden = self.model(input_values=x, attention_mask=attention).last_hidden_state
-        return masked_mean(hidden, frame_mask(valid, hidden.shape[1]))
+        return hidden, frame_mask(valid, hidden.shape[1])
 
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.family == "ast":
+            return self.model(input_values=inputs["input"]).pooler_output
+        if self.family == "clap":
+            x = inputs["input"]
+            return self.model(input_features=x, is_longer=clap_is_longer(self.model.config, x)).audio_embeds
+        return masked_mean(*self.forward_tokens(inputs))
 
     def save_config(self, directory: Path) -> None:
         self.model.config.save_pretrained(directory)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -140,6 +141,19 @@ def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Mo
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------- tower helpers
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """length x dim sine/cosine position codes (Vaswani et al. 2017)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim, device=device)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- adapter

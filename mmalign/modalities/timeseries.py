@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, register_modality, register_tower, sinusoidal_positions
 
 TO_MILLIVOLT = {"v": 1e3, "mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "nv": 1e-6}
 TIME_COLUMNS = ("time", "t", "time_s", "seconds")
@@ -78,8 +78,6 @@ class Signal:
 
 def make_signal(data: np.ndarray, meta: dict, where: str = "") -> Signal:
     """Check an array (channels x time, or time for one channel) against its metadata; ``where`` prefixes errors."""
-    if not isinstance(meta, dict):
-        raise DataError(f"{where}metadata must be a JSON object with sampling_rate, got {type(meta).__name__}")
     if data.dtype.kind not in "fiu":
         raise DataError(f"{where}signal dtype {data.dtype} is not numeric")
     if data.ndim == 1:
@@ -87,7 +85,11 @@ def make_signal(data: np.ndarray, meta: dict, where: str = "") -> Signal:
     if data.ndim != 2 or data.size == 0:
         raise DataError(f"{where}signal has shape {tuple(data.shape)}; expected channels x time")
     rate = meta.get("sampling_rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+    try:  # float() of a huge JSON integer overflows
+        valid_rate = not isinstance(rate, bool) and isinstance(rate, (int, float)) and 0 < float(rate) < math.inf
+    except OverflowError:
+        valid_rate = False
+    if not valid_rate:
         raise DataError(f"{where}metadata needs sampling_rate (a positive number of Hz), got {rate!r}")
     leads, units = meta.get("leads"), meta.get("units")
     if leads is not None:
@@ -111,22 +113,34 @@ def make_signal(data: np.ndarray, meta: dict, where: str = "") -> Signal:
 
 def _sidecar(path: Path) -> dict:
     side = path.with_suffix(".json")
-    if not side.is_file():
-        return {}
+    return _parse_json(side.read_bytes(), f"{side}: ") if side.is_file() else {}
+
+
+def _load_npy(data: bytes, where: str) -> np.ndarray:
+    """An npy file's array, read from its header and buffer (no allocation beyond what the bytes hold)."""
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO(data)
     try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{side}: invalid JSON ({e})") from None
+        version = npy.read_magic(buf)
+        read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported npy version {version}")
+        shape, fortran, dtype = read_header(buf)
+        array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=buf.tell())
+        return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+    except Exception as e:  # numpy's header parser fails in many ways on bad bytes (tokenize, syntax, value errors)
+        raise DataError(f"{where}cannot read npy ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _parse_json(data: bytes | str, where: str) -> dict:
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # ValueError covers JSONDecodeError
+        raise DataError(f"{where}invalid JSON ({str(e)[:200]})") from None
     if not isinstance(meta, dict):
-        raise DataError(f"{side}: expected a JSON object with sampling_rate, leads, units")
+        raise DataError(f"{where}metadata must be a JSON object with sampling_rate, leads, units")
     return meta
-
-
-def _load_npy(data: bytes | Path, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{where}cannot read npy ({e})") from None
 
 
 def _read_wfdb(path: Path) -> Signal:
@@ -181,7 +195,7 @@ def read_signal_file(path: Path) -> Signal:
     if ext == ".hea":
         return _read_wfdb(path)
     if ext == ".npy":
-        return make_signal(_load_npy(path, f"{path}: "), _sidecar(path), f"{path}: ")
+        return make_signal(_load_npy(path.read_bytes(), f"{path}: "), _sidecar(path), f"{path}: ")
     if ext == ".csv":
         return _read_csv(path, _sidecar(path))
     raise DataError(f"{path}: not a time series file (expected .npy, .hea or .csv)")
@@ -244,6 +258,8 @@ def resample(data: np.ndarray, rate: float, target: float) -> np.ndarray:
     """Polyphase resampling along time (anti-aliased), ``rate`` -> ``target`` Hz as a ratio of small integers."""
     if rate == target:
         return data
+    if not 1e-3 <= target / rate <= 1e3:
+        raise DataError(f"sampling rate {rate:g} Hz is too far from the tower's {target:g} Hz to resample")
     from scipy.signal import resample_poly
 
     ratio = Fraction(target / rate).limit_denominator(1000)
@@ -333,11 +349,7 @@ class TimeseriesModality(Modality):
         meta_key = f"{stem}.json" if stem else "json"
         if meta_key not in sample:
             raise DataError(f"no {meta_key} metadata member (sampling_rate, leads) beside {key}")
-        try:
-            meta = json.loads(sample[meta_key])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{meta_key} is not valid JSON ({e})") from None
-        return make_signal(_load_npy(sample[key], ""), meta)
+        return make_signal(_load_npy(sample[key], ""), _parse_json(sample[meta_key], f"{meta_key}: "))
 
     def transform(self, sig: Signal, train: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -364,6 +376,8 @@ class TimeseriesModality(Modality):
             x = standardize(x)
         if train:
             x, mask_t = augment(x, mask_t, cfg.augment, cfg.sample_rate)
+        if not torch.isfinite(x).all():
+            raise DataError("signal values overflow float32 after preprocessing")
         return {"signal": x * mask_t[:, None], "mask": mask_t}
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -490,16 +504,6 @@ class ResNet1d(nn.Module):
         return self.blocks(self.stem(x)).mean(dim=-1)
 
 
-def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
-    """n x dim fixed position codes (Vaswani et al. 2017): sin on even, cos on odd features."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    out = torch.zeros(n, dim)
-    out[:, 0::2] = torch.sin(pos * freq)
-    out[:, 1::2] = torch.cos(pos * freq)
-    return out
-
-
 class PatchTransformer(nn.Module):
     """Each lead is cut into patches of ``patch_size`` samples; a patch token = linear(patch) + lead embedding +
     position code. A CLS token attends over all leads' patches; missing leads are masked out of attention."""
@@ -507,8 +511,8 @@ class PatchTransformer(nn.Module):
     def __init__(self, in_channels: int, patch_size: int = 25, dim: int = 128, depth: int = 4, heads: int = 4,
                  mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
-        if dim % heads or dim % 2:
-            raise ConfigError(f"patch_transformer: dim {dim} must be even and divisible by heads {heads}")
+        if dim % heads:
+            raise ConfigError(f"patch_transformer: dim {dim} must be divisible by heads {heads}")
         self.patch_size = patch_size
         self.patch = nn.Linear(patch_size, dim)
         self.lead_embed = nn.Parameter(torch.randn(in_channels, dim) * 0.02)
@@ -528,7 +532,8 @@ class PatchTransformer(nn.Module):
         if n == 0:
             raise DataError(f"patch_transformer: {T} samples are fewer than one patch ({self.patch_size})")
         tokens = self.patch(x[..., : n * self.patch_size].reshape(B, C, n, self.patch_size))
-        tokens = tokens + self.lead_embed[None, :, None] + sinusoidal_positions(n, tokens.shape[-1]).to(x)[None, None]
+        positions = sinusoidal_positions(n, tokens.shape[-1], x.device)
+        tokens = tokens + self.lead_embed[None, :, None] + positions[None, None]
         tokens = torch.cat([self.cls.expand(B, -1, -1), tokens.reshape(B, C * n, -1)], dim=1)
         pad = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=x.device),
                          (~mask.bool()).repeat_interleave(n, dim=1)], dim=1)

@@ -1,6 +1,6 @@
-"""Each rank computes the registered chunked objectives (CLIP, then SigLIP) on its rows of a fixed batch (B not divisible by the chunk)
-and reports its loss and the gradients of its local features, logit scale and bias; the test compares them with
-the plain loss on one process over the whole batch."""
+"""Each rank computes the registered chunked objectives (CLIP, then SigLIP) on its rows of a fixed batch (B not
+divisible by the chunk) and reports its loss and the gradients of its local features, logit scale and bias; the
+test compares them with the plain loss on one process over the whole batch."""
 import sys
 
 import torch
