@@ -128,7 +128,8 @@ def write_comparison_report(run_dir: Path, runs: dict[str, list[dict]], metrics:
             values = [r[metric] for r in runs[v] if metric in r]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}" if values else "-")
-            seeds.append(f"{v}: " + ", ".join(f"{x:.3f}" for x in values))
+            if values:
+                seeds.append(f"{v}: " + ", ".join(f"{x:.3f}" for x in values))
         lines.append(f"| {metric} | " + " | ".join(cells) + " | " + "; ".join(seeds) + " |")
     lines += ["", "Runs: " + ", ".join(f"[{Path(r['run_dir']).name}]({Path(r['run_dir']).name}/report.md)"
                                        for v in variants for r in runs[v])]

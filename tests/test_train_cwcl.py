@@ -107,3 +107,18 @@ def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text
     # No eval data: the diagnostics come from the first training samples.
     assert results["diagnostics_n"] == 20 and all(k in results for k in DIAGNOSTICS)
     assert (run_dir / "embedding_pca.png").is_file()
+
+
+def test_cwcl_with_gradcache_gets_frozen_features_and_the_schedule(tmp_path, shards, tiny_text_model):
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model,
+                         extra="loss: {name: cwcl, kwargs: {weights_from: text}}\n")
+    cfg = load_config(recipe, ["model.modalities.text.lock=true", "train.gradcache_chunk=4", "train.steps=2",
+                               "model.logit_scale.schedule={tau_start: 0.05, tau_end: 0.05, kind: constant}",
+                               "eval.diagnostics.max_samples=8"])
+    results = train(cfg)
+    rows = _metrics(run_dir)
+    assert [r["logit_scale"] for r in rows] == pytest.approx([20.0, 20.0])
+    assert all(0 < r["cwcl_positive_mass"] <= 1 for r in rows)
+    assert results["final_cwcl_positive_mass"] == rows[-1]["cwcl_positive_mass"]
