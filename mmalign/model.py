@@ -58,14 +58,25 @@ class AlignmentModel(nn.Module):
     def clamp_logit_scale_(self) -> None:
         self.log_logit_scale.clamp_(max=math.log(self.config.logit_scale.max))
 
-    def encode(self, name: str, inputs: Any) -> torch.Tensor:
+    def encode(self, name: str, inputs: Any, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised embeddings of one modality; rows flagged absent in ``present`` get its missing embedding."""
         if name not in self.adapters:
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(self.adapters)}")
-        return self.adapters[name](inputs)
+        return self.adapters[name](inputs, present)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Normalised embeddings for every modality of the model that the batch carries."""
-        return {name: adapter(batch[name]) for name, adapter in self.adapters.items() if name in batch}
+        """Normalised embeddings for every modality of the model that the batch carries (presence masks applied)."""
+        return {name: adapter(batch[name], batch.get(f"{name}__present"))
+                for name, adapter in self.adapters.items() if name in batch}
+
+    def presence(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The batch's presence masks of the optional modalities (what the objectives take as ``present=``).
+
+        None when no modality is optional; which masks are returned depends only on the model, never on the
+        batch, so every process makes the same collective calls in the loss.
+        """
+        optional = [name for name, m in self.config.modalities.items() if m.optional]
+        return {name: batch[f"{name}__present"] for name in optional} if optional else None
 
     # ------------------------------------------------------------------------------------------- save / load
 

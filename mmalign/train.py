@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .config import Config, to_dict
 from .data import expand_urls, iterate_batches
-from .errors import DataError, MMAlignError
+from .errors import ConfigError, DataError, MMAlignError
 from .io import atomic_dir, write_json
 from .losses import LOSSES, build_loss
 from .model import AlignmentModel
@@ -50,10 +50,18 @@ class TrainState:
 
 
 def build_model(cfg: Config) -> AlignmentModel:
-    """The model a recipe describes; adds the SigLIP bias when the loss needs one."""
+    """The model a recipe describes; adds the SigLIP bias when the loss needs one and records the loss's N-way
+    score. Optional modalities need a loss that takes presence masks."""
     loss_cls = LOSSES.get(cfg.loss.name)
     if loss_cls is not None and getattr(loss_cls, "needs_bias", False):
         cfg.model.logit_bias = True
+    if loss_cls is not None and cfg.model.nway_score is None:
+        cfg.model.nway_score = getattr(loss_cls, "nway_score", "cosine")
+    optional = [name for name, m in cfg.model.modalities.items() if m.optional]
+    if optional and loss_cls is not None and not getattr(loss_cls, "handles_missing", False):
+        handles = sorted(n for n, c in LOSSES.items() if getattr(c, "handles_missing", False))
+        raise ConfigError(f"loss {cfg.loss.name!r} takes no presence masks, so optional modalities "
+                          f"({', '.join(optional)}) need another loss: {', '.join(handles)}")
     return AlignmentModel(cfg.model)
 
 
@@ -153,8 +161,9 @@ def batch_stream(cfg: Config, model: AlignmentModel, state: TrainState, pin_memo
 
 
 def to_device(batch: dict, names: list[str], device: torch.device) -> dict:
+    """The inputs of ``names`` and their presence masks, on ``device``."""
     out = {}
-    for name in names:
+    for name in names + [f"{n}__present" for n in names if f"{n}__present" in batch]:
         x = batch[name]
         out[name] = x.to(device, non_blocking=True) if torch.is_tensor(x) else {
             k: v.to(device, non_blocking=True) for k, v in x.items()}
@@ -216,7 +225,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 with accelerator.autocast():
                     embeddings = ddp_model(inputs)
                     out = loss_fn({k: v.float() for k, v in embeddings.items()}, logit_scale=model.logit_scale(),
-                                  logit_bias=model.logit_bias)
+                                  logit_bias=model.logit_bias, present=model.presence(inputs))
                 accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum

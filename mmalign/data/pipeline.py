@@ -2,6 +2,10 @@
 
 Unusable samples and unreadable shard members are skipped and *counted per reason*; the counts travel with the
 batches out of the DataLoader workers (``batch["_skipped"]``), so the training loop and evaluation can report them.
+
+A sample lacking a modality is skipped ("missing <name>") unless that modality is ``optional``: then the sample is
+kept, the batch holds the modality's placeholder item in that row, and ``batch["<name>__present"]`` (a BoolTensor
+with one flag per sample, present for every modality) says which rows are real.
 """
 from __future__ import annotations
 
@@ -130,6 +134,8 @@ class Decoder:
                 with seeded(zlib.crc32(f"{self.seed}{sample.get('__key__')}".encode())):
                     for name, modality in self.modalities.items():
                         out[name] = self.decode_one(sample, name, modality)
+                if all(out[name] is None for name in self.modalities):
+                    raise DataError("missing every modality")
             except DataError as e:
                 reason = str(e).split(":")[0] if str(e).startswith("missing") else f"bad {str(e).split(':')[0]}"
                 self.stats.add(reason, f"{where} ({e})")
@@ -139,8 +145,11 @@ class Decoder:
             yield out
 
     def decode_one(self, sample: dict, name: str, modality: Modality) -> Any:
+        """The transformed item; None when the sample lacks an optional modality."""
         key = find_member(sample, name, modality.extensions)
         if key is None:
+            if modality.cfg.optional:
+                return None
             raise DataError(f"missing {name}")
         try:
             return modality.transform(modality.decode(sample[key], key.rsplit(".", 1)[-1]), self.train)
@@ -149,18 +158,22 @@ class Decoder:
 
 
 class Batcher:
-    """Collate samples into batch dicts; in evaluation a list item (several captions) is flattened with owners."""
+    """Collate samples into batch dicts with presence masks; absent items are replaced by the modality's
+    placeholder. In evaluation a list item (several captions) is flattened with owners. Training drops the last
+    partial batch, evaluation keeps it."""
 
-    def __init__(self, modalities: dict[str, Modality], batch_size: int, partial: bool, stats: SkipStats):
+    def __init__(self, modalities: dict[str, Modality], batch_size: int, train: bool, stats: SkipStats):
         self.modalities = modalities
         self.batch_size = batch_size
-        self.partial = partial
+        self.train = train
         self.stats = stats
 
     def collate(self, samples: list[dict]) -> dict:
         batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], "label": [s["label"] for s in samples]}
         for name, modality in self.modalities.items():
-            items = [s[name] for s in samples]
+            present = [s[name] is not None for s in samples]
+            items = [s[name] if ok else modality.placeholder(self.train) for s, ok in zip(samples, present)]
+            batch[f"{name}__present"] = torch.tensor(present, dtype=torch.bool)
             if isinstance(items[0], list):
                 owners = [i for i, item in enumerate(items) for _ in item]
                 items = [x for item in items for x in item]
@@ -176,7 +189,7 @@ class Batcher:
             if len(buf) == self.batch_size:
                 yield self.collate(buf)
                 buf = []
-        if buf and self.partial:
+        if buf and not self.train:
             yield self.collate(buf)
         elif self.stats.counts:
             yield {"_skipped": self.stats.drain(), "_empty": True}
@@ -218,7 +231,7 @@ def make_dataset(
     if train and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed + epoch)))
     stages.append(Decoder(modalities, train, stats, seed, epoch))
-    stages.append(Batcher(modalities, batch_size, partial=not train, stats=stats))
+    stages.append(Batcher(modalities, batch_size, train, stats))
     return wds.DataPipeline(*stages)
 
 

@@ -49,6 +49,8 @@ class Modality:
                 f"modality {name!r}: unknown {self.kind} tower {cfg.tower!r}{closest(cfg.tower, self.towers)}; "
                 f"known: {', '.join(sorted(self.towers))}"
             )
+        if cfg.optional:
+            self.placeholder(train=True)  # fail at build time, not at the first incomplete batch
 
     def decode(self, data: bytes, ext: str) -> Any:
         """Bytes of one shard member -> item. Raise ``DataError`` with the reason for unusable input."""
@@ -59,6 +61,17 @@ class Modality:
 
     def collate(self, items: list) -> Any:
         return torch.stack(items)
+
+    def placeholder(self, train: bool) -> Any:
+        """The item collated in place of an absent one (samples lacking an ``optional`` modality).
+
+        Shaped like ``transform``'s output, so it collates with real items and is a valid tower input; its embedding
+        is never used (the model substitutes its learned missing embedding for absent rows). Kinds whose items have a
+        fixed shape return zeros of that shape; a kind that cannot say cannot be optional.
+        """
+        raise ConfigError(
+            f"modality {self.name!r} cannot be optional: kind {self.kind!r} defines no placeholder() for absent items"
+        )
 
     def build_tower(self) -> nn.Module:
         return self.towers[self.cfg.tower](self.cfg)
@@ -151,13 +164,19 @@ def _row_keys(inputs: Any) -> list[bytes]:
 
 
 class ModalityAdapter(nn.Module):
-    """Tower + projection head -> L2-normalised embeddings in the shared space."""
+    """Tower + projection head -> L2-normalised embeddings in the shared space.
+
+    An ``optional`` modality also has a learned missing embedding (Symile, Saporta et al. 2024): rows whose presence
+    flag is False get it instead of the tower's output, so every row has an embedding and the objectives can either
+    contrast it like any other (``missing="learned"``) or drop those rows (``missing="drop"``).
+    """
 
     def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000):
         super().__init__()
         cfg = modality.cfg
         self.tower = modality.build_tower()
         self.proj = build_projection(cfg.proj, self.tower.out_dim, embed_dim, cfg.proj_hidden)
+        self.missing = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) if cfg.optional else None
         self.fully_locked = cfg.lock and cfg.unlocked_layers == 0 and not cfg.unlock_norms
         if cfg.lock:
             lock_tower(self.tower, cfg.unlocked_layers, cfg.unlock_norms)
@@ -192,5 +211,21 @@ class ModalityAdapter(nn.Module):
                 self._cache.popitem(last=False)
         return torch.stack([self._cache[k] for k in keys])
 
-    def forward(self, inputs: Any) -> torch.Tensor:
+    def embed(self, inputs: Any) -> torch.Tensor:
         return F.normalize(self.proj(self.tower_features(inputs)), dim=-1)
+
+    def forward(self, inputs: Any, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of every row; with ``present`` (B booleans), absent rows get the learned missing embedding.
+
+        The tower sees only the present rows, so placeholders never enter normalisation statistics. With none
+        present it still runs on one placeholder whose output is discarded: every parameter stays in the autograd
+        graph (with zero gradient), as DistributedDataParallel requires on every rank and step.
+        """
+        if self.missing is None or present is None:
+            return self.embed(inputs)
+        present = present.to(device=self.missing.device, dtype=torch.bool)
+        index = present.nonzero().squeeze(1) if bool(present.any()) else present.new_zeros(1, dtype=torch.long)
+        rows = self.embed(_rows(inputs, index))
+        placed = rows.new_zeros(present.shape[0], rows.shape[1]).index_copy(0, index, rows)
+        missing = F.normalize(self.missing, dim=0).to(rows.dtype)
+        return torch.where(present[:, None], placed, missing)

@@ -61,6 +61,10 @@ class ImageModality(Modality):
             )
         return self._transforms[train](item)
 
+    def placeholder(self, train: bool) -> torch.Tensor:
+        """A black image of the transformed size (3 x image_size x image_size)."""
+        return torch.zeros(3, self.cfg.image_size, self.cfg.image_size)
+
     def __getstate__(self):
         return {**self.__dict__, "_transforms": {}}
 
