@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= lit
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install sysdeps clean
 
 install: $(STAMP)
 
@@ -16,11 +16,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# Debian packages, installed only when missing: espeak-ng (the demos synthesise speech with it), chromium
+# (a test renders the HTML run report headless), emoji glyphs and names (the CWCL demo's images and captions).
+SYSDEPS := espeak-ng chromium
+sysdeps:
+	@missing=""; for p in $(SYSDEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
+	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf -a -f /usr/share/unicode/emoji/emoji-test.txt || \
+		(apt-get update -q && apt-get install -y -q fonts-noto-color-emoji unicode-data)
+
+demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: $(STAMP) sysdeps
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

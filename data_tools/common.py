@@ -1,9 +1,12 @@
-"""Shared pieces of the demo data builders: writing sample dicts to shards, and a 'built already' marker."""
+"""Shared pieces of the demo data builders: writing sample dicts to shards, a 'built already' marker, and a
+word-level tokenizer for demos whose captions use a small closed vocabulary."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Iterable
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
 import webdataset as wds
 
@@ -28,3 +31,25 @@ def cached_build(out_dir: Path, version: str, build) -> dict:
     paths = build(out_dir)
     marker.write_text(json.dumps({"version": version, "paths": paths}, indent=2))
     return paths
+
+
+def word_tokenizer(texts: Iterable[str], out_dir: Path) -> str:
+    """Save an HF tokenizer whose vocabulary is the lower-cased words and punctuation marks of ``texts`` plus
+    [PAD] [UNK] [BOS] [EOS], and return its folder (``AutoTokenizer.from_pretrained`` loads it offline).
+
+    A caption decoder over a demo's few dozen words has a tiny output layer, where a 50k-token BPE vocabulary
+    would make the LM head the slowest part of training on a CPU.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()  # words (\w+) and runs of punctuation
+    words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(t.lower())})
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*SPECIAL_TOKENS, *words])}, unk_token="[UNK]"))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = split
+    pad, unk, bos, eos = SPECIAL_TOKENS
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, pad_token=pad, unk_token=unk, bos_token=bos,
+                                        eos_token=eos, clean_up_tokenization_spaces=True)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)

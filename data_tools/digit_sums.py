@@ -65,7 +65,13 @@ def render_glyph(digit: int, rng: random.Random, fonts: list[str], size: int = 1
     return buf.getvalue()
 
 
-def build(out_dir: Path, seed: int = 0, n_train: int = 24000, n_test: int = 1000) -> dict:
+def build(out_dir: Path, seed: int = 0, n_train: int = 64000, n_test: int = 1000) -> dict:
+    """Train and test shards, classes (the ten number names) and the one caption template.
+
+    ``n_train`` is what the recipes consume (500 steps x 128): one pass, each (a, b) pairing seen once. With the
+    same steps over 24,000 samples repeated in epochs, Symile reached 0.51 instead of ~0.85 zero-shot accuracy in our
+    runs: it can then lower its loss by matching remembered (image, glyph) pairs instead of learning the sum.
+    """
     def _build(out_dir: Path) -> dict:
         from sklearn.datasets import load_digits
 
@@ -99,4 +105,4 @@ def build(out_dir: Path, seed: int = 0, n_train: int = 24000, n_test: int = 1000
             "templates": str(out_dir / "templates.txt"),
         }
 
-    return cached_build(out_dir, f"digit-sums-v2-{seed}-{n_train}-{n_test}", _build)
+    return cached_build(out_dir, f"digit-sums-v3-{seed}-{n_train}-{n_test}", _build)

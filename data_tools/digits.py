@@ -2,7 +2,8 @@
 
 Each image is upscaled to 32x32 and gets several captions that name the digit and describe what can be seen in
 that particular image (ink thickness, slant, size), so retrieval has instance-level positives. A stratified 25%
-is held out for zero-shot classification and retrieval.
+is held out for zero-shot classification, retrieval and captioning. A word-level tokenizer over the captions and
+zero-shot prompts comes along for caption decoders (the CoCa demo).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import cached_build, write_samples
+from .common import cached_build, word_tokenizer, write_samples
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = [
@@ -66,6 +67,8 @@ def build(out_dir: Path, seed: int = 0, captions_per_image: int = 3) -> dict:
             of_class = [i for i in order if labels[i] == c]
             held.update(of_class[: len(of_class) // 4])
 
+        texts = [t.format(name) for t in ZEROSHOT_TEMPLATES for name in NAMES]
+
         def samples(split_held: bool):
             for i in order:
                 if (i in held) != split_held:
@@ -73,17 +76,20 @@ def build(out_dir: Path, seed: int = 0, captions_per_image: int = 3) -> dict:
                 attrs = _attributes(images[i], cuts)
                 name = NAMES[labels[i]]
                 captions = [t.format(name=name, **attrs) for t in rng.sample(CAPTION_TEMPLATES, captions_per_image)]
+                texts.extend(captions)
                 yield {"__key__": f"digit{i:05d}", "image.png": _png(images[i]),
                        "text.json": json.dumps(captions).encode(), "label.txt": name.encode()}
 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "classes.txt").write_text("\n".join(NAMES) + "\n")
         (out_dir / "templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n")
-        return {
+        paths = {
             "train": write_samples(samples(False), out_dir, "train", 340),
             "test": write_samples(samples(True), out_dir, "test", 500),
             "classes": str(out_dir / "classes.txt"),
             "templates": str(out_dir / "templates.txt"),
         }
+        paths["tokenizer"] = word_tokenizer(texts, out_dir / "tokenizer")
+        return paths
 
-    return cached_build(out_dir, f"digits-v1-{seed}-{captions_per_image}", _build)
+    return cached_build(out_dir, f"digits-v2-{seed}-{captions_per_image}", _build)

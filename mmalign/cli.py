@@ -1,4 +1,4 @@
-"""``mmalign`` command line: train, eval, data, demo.
+"""``mmalign`` command line: train, eval, caption, data, export, report, demo.
 
 Every command that computes a result prints one JSON object with its headline numbers as the last line of
 standard output; logs and progress bars go to standard error. User errors are one line, without a traceback.
@@ -59,10 +59,35 @@ def cmd_eval(args) -> dict:
     return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score)
 
 
+def cmd_caption(args) -> dict:
+    from .config import GenerationConfig, validate_generation
+    from .eval.runner import evaluate_captions
+
+    gen = GenerationConfig(
+        strategy=args.strategy, num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
+        top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty, seed=args.seed,
+    )
+    validate_generation(gen, lambda key: "--" + key.replace("_", "-"))
+    return evaluate_captions(load_model(args.model), args.data, args.out, gen, args.batch_size)
+
+
 def cmd_data(args) -> dict:
     from .data.shards import write_shards
 
     return write_shards(args.source, args.out, args.shard_size)
+
+
+def cmd_export(args) -> dict:
+    from .export import export_model
+
+    return export_model(load_model(args.model), args.to, args.format)
+
+
+def cmd_report(args) -> dict:
+    from .report import report_run
+
+    return report_run(Path(args.run), args.examples)
 
 
 def cmd_demo(args) -> dict:
@@ -103,6 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--gallery", default="text")
         q.set_defaults(fn=cmd_eval)
 
+    p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")
+    p.add_argument("--model", required=True, help="run directory or saved model folder")
+    p.add_argument("--data", required=True,
+                   help="shards (references from their text, class words from label.txt) or files: a folder, a glob, "
+                        "or paths joined by '::'")
+    p.add_argument("--out", default="captions.jsonl", help="JSONL: key, caption, references and label if present")
+    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default="greedy")
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--max-length", type=int, default=None, help="most tokens after BOS (default: the decoder's)")
+    p.add_argument("--min-length", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam: score / length ** penalty")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(fn=cmd_caption)
+
     p = sub.add_parser("data", help="build WebDataset shards")
     dsub = p.add_subparsers(dest="what", required=True)
     q = dsub.add_parser("shards", help="CSV / JSONL of files and captions, or a folder per class -> shards")
@@ -110,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--shard-size", type=int, default=1000)
     q.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("export", help="write a trained model as a transformers or open_clip folder")
+    p.add_argument("--model", required=True, help="run directory or saved model folder")
+    p.add_argument("--to", required=True, help="output folder")
+    p.add_argument("--format", choices=("hf", "open_clip"), default="hf")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="evaluate a run again; write report.html (+ report.md): plots, examples")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--examples", type=int, default=None,
+                   help="queries per direction shown with their top retrieved items (default: eval.report_examples)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="build offline demo data, train, evaluate, report")
     p.add_argument("name", nargs="?", default="lit")

@@ -12,13 +12,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 from .errors import ConfigError, closest
 
 MISSING_REQUIRED = "???"  # marker default for keys a recipe must set
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (Hu et al. 2021) on a tower via ``peft``: W x + (alpha / r) B A x, with the tower's own weights frozen."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names (suffixes, as peft matches them) or one regex; default: every linear layer and multi-head
+    # attention inside the tower's block stack (attention and MLP)
+    target_modules: Optional[Union[list, str]] = None
 
 
 @dataclass
@@ -37,6 +49,7 @@ class ModalityConfig:
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     unlock_norms: bool = False  # with lock: keep normalisation layers trainable
     cache_frozen: bool = False  # cache a fully locked tower's features per distinct input (e.g. repeated captions)
+    lora: Optional[LoraConfig] = None  # parameter-efficient fine-tuning: train LoRA adapters instead of the tower
     trust_remote_code: bool = False
     optional: bool = False  # samples may lack it: batches carry "<name>__present", the model a learned missing embedding
 
@@ -49,11 +62,35 @@ def register_modality_config(kind: str, cls: type[ModalityConfig]) -> None:
 
 
 @dataclass
+class TemperatureScheduleConfig:
+    """Temperature tau (s = 1/tau) from ``tau_start`` to ``tau_end`` over ``steps`` (default: train.steps)."""
+
+    tau_start: float = 0.07
+    tau_end: float = 0.01
+    kind: str = "cosine"  # "cosine" | "linear" | "exponential" | "constant"
+    steps: Optional[int] = None
+
+
+@dataclass
 class LogitScaleConfig:
     init: Optional[float] = None  # multiplier s; default 1/0.07 (CLIP) or 10 (SigLIP)
-    learnable: bool = True
+    learnable: bool = True  # false: s stays fixed at init
     max: float = 100.0
     bias_init: Optional[float] = None  # SigLIP bias; default -10 when the loss needs a bias
+    schedule: Optional[TemperatureScheduleConfig] = None  # when set, s follows it (not learned, whatever learnable says)
+
+
+@dataclass
+class CaptionConfig:
+    """CoCa: the ``text`` modality's tower is a caption decoder (``coca_decoder``) whose cross-attending half reads a
+    context pooled from the ``context`` modality's tower tokens; that modality's embedding comes from the same
+    tokens (attentional poolers of ``heads.CocaHead``). Train with ``loss.name: coca``."""
+
+    context: str = MISSING_REQUIRED  # modality whose tower offers tokens (image, audio, ...): what is captioned
+    text: str = "text"  # text modality whose tower is a caption decoder
+    n_queries: int = 64  # learned queries of the caption pooler = context length the decoder attends to;
+    #                      0: the tower's own tokens and pooled output as they are (open_clip CoCa ViTs)
+    heads: int = 8  # attention heads of both poolers (must divide the decoder width)
 
 
 @dataclass
@@ -63,6 +100,7 @@ class ModelConfig:
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
     logit_bias: bool = False  # set automatically when the loss needs it
     nway_score: Optional[str] = None  # how a tuple of modalities scores a candidate (mip | volume | cosine); from the loss
+    caption: Optional[CaptionConfig] = None  # CoCa: contrastive + captioning
 
 
 @dataclass
@@ -77,8 +115,8 @@ class DataConfig:
     batch_size: int = 64
     shuffle_buffer: int = 1000
     num_workers: int = 2
-    resampled: bool = False  # sample shards with replacement (infinite stream) instead of epoch passes
-    max_bad_fraction: float = 0.1  # stop when more than this fraction of samples is unusable
+    resampled: bool = False  # draw shards with replacement (an epoch: as many draws as shards) instead of each once
+    max_bad_fraction: float = 0.1  # stop when more than this fraction of samples is unusable (from 100 samples on)
 
 
 @dataclass
@@ -90,12 +128,14 @@ class TrainConfig:
     eps: float = 1e-6
     warmup_steps: int = 100
     grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
-    grad_clip: Optional[float] = 1.0
+    gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
+    grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 10
+    max_nonfinite_in_row: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
 
 
 @dataclass
@@ -115,10 +155,44 @@ class RetrievalConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Embedding-space diagnostics written at the end of every run (gap, alignment, uniformity, PCA plot)."""
+
+    data: Optional[str] = None  # default: eval.retrieval.data, else eval.zeroshot.data, else data.train
+    max_samples: int = 500
+
+
+@dataclass
+class GenerationConfig:
+    """How captions are decoded (``mmalign.heads.generation.generate``)."""
+
+    strategy: str = "greedy"  # "greedy" | "beam" | "sample"
+    num_beams: int = 3
+    max_length: Optional[int] = None  # most tokens generated after BOS; default: the text modality's max_length - 1
+    min_length: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    seed: int = 0  # sampling
+
+
+@dataclass
+class CaptionEvalConfig(GenerationConfig):
+    data: Optional[str] = None  # shards (references from their text, class words from label.txt) or image files
+    out: str = "captions.jsonl"  # relative to the run directory
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
+    report_examples: int = 6  # retrieval queries shown in report.html with their top items
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    caption: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
 
 
 @dataclass
@@ -268,20 +342,36 @@ def validate(cfg: Config, source: str = "config") -> None:
     _require(cfg, source)
     if not cfg.model.modalities:
         raise ConfigError(f"{source}: model.modalities is required (e.g. image: {{tower: small_cnn}}, text: {{...}})")
+    t, ls = cfg.train, cfg.model.logit_scale
     checks = [
+        (cfg.run_dir.strip() != "", "run_dir must not be empty"),
+        (cfg.seed >= 0, "seed must be >= 0"),
         (cfg.model.embed_dim > 0, "model.embed_dim must be > 0"),
         (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
+        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
-        (cfg.train.steps > 0, "train.steps must be > 0"),
-        (cfg.train.lr > 0 and math.isfinite(cfg.train.lr), "train.lr must be a positive number"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
-        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
-        (cfg.train.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
-        (cfg.train.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
-        (cfg.model.logit_scale.max > 0, "model.logit_scale.max must be > 0"),
+        (t.steps > 0, "train.steps must be > 0"),
+        (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
+        (t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay must be >= 0"),
+        (len(t.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in t.betas),
+         "train.betas must be two numbers in [0, 1)"),
+        (t.eps > 0 and math.isfinite(t.eps), "train.eps must be a positive number"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.gradcache_chunk is None or t.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
+        (t.grad_clip is None or (t.grad_clip > 0 and math.isfinite(t.grad_clip)),
+         "train.grad_clip must be a positive number or null"),
+        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
+        (t.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+        (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        (t.log_every > 0, "train.log_every must be > 0"),
+        (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
+        (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
+        (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
+        (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
+        (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
+        (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),
+        (cfg.eval.diagnostics.max_samples >= 2, "eval.diagnostics.max_samples must be >= 2"),
     ]
     for ok, message in checks:
         if not ok:
@@ -297,6 +387,46 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")
         if m.init not in ("pretrained", "scratch"):
             raise ConfigError(f"{source}: model.modalities.{name}.init must be pretrained or scratch")
+        if getattr(m, "long_text", None) == "windows" and cfg.train.gradcache_chunk:
+            raise ConfigError(f"{source}: model.modalities.{name}.long_text: windows does not combine with "
+                              f"train.gradcache_chunk (GradCache splits batches by rows, windows add rows)")
+        if m.lora is not None and (m.lora.r <= 0 or not 0 <= m.lora.dropout < 1):
+            raise ConfigError(f"{source}: model.modalities.{name}.lora needs r > 0 and 0 <= dropout < 1")
+    cap = cfg.model.caption
+    if cap is not None:
+        for key in ("context", "text"):
+            if getattr(cap, key) not in cfg.model.modalities:
+                raise ConfigError(f"{source}: model.caption.{key} {getattr(cap, key)!r} is not one of "
+                                  f"model.modalities ({', '.join(cfg.model.modalities)})")
+        if cap.context == cap.text:
+            raise ConfigError(f"{source}: model.caption.context and model.caption.text must differ")
+        if cap.n_queries < 0 or cap.heads < 1:
+            raise ConfigError(f"{source}: model.caption.n_queries must be >= 0 and model.caption.heads >= 1")
+        if cfg.train.gradcache_chunk:
+            raise ConfigError(f"{source}: model.caption does not combine with train.gradcache_chunk (GradCache "
+                              f"encodes each modality alone; the caption decoder reads both at once)")
+    validate_generation(cfg.eval.caption, lambda key: f"{source}: eval.caption.{key}")
+
+
+def validate_generation(gen: GenerationConfig, name: Callable[[str], str]) -> None:
+    """Check generation options; ``name(field)`` says how the error names a field (recipe key or CLI flag)."""
+    checks = [
+        (gen.strategy in ("greedy", "beam", "sample"), "strategy", "must be greedy, beam or sample"),
+        (gen.num_beams >= 1, "num_beams", "must be >= 1"),
+        (gen.max_length is None or gen.max_length >= 1, "max_length", "must be >= 1"),
+        (gen.min_length >= 0, "min_length", "must be >= 0"),
+        (gen.top_k >= 0, "top_k", "must be >= 0"),
+        (0 < gen.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (gen.temperature > 0, "temperature", "must be > 0"),
+        (gen.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+    ]
+    for ok, key, rule in checks:
+        if not ok:
+            raise ConfigError(f"{name(key)} {rule}")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _require(obj: Any, source: str, where: str = "") -> None:

@@ -1,46 +1,76 @@
 """``mmalign demo NAME``: build a demo data set from offline sources, train its recipe, evaluate, report.
 
-A demo in ``COMPARISONS`` trains several recipes (or one recipe with overrides) on the same data, steps and seed,
-and reports them side by side: a markdown table in ``<workdir>/demo-NAME/report.md`` (also printed to stderr) and
-each variant's headline numbers, prefixed with its label, in the result.
+A demo listed in ``COMPARISONS`` trains its recipe once per variant (a few recipe overrides) and seed, on the same
+data, and reports the mean and standard deviation over seeds of each variant's headline numbers.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-import sys
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load_config
 from .errors import ConfigError, closest
-from .io import atomic_write_text, write_json
+from .io import write_json
 
 log = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
-DIGIT_SUMS_FILL = {
+# How a builder's paths fill a recipe: every demo builds train/test shards, classes and templates.
+ZEROSHOT = {
     "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
     "eval.zeroshot.templates": "templates",
 }
+ZEROSHOT_AND_RETRIEVAL = {**ZEROSHOT, "eval.retrieval.data": "test"}
+
 # demo name -> (data builder module in data_tools, recipe file, how the builder's paths fill the recipe)
 DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "lit": ("data_tools.digits", "lit_image_text.yaml", {
-        "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
-        "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
+    "lit": ("data_tools.digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "clap": ("data_tools.spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "ecg": ("data_tools.ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "coca": ("data_tools.digits", "coca.yaml", {
+        **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
     }),
-    "symile": ("data_tools.digit_sums", "symile.yaml", DIGIT_SUMS_FILL),
-    "gram": ("data_tools.digit_sums", "gram.yaml", DIGIT_SUMS_FILL),
+    "cwcl": ("data_tools.emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
+    "symile": ("data_tools.digit_sums", "symile.yaml", ZEROSHOT),  # a comparison: see COMPARISONS
+    "gram": ("data_tools.digit_sums", "gram.yaml", ZEROSHOT),
 }
 
-# demo name -> {label: (recipe file, overrides)}: trainings run in order, each in <workdir>/demo-NAME/<label>.
-# Symile, GRAM and pairwise CLIP on the same higher-order data: `demo symile` and `demo gram` both compare the three.
-HIGHER_ORDER = {
-    "symile": ("symile.yaml", []),
-    "gram": ("gram.yaml", []),
-    "clip": ("symile.yaml", ["loss.name=clip", "loss.kwargs={}"]),
+
+@dataclass(frozen=True)
+class Comparison:
+    """Variants of a demo's recipe (name -> overrides; [] is the recipe as is), each trained with every seed.
+
+    ``findings``: a markdown file in ``recipes/`` about what the comparison shows, written to the run directory as
+    ``findings.md`` with ``{<variant>_<metric>_mean}``-style fields filled from the summary.
+    """
+
+    variants: dict[str, list[str]]
+    metrics: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    findings: str | None = None
+
+
+COMPARISONS: dict[str, Comparison] = {
+    "cwcl": Comparison(
+        {"clip": ["loss.name=clip", "loss.kwargs={}"], "cwcl": []},
+        metrics=("zeroshot_top1", "zeroshot_top5", "retrieval_i2t_R@1", "retrieval_t2i_R@1",
+                 "modality_gap_image_text", "alignment_image_text", "uniformity_image", "final_loss",
+                 "final_logit_scale", "final_cwcl_positive_mass"),
+        findings="cwcl.findings.md",
+    ),
+    # One seed: three trainings (Symile's n^2 negatives are the slow one) within the 10-minute demo budget.
+    "symile": Comparison(
+        {"symile": [], "gram": ["loss.name=gram", "loss.kwargs={anchor: text}"],
+         "clip": ["loss.name=clip", "loss.kwargs={}"]},
+        metrics=("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall", "final_loss"),
+        seeds=(0,),
+        findings="symile.findings.md",
+    ),
 }
-COMPARISONS: dict[str, dict[str, tuple[str, list[str]]]] = {"symile": HIGHER_ORDER, "gram": HIGHER_ORDER}
 
 
 def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> dict:
@@ -50,42 +80,70 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
     log.info("building demo data for %r in %s", name, workdir / "demo_data" / name)
     paths = importlib.import_module(module).build(workdir / "demo_data" / name)
     sets = [f"{key}={paths[source]}" for key, source in fill.items()]
+    run_dir = workdir / f"demo-{name}"
+    if name in COMPARISONS:
+        return run_comparison(COMPARISONS[name], RECIPES / recipe, sets, run_dir, list(overrides or []))
+    cfg = load_config(RECIPES / recipe, [*sets, f"run_dir={run_dir}", *(overrides or [])])
     from .train import train
 
-    if name not in COMPARISONS:
-        cfg = load_config(RECIPES / recipe, sets + [f"run_dir={workdir / f'demo-{name}'}"] + list(overrides or []))
-        result = train(cfg)
-        result["report"] = str(Path(cfg.run_dir) / "report.md")
-        return result
-    root = workdir / f"demo-{name}"
-    runs = {}
-    for label, (variant_recipe, variant_sets) in COMPARISONS[name].items():
-        log.info("demo %s: training %r (%d of %d)", name, label, len(runs) + 1, len(COMPARISONS[name]))
-        cfg = load_config(RECIPES / variant_recipe,
-                          sets + variant_sets + [f"run_dir={root / label}"] + list(overrides or []))
-        runs[label] = train(cfg)
-    return comparison_report(root, runs, paths.get("classes"))
-
-
-def comparison_report(root: Path, runs: dict[str, dict], classes: str | None = None) -> dict:
-    """Side-by-side table of the variants' headline numbers: ``root/report.md``, stderr, and the result dict."""
-    columns = sorted({k for r in runs.values() for k, v in r.items()
-                      if isinstance(v, (int, float, str)) and k not in ("run_dir", "report")})
-    lines = ["| objective | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for label, r in runs.items():
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    result: dict = {f"{label}_{k}": v for label, r in runs.items() for k, v in r.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if classes:
-        n = len([c for c in Path(classes).read_text().splitlines() if c.strip()])
-        result["chance_top1"] = 1 / n
-        lines += ["", f"Chance top-1 accuracy: {1 / n:.3f} ({n} classes)."]
-    table = "\n".join(lines)
-    print(table, file=sys.stderr)
-    atomic_write_text(root / "report.md", f"# {root.name}: objectives compared\n\n{table}\n\n"
-                      + "\n".join(f"- {label}: [{label}/report.md]({label}/report.md)" for label in runs) + "\n")
-    result["run_dir"] = str(root)
-    result["report"] = str(root / "report.md")
-    write_json(root / "results.json", result)
+    result = train(cfg)
+    result["report"] = str(Path(cfg.run_dir) / "report.md")
+    result["report_html"] = str(Path(cfg.run_dir) / "report.html")
     return result
+
+
+def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_dir: Path,
+                   overrides: list[str]) -> dict:
+    """Train every variant with every seed (runs in ``run_dir/<variant>-seed<k>``); the summary goes to
+    ``run_dir/results.json`` and ``run_dir/report.md``. ``overrides`` apply to every run, after the variant's."""
+    from .train import train
+
+    runs: dict[str, list[dict]] = {v: [] for v in comparison.variants}
+    for seed in comparison.seeds:
+        for variant, variant_sets in comparison.variants.items():
+            log.info("comparison %s: %s, seed %d", run_dir.name, variant, seed)
+            cfg = load_config(recipe, [*sets, *variant_sets, f"seed={seed}",
+                                       f"run_dir={run_dir / f'{variant}-seed{seed}'}", *overrides])
+            runs[variant].append(train(cfg))
+    result: dict = summarise(runs, comparison.metrics)
+    result.update({"seeds": len(comparison.seeds), "run_dir": str(run_dir), "report": str(run_dir / "report.md")})
+    write_json(run_dir / "results.json", result)
+    report = write_comparison_report(run_dir, runs, comparison.metrics)
+    log.info("%s", report.read_text())  # the table, on stderr
+    if comparison.findings:
+        template = (recipe.parent / comparison.findings).read_text()
+        (run_dir / "findings.md").write_text(template.format_map(result))
+    return result
+
+
+def summarise(runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> dict[str, float]:
+    """``<variant>_<metric>_mean`` and ``_std`` (sample standard deviation over seeds) of every reported metric."""
+    out = {}
+    for variant, results in runs.items():
+        for metric in metrics:
+            values = [r[metric] for r in results if metric in r]
+            if values:
+                out[f"{variant}_{metric}_mean"] = statistics.fmean(values)
+                out[f"{variant}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def write_comparison_report(run_dir: Path, runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> Path:
+    """Markdown: mean +- std per variant and metric, the per-seed values, and links to every run's report."""
+    variants = list(runs)
+    lines = [f"# Comparison: {', '.join(variants)} ({len(next(iter(runs.values())))} seeds each)", "",
+             "| metric | " + " | ".join(f"{v} (mean ± std)" for v in variants) + " | per seed |",
+             "|---|" + "---|" * (len(variants) + 1)]
+    for metric in metrics:
+        cells, seeds = [], []
+        for v in variants:
+            values = [r[metric] for r in runs[v] if metric in r]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}" if values else "-")
+            seeds.append(f"{v}: " + ", ".join(f"{x:.3f}" for x in values))
+        lines.append(f"| {metric} | " + " | ".join(cells) + " | " + "; ".join(seeds) + " |")
+    lines += ["", "Runs: " + ", ".join(f"[{Path(r['run_dir']).name}]({Path(r['run_dir']).name}/report.md)"
+                                       for v in variants for r in runs[v])]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

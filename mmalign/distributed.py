@@ -50,3 +50,12 @@ def local_rows(global_batch: int, local_batch: int) -> slice:
     start = rank() * local_batch
     assert start + local_batch <= global_batch, "local batch does not fit in the gathered batch"
     return slice(start, start + local_batch)
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (``values`` itself on one process); every rank must call it."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

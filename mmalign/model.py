@@ -1,4 +1,8 @@
-"""AlignmentModel: one adapter per modality, a learnable logit scale (and SigLIP bias), save/load with safetensors."""
+"""AlignmentModel: one adapter per modality, a learnable logit scale (and SigLIP bias), save/load with safetensors.
+
+A captioning model (CoCa, ``model.caption``) also has a caption decoder: the text modality's tower, whose
+cross-attending half reads a context pooled from the captioned modality's tower tokens (``ModalityAdapter``).
+"""
 from __future__ import annotations
 
 import copy
@@ -6,16 +10,19 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .config import ModelConfig, from_dict, to_dict
+from .config import GenerationConfig, ModelConfig, from_dict, to_dict
 from .errors import ConfigError
+from .heads.generation import generate
+from .losses.caption import caption_inputs
 from .io import atomic_dir, write_json
 from .modalities import Modality, ModalityAdapter, build_modality
+from .modalities.base import merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +43,11 @@ class AlignmentModel(nn.Module):
         self.modalities: dict[str, Modality] = {
             name: build_modality(name, cfg) for name, cfg in config.modalities.items()
         }
-        self.adapters = nn.ModuleDict(
-            {name: ModalityAdapter(m, config.embed_dim) for name, m in self.modalities.items()}
-        )
+        self.adapters = nn.ModuleDict(build_adapters(config, self.modalities))
         ls = config.logit_scale
         init = ls.init if ls.init is not None else (10.0 if config.logit_bias else 1 / 0.07)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=ls.learnable)
+        learned = ls.learnable and ls.schedule is None  # a scheduled scale comes from the loop (TemperatureSchedule)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learned)
         if config.logit_bias:
             self.logit_bias = nn.Parameter(torch.tensor(ls.bias_init if ls.bias_init is not None else -10.0))
         else:
@@ -62,12 +68,69 @@ class AlignmentModel(nn.Module):
         """Normalised embeddings of one modality; rows flagged absent in ``present`` get its missing embedding."""
         if name not in self.adapters:
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(self.adapters)}")
-        return self.adapters[name](inputs, present)
+        return self.adapters[name](inputs, present=present)
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Normalised embeddings for every modality of the model that the batch carries (presence masks applied)."""
-        return {name: adapter(batch[name], batch.get(f"{name}__present"))
-                for name, adapter in self.adapters.items() if name in batch}
+    def forward(self, batch: dict[str, Any], loss_inputs: bool = False, features: Collection[str] = ()):
+        """Normalised embeddings for every modality of the model that the batch carries.
+
+        With ``loss_inputs``: ``(embeddings, keyword arguments for the objective)``; for a captioning model whose
+        batch carries both the captioned modality and the text, these are the caption logits, labels and pad id
+        (``losses.caption.caption_inputs``), and both embeddings come from the same passes as the logits. The
+        towers of the modalities named in ``features`` also give their outputs before projection, from the same
+        pass, as ``frozen_features`` (e.g. a frozen text tower's features for CWCL's soft targets; a locked tower
+        computes them without gradient, from its cache when enabled). Presence masks in the batch
+        (``<name>__present``) give absent items the modality's learned missing embedding.
+        """
+        cap = self.config.caption
+        captioning = loss_inputs and cap is not None and cap.context in batch and cap.text in batch
+        pair = (cap.context, cap.text) if captioning else ()
+        with_features = [name for name in features if name in batch] if loss_inputs else []
+        out = {name: adapter(batch[name], present=batch.get(f"{name}__present"))
+               for name, adapter in self.adapters.items()
+               if name in batch and name not in pair and name not in with_features}
+        if not loss_inputs:
+            return out
+        extras: dict[str, Any] = {}
+        if with_features:
+            extras["frozen_features"] = {}
+            for name in with_features:
+                out[name], extras["frozen_features"][name] = self.adapters[name](
+                    batch[name], return_features=True, present=batch.get(f"{name}__present"))
+        if captioning:
+            out[cap.context], context = self.adapters[cap.context].embed_with_context(batch[cap.context])
+            text = batch[cap.text]
+            out[cap.text], logits = self.adapters[cap.text].caption(text, context)
+            extras.update(caption_inputs(logits, text["input_ids"], text["attention_mask"]))
+        return out, extras
+
+    @torch.no_grad()
+    def generate_captions(self, inputs: Any, generation: GenerationConfig | None = None,
+                          generator: torch.Generator | None = None) -> list[str]:
+        """Captions for a batch of the captioned modality's inputs (``model.caption.context``).
+
+        ``generation`` picks the strategy and its options (default: greedy); sampling draws from ``generator``
+        (default: one seeded with ``generation.seed``).
+        """
+        cap = self.config.caption
+        if cap is None:
+            raise ConfigError("this model has no caption decoder (model.caption is not set)")
+        gen = generation or GenerationConfig()
+        text = self.modalities[cap.text]
+        limit = text.max_length - 1  # BOS + generated tokens must fit the decoder's positions
+        max_length = gen.max_length or limit
+        if max_length > limit:
+            raise ConfigError(f"max_length {max_length} is more than the decoder can place after BOS ({limit})")
+        _, context = self.adapters[cap.context].embed_with_context(inputs)
+        if gen.strategy == "sample" and generator is None:
+            generator = torch.Generator(device=context.device).manual_seed(gen.seed)
+        tok = text.tokenizer
+        ids = generate(
+            self.adapters[cap.text].tower.step, context, tok.bos_id, tok.eos_id, tok.pad_id, max_length,
+            min_length=gen.min_length, strategy=gen.strategy, num_beams=gen.num_beams, top_k=gen.top_k,
+            top_p=gen.top_p, temperature=gen.temperature, repetition_penalty=gen.repetition_penalty,
+            no_repeat_ngram_size=gen.no_repeat_ngram_size, generator=generator, length_penalty=gen.length_penalty,
+        )
+        return tok.decode(ids)
 
     def presence(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         """The batch's presence masks of the optional modalities (what the objectives take as ``present=``).
@@ -77,6 +140,14 @@ class AlignmentModel(nn.Module):
         """
         optional = [name for name, m in self.config.modalities.items() if m.optional]
         return {name: batch[f"{name}__present"] for name in optional} if optional else None
+
+    def merge_lora(self) -> "AlignmentModel":
+        """Fold every tower's LoRA adapters into its weights (same embeddings, plain modules); returns self."""
+        for name, adapter in self.adapters.items():
+            if self.config.modalities[name].lora is not None:
+                adapter.tower = merge_lora(adapter.tower)
+                self.config.modalities[name].lora = None
+        return self
 
     # ------------------------------------------------------------------------------------------- save / load
 
@@ -100,8 +171,33 @@ class AlignmentModel(nn.Module):
         for m in config.modalities.values():
             m.init = "scratch"  # every weight comes from model.safetensors
             m.pretrained = None
-            if m.model and m.model.startswith("./"):
-                m.model = str(directory / m.model[2:])
+            for key in ("model", "tokenizer"):  # assets saved inside the model folder
+                value = getattr(m, key, None)
+                if value and value.startswith("./"):
+                    setattr(m, key, str(directory / value[2:]))
         model = cls(config)
         load_model(model, str(directory / WEIGHTS_NAME), device=map_location)
         return model
+
+
+def build_adapters(config: ModelConfig, modalities: dict[str, Modality]) -> dict[str, ModalityAdapter]:
+    """One adapter per modality, in config order; with ``config.caption`` the text adapter's tower is a caption
+    decoder and the captioned modality's adapter gets a CoCa head producing a context as wide as the decoder's."""
+    cap = config.caption
+    adapters: dict[str, ModalityAdapter] = {}
+    coca = None
+    if cap is not None:
+        adapters[cap.text] = ModalityAdapter(modalities[cap.text], config.embed_dim)
+        decoder = adapters[cap.text].tower
+        if not hasattr(decoder, "caption"):
+            raise ConfigError(f"model.caption.text: modality {cap.text!r} needs a caption decoder tower "
+                              f"(tower: coca_decoder), not {modalities[cap.text].cfg.tower!r}")
+        coca = {"context_dim": decoder.context_dim, "n_queries": cap.n_queries, "n_heads": cap.heads}
+    for name, modality in modalities.items():
+        if name not in adapters:
+            adapters[name] = ModalityAdapter(modality, config.embed_dim,
+                                             coca=coca if cap is not None and name == cap.context else None)
+        if hasattr(adapters[name].tower, "caption") and (cap is None or name != cap.text):
+            raise ConfigError(f"modality {name!r}: a caption decoder tower needs model.caption "
+                              f"(context: the modality to caption, text: {name})")
+    return {name: adapters[name] for name in modalities}

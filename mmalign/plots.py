@@ -22,7 +22,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]:
-    """Loss/scale curves, similarity matrix, retrieval recall@k and per-class accuracy; returns the PNG paths."""
+    """Loss/scale curves, similarity matrix, retrieval recall@k (the curve in ``extras["_recall_curve"]``, else the
+    headline ks), per-class accuracy, the zero-shot confusion matrix and the PCA of the diagnostic embeddings
+    (``extras["_embeddings"]``); returns the PNG paths."""
     written = []
     rows = _metrics(run_dir)
     if rows:
@@ -40,13 +42,13 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         ax.set(xlabel="gallery item", ylabel="query", title="cosine similarity (first queries)")
         fig.colorbar(im)
         written.append(_save(fig, run_dir / "similarity_matrix.png"))
-    recall = {k: v for k, v in results.items() if k.startswith("retrieval_") and "_R@" in k}
-    if recall:
+    curves = extras.get("_recall_curve") or _recall_from_results(results)
+    if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for direction in sorted({k.split("_")[1] for k in recall}):
-            ks = sorted(int(k.rsplit("@", 1)[1]) for k in recall if k.split("_")[1] == direction)
-            ax.plot(ks, [recall[f"retrieval_{direction}_R@{k}"] for k in ks], marker="o", label=direction)
-        ax.set(xlabel="k", ylabel="recall@k", ylim=(0, 1.02), title="retrieval recall@k")
+        for direction, curve in sorted(curves.items()):
+            ks = sorted(curve)
+            ax.plot(ks, [curve[k] for k in ks], marker="o", label=direction)
+        ax.set(xlabel="k", ylabel="recall@k", ylim=(0, 1.02), title="retrieval recall@k", xscale="log")
         ax.legend()
         written.append(_save(fig, run_dir / "retrieval_recall.png"))
     if "_per_class" in extras:
@@ -56,8 +58,46 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         ax.set_xticks(range(len(per_class)), list(per_class), rotation=45, ha="right")
         ax.set(ylabel="accuracy", ylim=(0, 1.02), title="zero-shot accuracy per class")
         written.append(_save(fig, run_dir / "per_class_accuracy.png"))
-    write_report(run_dir, results, written)
+    if "_confusion" in extras:
+        written.append(plot_confusion(*extras["_confusion"], run_dir / "confusion_matrix.png"))
+    if "_embeddings" in extras:
+        from .eval.diagnostics import embedding_pca_plot
+
+        written.append(embedding_pca_plot(extras["_embeddings"], run_dir / "embedding_pca.png"))
+    write_report(run_dir, results, written, extras.get("_captions"))
     return written
+
+
+def _recall_from_results(results: dict) -> dict[str, dict[int, float]]:
+    curves: dict[str, dict[int, float]] = {}
+    for key, value in results.items():
+        if key.startswith("retrieval_") and "_R@" in key:
+            curves.setdefault(key.split("_")[1], {})[int(key.rsplit("@", 1)[1])] = value
+    return curves
+
+
+def plot_confusion(targets: list[int], predictions: list[int], classnames: list[str], path: Path) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
+    import numpy as np
+
+    n = len(classnames)
+    counts = np.zeros((n, n), dtype=int)
+    np.add.at(counts, (np.asarray(targets), np.asarray(predictions)), 1)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(max(4.0, 0.45 * n + 2), 16)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classnames, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classnames, fontsize=8)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="zero-shot confusion matrix")
+    fig.colorbar(im, fraction=0.046)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -67,15 +107,31 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: Path, results: dict, images: list[Path]) -> Path:
+def write_report(run_dir: Path, results: dict, images: list[Path], captions: list[dict] | None = None) -> Path:
+    """``report.md``: the headline numbers, example generated captions (if any), the plots."""
     lines = [f"# Run report: {run_dir}", "", "| metric | value |", "|---|---|"]
-    for k, v in results.items():
+    for k, v in flat_results(results).items():
         if isinstance(v, float):
             lines.append(f"| {k} | {v:.4f} |")
         elif isinstance(v, (int, str)):
             lines.append(f"| {k} | {v} |")
     lines.append("")
+    if captions:
+        lines += ["## Generated captions", "", "| key | caption | a reference |", "|---|---|---|"]
+        lines += [f"| {c['key']} | {c['caption']} | {(c.get('references') or [''])[0]} |" for c in captions]
+        lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in images]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def flat_results(results: dict, prefix: str = "") -> dict:
+    """Nested result objects (``clip_benchmark``) as dotted keys."""
+    flat = {}
+    for k, v in results.items():
+        if isinstance(v, dict):
+            flat.update(flat_results(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

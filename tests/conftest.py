@@ -150,3 +150,69 @@ def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> sub
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------- shards in tests
+
+
+def shape_png(i: int, canvas: int = 16) -> bytes:
+    """PNG bytes of the ``i``-th shape/colour combination: a real little image for shards written by tests."""
+    import io
+
+    shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+    buf = io.BytesIO()
+    draw_shape(shape, COLOURS[colour], 8, (i % 5, (i // 5) % 5), canvas).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shape_sample(i: int) -> dict:
+    shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[(i // len(SHAPES)) % len(COLOURS)]
+    return {"__key__": f"s{i:05d}", "image.png": shape_png(i), "text.txt": f"a {colour} {shape}", "label.txt": shape}
+
+
+def write_shard(path, samples: list[dict]) -> str:
+    """Write ``samples`` (``__key__`` plus member name -> bytes or str) as one WebDataset tar; returns its path."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
+    return str(path)
+
+
+def save_clip_tokenizer(path: Path) -> None:
+    """The real CLIP BPE tokenizer (vocabulary shipped by open_clip) as an HF ``CLIPTokenizer`` folder, offline."""
+    import gzip
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+
+
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory) -> str:
+    """A tiny randomly initialised ``CLIPModel`` saved like a hub checkpoint: weights, CLIP tokenizer, image
+    processor (32 px, centre crop, non-default mean/std so the test sees they come from the checkpoint)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    path = tmp_path_factory.mktemp("tiny-hf-clip")
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **TINY_TOWER),
+                        vision_config=dict(image_size=32, patch_size=8, **TINY_TOWER), projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(path)
+    save_clip_tokenizer(path)
+    return str(path)

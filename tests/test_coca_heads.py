@@ -1,5 +1,4 @@
 """CoCa heads: pooler and decoder shapes and masking, a tiny head + decoder that overfits 4 captions, open_clip CoCa."""
-import time
 
 import pytest
 import torch
@@ -99,7 +98,6 @@ def test_head_shapes_and_config_errors():
 
 
 def test_tiny_coca_overfits_four_captions():
-    start = time.time()
     torch.manual_seed(0)
     captions = torch.tensor([
         [BOS, 5, 6, 7, EOS],
@@ -131,7 +129,6 @@ def test_tiny_coca_overfits_four_captions():
                         num_beams=3)
     assert generated.tolist() == captions.tolist()
     assert beam.tolist() == captions.tolist()
-    assert time.time() - start < 15
 
 
 # open_clip's CoCa family with tiny towers (model kwargs override the named config), for the slower checks

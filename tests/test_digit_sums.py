@@ -25,15 +25,13 @@ def test_tiny_build_has_three_modalities_and_consistent_captions(tmp_path):
         assert glyph.size == (12, 12) and max(glyph.getextrema()) > 100  # the digit is drawn
 
 
-def test_comparison_report_puts_the_objectives_side_by_side(tmp_path):
-    from mmalign.demos import comparison_report
+def test_symile_comparison_variants_load_and_findings_name_only_summary_fields():
+    from mmalign.config import load_config
+    from mmalign.demos import COMPARISONS, RECIPES, summarise
 
-    (tmp_path / "classes.txt").write_text("zero\none\n")
-    runs = {"symile": {"zeroshot_top1": 0.9, "zeroshot_score": "mip", "steps": 5, "run_dir": "x"},
-            "clip": {"zeroshot_top1": 0.5, "zeroshot_score": "cosine", "steps": 5, "run_dir": "y"}}
-    result = comparison_report(tmp_path / "cmp", runs, str(tmp_path / "classes.txt"))
-    assert result["symile_zeroshot_top1"] == 0.9 and result["clip_zeroshot_top1"] == 0.5
-    assert result["chance_top1"] == 0.5 and "symile_zeroshot_score" not in result
-    report = (tmp_path / "cmp" / "report.md").read_text()
-    assert "| symile | 5 | mip | 0.900 |" in report and "| clip | 5 | cosine | 0.500 |" in report
-    assert json.loads((tmp_path / "cmp" / "results.json").read_text()) == result
+    symile = COMPARISONS["symile"]
+    losses = {v: load_config(RECIPES / "symile.yaml", sets).loss for v, sets in symile.variants.items()}
+    assert {v: loss.name for v, loss in losses.items()} == {"symile": "symile", "gram": "gram", "clip": "clip"}
+    assert losses["gram"].kwargs == load_config(RECIPES / "gram.yaml").loss.kwargs == {"anchor": "text"}
+    full = summarise({v: [{m: 0.5 for m in symile.metrics}] for v in symile.variants}, symile.metrics)
+    (RECIPES / symile.findings).read_text().format_map({**full, "seeds": 1, "run_dir": "x", "report": "x"})

@@ -324,6 +324,21 @@ def test_variant_objectives_equal_their_functions():
     assert torch.autograd.grad(out["loss"], (a, q), allow_unused=True)[1] is None
 
 
+def test_cwcl_objective_logs_the_positive_target_mass():
+    a, b = _feats(B=6)
+    q = torch.randn(6, 5, dtype=F64)
+    out = build_loss("cwcl", ["image", "text"], weights_from="text")(
+        {"image": a, "text": b}, logit_scale=torch.tensor(10.0, dtype=F64), frozen_features={"text": q})
+    w = cwcl_weights(q)
+    torch.testing.assert_close(out["cwcl_positive_mass"], (w.diag() / w.sum(1)).mean())
+    assert not out["cwcl_positive_mass"].requires_grad
+    # Orthogonal frozen features: every other pair weighs 1/2, so the own pair holds 1 / (1 + (B - 1) / 2).
+    out = build_loss("cwcl", ["image", "text"], weights_from="text")(
+        {"image": a, "text": b}, logit_scale=10.0, frozen_features={"text": torch.eye(6, dtype=F64)})
+    assert out["cwcl_positive_mass"].item() == pytest.approx(1 / 3.5)
+    assert out["loss"].item() == pytest.approx(out["loss_image_text"].item())  # logged, not optimised
+
+
 def test_cwcl_objective_errors():
     a, b = _feats()
     loss_fn = build_loss("cwcl", ["image", "text"], weights_from="image")
@@ -366,6 +381,9 @@ def test_two_processes_equal_one(torchrun):
         assert all(r["q_grad_is_none"] for r in per_rank), label
         mean_loss = sum(r["loss"] for r in per_rank) / len(per_rank)
         assert mean_loss == pytest.approx(out["loss"].item(), rel=1e-12), label
+        if "cwcl_positive_mass" in out:  # a mean over local rows: ranks average to the whole batch's value
+            mass = sum(r["components"]["cwcl_positive_mass"] for r in per_rank) / len(per_rank)
+            assert mass == pytest.approx(out["cwcl_positive_mass"].item(), rel=1e-12), label
         # Each rank's local gradient is N x the gradient of the global mean loss (DDP averages it back).
         grad_a = torch.cat([torch.tensor(r["grad_a"], dtype=F64) for r in per_rank]) / len(per_rank)
         grad_b = torch.cat([torch.tensor(r["grad_b"], dtype=F64) for r in per_rank]) / len(per_rank)

@@ -6,6 +6,8 @@ Sample layout: ``<modality>.<ext>`` members (``image.png``, ``audio.flac``, ...)
 * CSV/JSONL: a column/field named ``text``, ``caption`` or ``captions`` holds captions (a JSON list or one
   string; rows that repeat the same files are merged into one sample with several captions); ``label`` holds a
   class name; every other column is a file path (relative to the CSV's folder) whose modality is the column name.
+  A time series file (``.npy``, a WFDB ``.hea`` header, a signal ``.csv``) becomes ``<modality>.npy`` (channels x
+  time) + ``<modality>.json`` (sampling rate, lead names, units).
 * Folder tree ``DIR/<class>/<file>``: the file's kind comes from its extension, the caption and label are the
   class name (underscores read as spaces); ``classes.txt`` lists the classes.
 """
@@ -20,7 +22,7 @@ from typing import Iterator
 import webdataset as wds
 
 from ..errors import DataError
-from ..modalities import MODALITIES
+from ..modalities import MODALITIES, Modality
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,16 @@ TEXT_FIELDS = ("text", "caption", "captions")
 def kind_of_extension(ext: str) -> str | None:
     ext = ext.lower().lstrip(".")
     for kind, cls in MODALITIES.items():
-        if kind != "text" and ext in cls.extensions:
+        if kind != "text" and ext in cls.extensions + cls.file_extensions:
             return kind
     return None
+
+
+def file_members(path: Path) -> dict[str, bytes]:
+    """Shard members for a file on disk, packed as the modality kind of its extension does (a WFDB header or
+    signal CSV becomes ``npy`` + ``json``); other files are stored as they are."""
+    kind = kind_of_extension(path.suffix)
+    return (MODALITIES[kind] if kind else Modality).file_members(path)
 
 
 def _captions(value) -> list[str]:
@@ -134,7 +143,8 @@ def write_shards(source: str | Path, out_dir: str | Path, shard_size: int = 1000
         for rec in records:
             sample = {"__key__": f"{n:09d}"}
             for modality, path in rec["files"].items():
-                sample[f"{modality}.{path.suffix.lower().lstrip('.')}"] = path.read_bytes()
+                for ext, data in file_members(path).items():
+                    sample[f"{modality}.{ext}"] = data
             if rec["captions"]:
                 sample["text.json"] = json.dumps(rec["captions"]).encode()
             if rec["label"] is not None:

@@ -32,6 +32,19 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
     return uniformity_loss(F.normalize(x.float(), dim=-1), t).item()
 
 
+def embedding_diagnostics(embeddings: dict[str, torch.Tensor]) -> dict[str, float]:
+    """All diagnostics of paired embeddings (row i of every modality is one sample): ``modality_gap_<a>_<b>`` and
+    ``alignment_<a>_<b>`` for every pair of modalities, ``uniformity_<m>`` for each."""
+    names = list(embeddings)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            out[f"modality_gap_{a}_{b}"] = modality_gap(embeddings[a], embeddings[b])
+            out[f"alignment_{a}_{b}"] = alignment(embeddings[a], embeddings[b])
+    out.update({f"uniformity_{m}": uniformity(x) for m, x in embeddings.items()})
+    return out
+
+
 @torch.no_grad()
 def pca_2d(x: torch.Tensor) -> torch.Tensor:
     """Projection of the rows of ``x`` (N x D) on its first two principal components (exact SVD), N x 2."""

@@ -8,8 +8,10 @@ from ..data import expand_urls, iterate_batches
 
 
 @torch.no_grad()
-def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256, num_workers: int = 0) -> dict:
-    """Embeddings of ``modalities`` for every usable sample in ``data`` (a shard spec), in order.
+def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256, num_workers: int = 0,
+                 max_samples: int | None = None) -> dict:
+    """Embeddings of ``modalities`` for every usable sample in ``data`` (a shard spec), in order; with
+    ``max_samples``, of the first batches that hold that many samples (whole batches: possibly a few more).
 
     Returns ``{"embeddings": {name: N_or_M x D}, "owners": {name: M or None}, "present": {name: N booleans},
     "labels": [...], "keys": [...], "skipped": {...}}``; items with several entries per sample (captions) come with
@@ -38,6 +40,8 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
                 owners[name].append(owner + len(keys))
         labels += batch["label"]
         keys += batch["__key__"]
+        if max_samples is not None and len(keys) >= max_samples:
+            break
     return {
         "embeddings": {n: torch.cat(e) if e else torch.empty(0) for n, e in embs.items()},
         "owners": {n: torch.cat(o) if o else None for n, o in owners.items()},

@@ -7,17 +7,43 @@ carry every modality involved are evaluated.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
+from ..config import GenerationConfig
+from ..data import expand_urls
+from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
 from ..errors import ConfigError, DataError
+from ..io import atomic_write_text
+from ..modalities import Modality
+from ..modalities.text import TextModality, parse_captions
+from .captioning import caption_exact_match, caption_metrics
+from .diagnostics import embedding_diagnostics
 from .embed import complete_samples, embed_shards
 from .nway import nway_scores
 from .retrieval import bidirectional_retrieval, retrieval_metrics
 from .zeroshot import classification_metrics, read_lines, read_templates, zeroshot_classifier
 
 log = logging.getLogger(__name__)
+
+HEADLINE_KS = (1, 5, 10)
+CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100)  # recall@k curve in the report
+
+
+def merge_results(results: dict, new: dict) -> dict:
+    """``results.update(new)``, merging the ``clip_benchmark`` sub-objects instead of replacing one by the other."""
+    for key, value in new.items():
+        if key == "clip_benchmark" and key in results:
+            results[key] = {**results[key], **value}
+        else:
+            results[key] = value
+    return results
 
 
 def default_query(model, text: str = "text") -> str:
@@ -46,9 +72,9 @@ def model_score(model, score: str | None) -> str:
     return score or model.config.nway_score or "cosine"
 
 
-def abbrev(query: list[str], gallery: str) -> str:
-    """``image``/``text`` -> ``i2t``, as in the CLIP literature; ``image,audio``/``text`` -> ``ia2t``."""
-    return f"{''.join(q[0] for q in query)}2{gallery[0]}"
+def abbrev(query: str | list[str], gallery: str) -> str:
+    """``image``/``text`` -> ``i2t``, as in the CLIP literature; ``[image, audio]``/``text`` -> ``ia2t``."""
+    return f"{''.join(q[0] for q in ([query] if isinstance(query, str) else query))}2{gallery[0]}"
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
@@ -77,19 +103,24 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         logits = emb["embeddings"][queries[0]] @ classifier
     else:
         logits = nway_scores({q: emb["embeddings"][q] for q in queries}, classifier.T, model_score(model, score))
-    k = min(5, len(classnames))
-    acc = classification_metrics(logits, target, topk=(1, k))
-    predictions = torch.tensor(acc["predictions"])
-    per_class = {c: (predictions[target == i] == i).float().mean().item() if (target == i).any() else 0.0
-                 for c, i in index.items()}
+    k5 = min(5, len(classnames))
+    acc = classification_metrics(logits, target, topk=(1, k5))
+    per_class = {c: 0.0 for c in classnames}
+    for c, i in index.items():
+        mask = target == i
+        if mask.any():
+            per_class[c] = (torch.tensor(acc["predictions"])[mask] == i).float().mean().item()
     out = {
         "zeroshot_top1": acc["acc1"],
-        f"zeroshot_top{k}": acc[f"acc{k}"],
+        f"zeroshot_top{k5}": acc[f"acc{k5}"],
         "zeroshot_mean_per_class_recall": acc["mean_per_class_recall"],
         "zeroshot_n": len(labels),
+        # CLIP_benchmark's keys (acc5 is top-min(5, classes), as every class is within the top 5 of fewer classes)
+        "clip_benchmark": {"acc1": acc["acc1"], "acc5": acc[f"acc{k5}"],
+                           "mean_per_class_recall": acc["mean_per_class_recall"]},
         "_per_class": per_class,
         "_confusion": (target.tolist(), acc["predictions"], classnames),
-        "_skipped": emb["skipped"],
+        "skipped": emb["skipped"].get("counts", {}),
     }
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
@@ -100,36 +131,188 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
                        num_workers: int = 0, score: str | None = None) -> dict:
     """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
 
-    With several query modalities: N-way retrieval of the gallery items from each sample's tuple (one direction).
+    With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
+    ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and ``image_retrieval_recall@k`` (each text
+    retrieves its item; named "image" as in CLIP_benchmark whatever the non-text modality). ``_retrieval`` (the
+    embeddings, sample keys and owners) and ``_recall_curve`` are for the report. With several query modalities:
+    N-way retrieval of the gallery items from each sample's tuple (that direction only; see ``nway_retrieval``).
     """
     queries = query_modalities(model, query, gallery)
     names = queries + [gallery]
     emb = complete_samples(embed_shards(model, data, names, batch_size, num_workers), names)
-    g, owner = emb["embeddings"][gallery], emb["owners"][gallery]
-    n = len(emb["keys"])
-    if n == 0:
+    if not emb["keys"]:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(names)} present)")
-    if len(queries) == 1:
-        q = emb["embeddings"][queries[0]]
-        metrics = bidirectional_retrieval(q, g, owner, queries[0][0], gallery[0])
-        similarity = q[:32] @ g[:64].T
-    else:
-        method = model_score(model, score)
-        tuples = torch.stack([emb["embeddings"][m] for m in queries], dim=1)  # N x K x D
-
-        def scores(rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-            return nway_scores(dict(zip(queries, rows.unbind(1))), items, method)
-
-        owner = owner if owner is not None else torch.arange(g.shape[0])
-        positives = [[] for _ in range(n)]
-        for j, i in enumerate(owner.tolist()):
-            positives[i].append(j)
-        found = retrieval_metrics(tuples, g, positives, map_at=10, similarity=scores)
-        metrics = {f"{abbrev(queries, gallery)}_{k}": v for k, v in found.items()}
-        metrics["score"] = method
-        similarity = scores(tuples[:32], g[:64])
-    out = {f"retrieval_{k}": v for k, v in metrics.items()}
-    out["retrieval_n"] = n
-    out["_similarity"] = similarity
-    out["_skipped"] = emb["skipped"]
+    if len(queries) > 1:
+        return nway_retrieval(emb, queries, gallery, model_score(model, score))
+    query = queries[0]
+    q, g = emb["embeddings"][query], emb["embeddings"][gallery]
+    ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= max(g.shape[0], q.shape[0])}))
+    metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0], ks=ks)
+    directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
+    out = {f"retrieval_{k}": v for k, v in metrics.items() if "_R@" not in k or int(k.rsplit("@", 1)[1]) in HEADLINE_KS}
+    out["retrieval_n"] = q.shape[0]
+    kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
+    if "text" in kinds and kinds[0] != kinds[1]:
+        to_text, to_other = directions if kinds[1] == "text" else directions[::-1]
+        out["clip_benchmark"] = {
+            **{f"image_retrieval_recall@{k}": metrics[f"{to_other}_R@{k}"] for k in HEADLINE_KS},
+            **{f"text_retrieval_recall@{k}": metrics[f"{to_text}_R@{k}"] for k in HEADLINE_KS},
+        }
+    out["_recall_curve"] = {d: {k: metrics[f"{d}_R@{k}"] for k in ks} for d in directions}
+    out["_retrieval"] = {"data": data, "query": query, "gallery": gallery, "query_embeddings": q,
+                         "gallery_embeddings": g, "owners": emb["owners"][gallery], "keys": emb["keys"]}
+    out["_similarity"] = (q[:32] @ g[:64].T)
+    out["skipped"] = emb["skipped"].get("counts", {})
     return out
+
+
+def nway_retrieval(emb: dict, queries: list[str], gallery: str, method: str) -> dict:
+    """Each sample's tuple of ``queries`` embeddings ranks all ``gallery`` items by ``method`` (its own are the
+    positives): R@k, mAP, mAP@10 under ``retrieval_<abbrev>_``, the recall curve and similarity for the report."""
+    g, owner = emb["embeddings"][gallery], emb["owners"][gallery]
+    tuples = torch.stack([emb["embeddings"][m] for m in queries], dim=1)  # N x K x D
+
+    def scores(rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return nway_scores(dict(zip(queries, rows.unbind(1))), items, method)
+
+    positives: list[list[int]] = [[] for _ in range(tuples.shape[0])]
+    for j, i in enumerate((owner if owner is not None else torch.arange(g.shape[0])).tolist()):
+        positives[i].append(j)
+    ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= g.shape[0]}))
+    metrics = retrieval_metrics(tuples, g, positives, ks=ks, map_at=10, similarity=scores)
+    direction = abbrev(queries, gallery)
+    out = {f"retrieval_{direction}_{k}": v for k, v in metrics.items()
+           if not k.startswith("R@") or int(k[2:]) in HEADLINE_KS}
+    out["retrieval_score"] = method
+    out["retrieval_n"] = tuples.shape[0]
+    out["_recall_curve"] = {direction: {k: metrics[f"R@{k}"] for k in ks}}
+    out["_similarity"] = scores(tuples[:32], g[:64])
+    out["skipped"] = emb["skipped"].get("counts", {})
+    return out
+
+
+def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: int = 500, num_workers: int = 0) -> dict:
+    """Embedding-space diagnostics (modality gap, alignment, uniformity) of the first ``max_samples`` samples of
+    ``data``: one row per sample and modality (the first caption where a sample has several)."""
+    names = list(model.modalities)
+    emb = complete_samples(embed_shards(model, data, names, batch_size, num_workers, max_samples), names)
+    if not emb["keys"]:
+        raise DataError(f"{data}: no sample with all of {', '.join(model.modalities)} for the embedding diagnostics")
+    paired = {}
+    for name, x in emb["embeddings"].items():
+        owners = emb["owners"][name]
+        if owners is not None:
+            first = torch.ones_like(owners, dtype=torch.bool)
+            first[1:] = owners[1:] != owners[:-1]
+            x = x[first]
+        paired[name] = x[:max_samples]
+    out: dict = embedding_diagnostics(paired)
+    out["diagnostics_n"] = next(iter(paired.values())).shape[0]
+    out["_embeddings"] = paired
+    return out
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def caption_items(data: str, name: str, modality: Modality, text: str,
+                  stats: SkipStats) -> Iterator[tuple[str, Any, list[str] | None, str | None]]:
+    """(key, item ready to collate, reference captions or None, label or None) for each item to caption.
+
+    ``data``: shards (their ``name`` member is captioned; the ``text`` member gives references, ``label.txt`` the
+    class word), or files of the captioned modality: a folder (searched recursively), a glob, paths separated by
+    ``::``. Unusable samples are skipped and counted in ``stats``; a file of another kind is an error.
+    """
+    extensions = (*modality.extensions, *modality.file_extensions)
+    if os.path.isdir(data):
+        paths = sorted(str(f) for f in Path(data).rglob("*") if f.suffix.lower().lstrip(".") in extensions)
+        if not paths:
+            raise DataError(f"{data}: no {'/'.join(extensions)} files to caption")
+    else:
+        paths = expand_urls(data)
+    if all(u.endswith(SHARD_SUFFIXES) for u in paths):
+        samples = ShardReader(stats)({"url": u} for u in paths)
+    else:
+        for path in paths:
+            if Path(path).suffix.lower().lstrip(".") not in extensions:
+                raise DataError(f"{path}: cannot caption a {Path(path).suffix or 'suffix-less'} file "
+                                f"({name} files are {', '.join(extensions)})")
+        samples = ({"__key__": path, "__url__": path, **modality.file_members(Path(path))} for path in paths)
+    for sample in samples:
+        key = sample["__key__"]
+        where = f"{sample.get('__url__', '?')}:{key}"
+        member = find_member(sample, name, modality.extensions)
+        if member is None:
+            stats.add(f"missing {name}", where)
+            continue
+        text_member = find_member(sample, text, TextModality.extensions)
+        try:
+            item = modality.transform(modality.decode_member(sample, member), train=False)
+        except DataError as e:
+            stats.add(f"bad {name}", f"{where}: {member}: {e}")
+            continue
+        try:
+            refs = parse_captions(sample[text_member], text_member.rsplit(".", 1)[-1]) if text_member else None
+        except DataError as e:
+            stats.add(f"bad {text}", f"{where}: {text_member}: {e}")
+            continue
+        try:
+            label = decode_label(sample, where)
+        except SkipSample as e:
+            stats.add(e.reason, e.where)
+            continue
+        yield key, item, refs, label
+
+
+def evaluate_captions(model, data: str, out: str | Path, generation: GenerationConfig | None = None,
+                      batch_size: int = 256) -> dict:
+    """Caption every item of ``data`` (see ``caption_items``) with a CoCa model, write ``out`` as JSONL, score.
+
+    Each JSONL row holds ``key`` and ``caption``, plus ``references`` and ``label`` where the data has them.
+    Returns ``caption_n``, ``captions`` (the path), ``caption_BLEU-1..4`` and ``caption_CIDEr`` over the items
+    with references, and ``caption_exact_match`` (the class word appears in the caption) over those with labels.
+    """
+    cap = model.config.caption
+    if cap is None:
+        raise ConfigError("this model has no caption decoder (model.caption is not set)")
+    gen = generation or GenerationConfig()
+    modality = model.modalities[cap.context]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(gen.seed)
+    model.eval()
+    stats = SkipStats()
+    rows: list[dict[str, Any]] = []
+    batch: list[tuple] = []
+
+    def flush() -> None:
+        inputs = modality.collate([item for item, _ in batch])
+        inputs = inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
+        for (_, row), caption in zip(batch, model.generate_captions(inputs, gen, generator)):
+            rows.append({"key": row["key"], "caption": caption, **{k: v for k, v in row.items() if k != "key"}})
+        batch.clear()
+
+    for key, item, refs, label in tqdm(caption_items(data, cap.context, modality, cap.text, stats),
+                                       desc="caption", unit="item", leave=False):
+        row = {"key": key}
+        row.update({k: v for k, v in (("references", refs), ("label", label)) if v is not None})
+        batch.append((item, row))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not rows:
+        raise DataError(f"{data}: nothing to caption (skipped: {dict(stats.counts)})")
+    out = Path(out)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    result: dict[str, Any] = {"caption_n": len(rows), "captions": str(out)}
+    scored = [r for r in rows if "references" in r]
+    if scored:
+        metrics = caption_metrics([r["caption"] for r in scored], [r["references"] for r in scored])
+        result.update({f"caption_{k}": v for k, v in metrics.items()})
+    labelled = [r for r in rows if "label" in r]
+    if labelled:
+        result["caption_exact_match"] = caption_exact_match([r["caption"] for r in labelled],
+                                                            [r["label"] for r in labelled])
+    result["skipped"] = dict(stats.counts)
+    result["_examples"] = rows[:8]
+    return result

@@ -49,12 +49,14 @@ class CocaTextDecoder(nn.Module):
     on CLS. Pre-norm layers with GELU (``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``).
 
     pad_id: if given, ``forward`` without an ``attention_mask`` treats tokens equal to it as padding.
+    embed_dim: None leaves out the text projection (the embedding is then ``width`` wide and the caller projects it,
+    as ``ModalityAdapter`` does for the ``coca_decoder`` text tower).
     """
 
     def __init__(
         self,
         vocab_size: int,
-        embed_dim: int,
+        embed_dim: int | None,
         context_dim: int,
         width: int = 512,
         heads: int = 8,
@@ -82,7 +84,7 @@ class CocaTextDecoder(nn.Module):
         self.unimodal = nn.ModuleList(layer(nn.TransformerEncoderLayer) for _ in range(unimodal_layers))
         self.multimodal = nn.ModuleList(layer(nn.TransformerDecoderLayer) for _ in range(layers - unimodal_layers))
         self.ln_cls = nn.LayerNorm(width)
-        self.text_projection = nn.Linear(width, embed_dim, bias=False)
+        self.text_projection = nn.Linear(width, embed_dim, bias=False) if embed_dim else nn.Identity()
         self.ln_context = nn.LayerNorm(context_dim)
         self.context_projection = nn.Linear(context_dim, width) if context_dim != width else nn.Identity()
         self.ln_final = nn.LayerNorm(width)
@@ -95,14 +97,10 @@ class CocaTextDecoder(nn.Module):
             return tokens != self.pad_id
         return torch.ones_like(tokens, dtype=torch.bool)
 
-    def _run(
-        self,
-        tokens: torch.Tensor,
-        context: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        context_mask: torch.Tensor | None,
-        with_cls: bool,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _unimodal(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, with_cls: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The unimodal half: (CLS embedding or None, text states B x T x width, their self-attention mask)."""
         B, T = tokens.shape
         if T > self.context_length:
             raise ValueError(f"{T} tokens exceed the decoder's context_length {self.context_length}")
@@ -115,14 +113,24 @@ class CocaTextDecoder(nn.Module):
         mask = _self_attention_mask(valid, self.heads)
         for layer in self.unimodal:
             x = layer(x, src_mask=mask)
-        embedding = self.text_projection(self.ln_cls(x[:, -1])) if with_cls else None
-        if with_cls:  # text rows never attend to CLS (it is last), so dropping it leaves them unchanged
-            x, mask = x[:, :T], mask[..., :T, :T]
+        if not with_cls:
+            return None, x, mask
+        # text rows never attend to CLS (it is last), so dropping it leaves them unchanged
+        return self.text_projection(self.ln_cls(x[:, -1])), x[:, :T], mask[..., :T, :T]
+
+    def _multimodal(
+        self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The cross-attending half on the text states: logits B x T x V."""
         memory = self.context_projection(self.ln_context(context))
         memory_padding = None if context_mask is None else ~context_mask.bool()
         for layer in self.multimodal:
             x = layer(x, memory, tgt_mask=mask, memory_key_padding_mask=memory_padding)
-        return embedding, self.lm_head(self.ln_final(x))
+        return self.lm_head(self.ln_final(x))
+
+    def encode(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The text embedding alone (unimodal half + CLS, no context needed): B x embed_dim, unnormalised."""
+        return self._unimodal(tokens, attention_mask, with_cls=True)[0]
 
     def forward(
         self,
@@ -138,8 +146,8 @@ class CocaTextDecoder(nn.Module):
         Returns ``{"text_embedding": B x embed_dim (unnormalised), "logits": B x T x V}`` where ``logits[:, t]``
         predicts ``tokens[:, t + 1]``: the caption loss takes ``logits[:, :-1]`` and ``tokens[:, 1:]``.
         """
-        embedding, logits = self._run(tokens, context, attention_mask, context_mask, with_cls=True)
-        return {"text_embedding": embedding, "logits": logits}
+        embedding, x, mask = self._unimodal(tokens, attention_mask, with_cls=True)
+        return {"text_embedding": embedding, "logits": self._multimodal(x, mask, context, context_mask)}
 
     def step(
         self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
@@ -148,8 +156,8 @@ class CocaTextDecoder(nn.Module):
 
         This is the ``logits_fn`` that ``mmalign.heads.generation.generate`` calls (full recompute, no KV cache).
         """
-        valid = torch.ones_like(tokens, dtype=torch.bool)
-        return self._run(tokens, context, valid, context_mask, with_cls=False)[1][:, -1]
+        _, x, mask = self._unimodal(tokens, torch.ones_like(tokens, dtype=torch.bool), with_cls=False)
+        return self._multimodal(x, mask, context, context_mask)[:, -1]
 
 
 class CocaHead(nn.Module):
@@ -172,9 +180,12 @@ class CocaHead(nn.Module):
 
         Returns ``{"embedding": B x embed_dim (unnormalised), "context": B x n_queries x context_dim}``.
         """
+        return {"embedding": self.embed(tokens, mask), "context": self.caption_pooler(tokens, mask)}
+
+    def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The contrastive embedding alone (B x embed_dim, unnormalised), without the caption context."""
         pooled = self.contrastive_pooler(tokens, mask)[:, 0]
-        return {"embedding": self.projection(self.ln_embedding(pooled)),
-                "context": self.caption_pooler(tokens, mask)}
+        return self.projection(self.ln_embedding(pooled))
 
 
 class OpenClipCoca(nn.Module):

@@ -1,7 +1,7 @@
 """Alignment objectives: pure functions (the stable API) and registered loss modules for recipes.
 
 Importing a module registers its objectives: pairwise (clip, siglip), variants (cwcl, dcl, clip_hard_negatives,
-clip_plus), multimodal (symile, gram), caption (coca).
+clip_plus), multimodal (symile, gram), caption (coca), chunked (chunked_clip, chunked_siglip).
 """
 from .pairwise import clip_loss, siglip_loss
 from .registry import LOSSES, build_loss, register_loss
@@ -14,6 +14,7 @@ from .variants import (
 )
 from .multimodal import gram_loss, gram_volume, symile_loss
 from .caption import caption_loss
+from .chunked import chunked_clip_loss, chunked_siglip_loss
 
 __all__ = [
     "clip_loss", "siglip_loss", "LOSSES", "build_loss", "register_loss",
@@ -22,4 +23,5 @@ __all__ = [
     "infonce_rows", "label_smoothed_clip_loss", "label_smoothed_clip_rows_loss", "scheduled_logit_scale",
     "scheduled_temperature", "uniformity_loss",
     "symile_loss", "gram_volume", "gram_loss", "caption_loss",
+    "chunked_clip_loss", "chunked_siglip_loss",
 ]

@@ -23,6 +23,20 @@ def next_token_targets(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torc
     return logits[:, :-1], tokens[:, 1:]
 
 
+def caption_inputs(
+    logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, ignore_id: int = -100
+) -> dict[str, torch.Tensor | int]:
+    """The caption keyword arguments of the ``coca`` objective from a decoder's logits over ``tokens`` (B x T).
+
+    Targets are ``tokens[:, 1:]``; those at padded positions (``attention_mask`` 0) become ``ignore_id``, which is
+    passed as ``pad_id``. Marking padding by the mask rather than by the tokenizer's pad id keeps every EOS target,
+    even for tokenizers that pad with their EOS id.
+    """
+    logits, labels = next_token_targets(logits, tokens)
+    labels = labels.masked_fill(attention_mask[:, 1:] == 0, ignore_id)
+    return {"caption_logits": logits, "caption_labels": labels, "pad_id": ignore_id}
+
+
 def _caption_ce_sum(
     logits: torch.Tensor, labels: torch.Tensor, pad_id: int, label_smoothing: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +82,13 @@ class CocaObjective(Objective):
     The contrastive term is the registered CLIP objective over ``modalities`` (with M > 2, the mean over pairs).
     ``forward`` takes the L2-normalised embeddings dict (the text embedding is the decoder's CLS output), the
     logit scale, and ``caption_logits`` B x T x V, ``caption_labels`` B x T (aligned: see ``next_token_targets``)
-    and ``pad_id``. Under ``torch.distributed`` the caption term is each rank's token-loss sum divided by the
+    and ``pad_id`` (``AlignmentModel.forward(batch, loss_inputs=True)`` returns them; see ``caption_inputs``).
+    Under ``torch.distributed`` the caption term is each rank's token-loss sum divided by the
     global number of non-pad tokens, times the world size, so the mean over ranks equals the single-process
     token mean on the concatenated batch even when ranks hold different numbers of tokens.
     """
+
+    needs_captions = True  # the model must have a caption decoder (``model.caption``)
 
     def __init__(
         self, modalities: list[str], lambda_con: float = 1.0, lambda_cap: float = 2.0, label_smoothing: float = 0.0

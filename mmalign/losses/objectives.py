@@ -23,13 +23,16 @@ MISSING = ("drop", "learned")
 class Objective(nn.Module):
     """Base class: holds the ordered modality names the objective aligns.
 
-    Class attributes: ``needs_bias`` (the model gets a learnable logit bias), ``handles_missing`` (takes the batch's
-    presence masks as ``present=``, so it can train models with optional modalities), ``nway_score`` (how a model
-    trained with it scores a tuple of modalities against a candidate: see :mod:`mmalign.eval.nway`).
+    ``needs_bias``: the model must carry a learnable logit bias. ``needs_features``: modalities whose tower features
+    (before projection) the training loop passes to forward as ``frozen_features={name: B x D tensor}``.
+    ``handles_missing``: takes the batch's presence masks as ``present=``, so it can train models with optional
+    modalities. ``nway_score``: how a model trained with it scores a tuple of modalities against a candidate (see
+    :mod:`mmalign.eval.nway`).
     """
 
     min_modalities = 2
     needs_bias = False
+    needs_features: tuple[str, ...] = ()
     handles_missing = False
     nway_score = "cosine"
 

@@ -337,7 +337,8 @@ class PairwiseVariantObjective(Objective):
     For every pair of modalities: the variant's loss of the local rows against gathered columns (``pair_loss``);
     ``loss`` = mean over pairs + ``align_weight`` * mean over pairs of :func:`alignment_loss` + ``uniform_weight`` *
     mean over modalities of the uniformity (global over ranks). Components are returned as ``loss_<m1>_<m2>``,
-    ``align`` and ``uniform`` (the last two only when their weight is non-zero).
+    ``align`` and ``uniform`` (the last two only when their weight is non-zero), with any ``batch_metrics`` (logged,
+    not optimised).
     """
 
     def __init__(
@@ -353,6 +354,10 @@ class PairwiseVariantObjective(Objective):
     def batch_state(self, embeddings: dict[str, torch.Tensor], **extras) -> object:
         """Per-batch state shared by all pairs (e.g. CWCL's weights); computed once per forward."""
         return None
+
+    def batch_metrics(self, state: object, row_offset: int) -> dict[str, torch.Tensor]:
+        """Scalars about the batch state to log next to the loss (no gradient)."""
+        return {}
 
     def pair_loss(
         self,
@@ -387,6 +392,7 @@ class PairwiseVariantObjective(Objective):
                 [distributed_uniformity(embeddings[m], self.uniform_t) for m in self.modalities]
             ).mean()
             loss = loss + self.uniform_weight * out["uniform"]
+        out.update(self.batch_metrics(state, offset))
         out["loss"] = loss
         return out
 
@@ -441,6 +447,7 @@ class CwclObjective(PairwiseVariantObjective):
         self.weights_from = weights_from if weights_from is not None else self.modalities[0]
         if self.weights_from not in self.modalities:
             raise ConfigError(f"cwcl: weights_from={self.weights_from!r} is not one of the modalities {self.modalities}")
+        self.needs_features = (self.weights_from,)
 
     def batch_state(
         self, embeddings: dict[str, torch.Tensor], frozen_features: dict[str, torch.Tensor] | None = None, **_
@@ -455,6 +462,12 @@ class CwclObjective(PairwiseVariantObjective):
         if q.shape[0] != n_local:
             raise ValueError(f"cwcl: frozen features have {q.shape[0]} rows, embeddings {n_local}")
         return cwcl_weights(q, columns=gather_no_grad(q))
+
+    def batch_metrics(self, state: torch.Tensor, row_offset: int) -> dict[str, torch.Tensor]:
+        """``cwcl_positive_mass``: mean share of a row's normalised soft targets on its own pair, w_ii / sum_j w_ij
+        (1 for CLIP's one-hot targets; about 1/B when the frozen tower finds every pair alike)."""
+        pos = positive_mask(*state.shape, row_offset, device=state.device)
+        return {"cwcl_positive_mass": (state[pos] / state.sum(dim=-1)).mean()}
 
     def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
         # The weights are symmetric, so the local rows of w^T are the local rows of w.

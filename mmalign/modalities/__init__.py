@@ -1,5 +1,5 @@
 """Modality adapters: one file per modality kind, each registering its config, decoder, transforms and towers."""
 from .base import MODALITIES, Modality, ModalityAdapter, build_modality, register_modality, register_tower
-from . import image, text  # noqa: F401  (register the built-in kinds)
+from . import audio, image, text, timeseries  # noqa: F401  (register the built-in kinds)
 
 __all__ = ["MODALITIES", "Modality", "ModalityAdapter", "build_modality", "register_modality", "register_tower"]

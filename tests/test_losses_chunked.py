@@ -1,0 +1,177 @@
+"""Blockwise CLIP/SigLIP equal the plain losses (value and every gradient), for any chunk, and on 2 processes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmalign.losses import build_loss, chunked_clip_loss, chunked_siglip_loss, clip_loss, siglip_loss
+from mmalign.losses.chunked import chunked_clip_rows_loss, chunked_siglip_rows_loss
+from mmalign.losses.pairwise import clip_rows_loss, siglip_rows_loss
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+SHAPES = [(16, 4), (37, 8), (5, 64), (33, 1)]  # (B, chunk): divisible, ragged, chunk > B, chunk 1
+
+
+def _feats(B, D=24, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=-1)
+    return a.to(dtype).requires_grad_(True), b.to(dtype).requires_grad_(True)
+
+
+def _params(dtype, scale=14.3, bias=-5.0):
+    return (torch.tensor(scale, dtype=dtype, requires_grad=True), torch.tensor(bias, dtype=dtype, requires_grad=True))
+
+
+def _assert_same(fn_ref, fn, inputs, tol):
+    ref = fn_ref(*inputs)
+    out = fn(*inputs)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    grads = torch.autograd.grad(out, inputs)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,chunk", SHAPES)
+def test_chunked_clip_equals_clip(B, chunk, dtype):
+    a, b = _feats(B, dtype=dtype)
+    scale, _ = _params(dtype)
+    _assert_same(clip_loss, lambda x, y, s: chunked_clip_loss(x, y, s, chunk_size=chunk), (a, b, scale), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,chunk", SHAPES)
+def test_chunked_siglip_equals_siglip(B, chunk, dtype):
+    a, b = _feats(B, seed=1, dtype=dtype)
+    scale, bias = _params(dtype, scale=10.0, bias=-10.0)
+    _assert_same(
+        siglip_loss, lambda x, y, s, c: chunked_siglip_loss(x, y, s, c, chunk_size=chunk), (a, b, scale, bias),
+        TOL[dtype],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_forms_equal_plain_rows(dtype):
+    a, b = _feats(23, seed=2, dtype=dtype)
+    scale, bias = _params(dtype)
+    rows = slice(7, 18)
+
+    def ref(x, y, s):
+        return clip_rows_loss(x[rows], y[rows], x, y, s, rows.start)
+
+    def ours(x, y, s):
+        return chunked_clip_rows_loss(x[rows], y[rows], x, y, s, rows.start, chunk_size=5)
+
+    _assert_same(ref, ours, (a, b, scale), TOL[dtype])
+    _assert_same(
+        lambda x, y, s, c: siglip_rows_loss(x[rows], y, s, c, rows.start),
+        lambda x, y, s, c: chunked_siglip_rows_loss(x[rows], y, s, c, rows.start, chunk_size=4),
+        (a, b, scale, bias), TOL[dtype],
+    )
+
+
+def test_large_scale_and_unnormalised_features():
+    """Logits up to ~200 (s = 100, norms 1.4) in float64; plain python float scale (no scale gradient)."""
+    a, b = _feats(40, seed=3)
+    with torch.no_grad():
+        a.mul_(1.4)
+    ref = clip_loss(a, b, 100.0)
+    out = chunked_clip_loss(a, b, 100.0, chunk_size=9)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(out, (a, b)), torch.autograd.grad(ref, (a, b))):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10 * r.abs().max().item())
+
+
+def test_float32_rows_far_below_the_block_max_are_exact():
+    """Rows whose every logit is ~200 below the block max underflow exp(z - max) in float32; the blockwise loss
+    must recompute them exactly (compared with the float64 plain loss)."""
+    g = torch.Generator().manual_seed(0)
+    v = F.normalize(torch.randn(8, generator=g, dtype=torch.float64), dim=0)
+    a = F.normalize(v + 0.05 * torch.randn(40, 8, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(v + 0.05 * torch.randn(40, 8, generator=g, dtype=torch.float64), dim=-1)
+    a[::3] = -a[::3]  # these rows score ~ -100 against every column; the others ~ +100
+    a64, b64 = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    ref = clip_loss(a64, b64, 100.0)
+    ref_grads = torch.autograd.grad(ref, (a64, b64))
+    a32, b32 = a.float().requires_grad_(True), b.float().requires_grad_(True)
+    out = chunked_clip_loss(a32, b32, 100.0, chunk_size=7)
+    assert torch.isfinite(out)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out, (a32, b32)), ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+
+
+def test_low_precision_inputs_and_no_grad():
+    a, b = _feats(20, seed=4, dtype=torch.float32)
+    ref = clip_loss(a, b, 10.0)
+    out = chunked_clip_loss(a.bfloat16(), b.bfloat16(), 10.0, chunk_size=6)
+    assert out.dtype == torch.bfloat16 and abs(out.float().item() - ref.item()) < 0.05
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_siglip_loss(a, b, 10.0, -10.0, 6), siglip_loss(a, b, 10.0, -10.0))
+
+
+def test_memory_is_linear_in_batch():
+    """No B x B tensor is ever allocated: each block is chunk x chunk (checked with the profiler's allocations)."""
+    B, chunk = 128, 32
+    a, b = _feats(B, D=8, seed=5, dtype=torch.float32)
+    scale, _ = _params(torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        chunked_clip_loss(a, b, scale, chunk_size=chunk).backward()
+    biggest = max(e.cpu_memory_usage for e in prof.events())  # per call; clip_loss has B * B * 4 here
+    assert 0 < biggest < B * B * 4 / 4  # block buffers (2 x chunk^2 floats) and B x D tensors, never B x B
+
+
+@pytest.mark.parametrize("name,plain", [("chunked_clip", "clip"), ("chunked_siglip", "siglip")])
+def test_objectives_equal_plain_objectives(name, plain):
+    a, b = _feats(19, seed=6)
+    scale, bias = _params(torch.float64)
+    inputs = (a, b, scale, bias)
+
+    def run(loss_name, **kw):
+        return lambda x, y, s, c: build_loss(loss_name, ["image", "text"], **kw)(
+            {"image": x, "text": y}, logit_scale=s, logit_bias=c
+        )["loss"]
+
+    ref = run(plain)(*inputs)
+    out = run(name, chunk_size=6)(*inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    used = [t for t in inputs if torch.autograd.grad(ref, t, retain_graph=True, allow_unused=True)[0] is not None]
+    for g, r in zip(torch.autograd.grad(out, used), torch.autograd.grad(ref, used)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_three_modalities_mean_of_pairs():
+    a, b = _feats(12, seed=7)
+    c, _ = _feats(12, seed=8)
+    feats = {"x": a, "y": b, "z": c}
+    out = build_loss("chunked_clip", ["x", "y", "z"], chunk_size=5)(feats, logit_scale=torch.tensor(5.0))
+    ref = build_loss("clip", ["x", "y", "z"])(feats, logit_scale=torch.tensor(5.0))
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one(torchrun):
+    results = torchrun("dist_chunked.py", "3")  # 7 rows per rank, chunk 3: ragged blocks on every rank
+    torch.manual_seed(0)
+    B, D = 14, 16
+    a0 = F.normalize(torch.randn(B, D, dtype=torch.float64), dim=-1)
+    b0 = F.normalize(torch.randn(B, D, dtype=torch.float64), dim=-1)
+    for name, plain in [("chunked_clip", "clip"), ("chunked_siglip", "siglip")]:
+        a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+        bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
+        out = build_loss(plain, ["image", "text"])({"image": a, "text": b}, logit_scale=scale, logit_bias=bias)
+        wrt = (a, b, scale, bias) if plain == "siglip" else (a, b, scale)
+        grads = torch.autograd.grad(out["loss"], wrt)
+        per_rank = [r[name] for r in results]
+        n = len(per_rank)
+        assert sum(r["loss"] for r in per_rank) / n == pytest.approx(out["loss"].item(), rel=1e-12)
+        # each rank's local gradient is N x the gradient of the global mean loss (DDP averages it back)
+        for key, ref in (("grad_a", grads[0]), ("grad_b", grads[1])):
+            got = torch.cat([torch.tensor(r[key], dtype=torch.float64) for r in per_rank]) / n
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        # scalar parameters are replicated: DDP averages their per-rank gradients
+        assert sum(r["grad_scale"] for r in per_rank) / n == pytest.approx(grads[2].item(), rel=1e-10, abs=1e-12)
+        if plain == "siglip":
+            assert sum(r["grad_bias"] for r in per_rank) / n == pytest.approx(grads[3].item(), rel=1e-10, abs=1e-12)

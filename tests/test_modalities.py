@@ -1,0 +1,107 @@
+"""Towers from open_clip, timm and HF (from scratch, local checkpoints), LiT locking, caching, truncation."""
+import json
+import logging
+
+import pytest
+import torch
+
+from mmalign.config import ModelConfig, from_dict
+from mmalign.model import AlignmentModel
+from mmalign.modalities.base import lock_tower
+
+torch.set_num_threads(1)
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """Register a tiny open_clip architecture (as a user with a custom model config would)."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("oc") / "mmalign-tiny-vit.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+    return "mmalign-tiny-vit"
+
+
+def _model(modalities: dict, embed_dim: int = 8) -> AlignmentModel:
+    return AlignmentModel(from_dict(ModelConfig, {"embed_dim": embed_dim, "modalities": modalities}))
+
+
+def test_open_clip_towers_save_and_reload(tiny_open_clip, tmp_path):
+    model = _model({
+        "image": {"tower": "open_clip", "model": tiny_open_clip, "image_size": 32},
+        "text": {"tower": "open_clip", "model": tiny_open_clip, "max_length": 16, "lock": True,
+                 "unlocked_layers": 1},
+    }).eval()
+    images = torch.randn(3, 3, 32, 32)
+    tokens = model.modalities["text"].tokenize(["a red square", "a blue circle", "a green cross"])
+    assert tokens["input_ids"].shape == (3, 16)
+    out = model({"image": images, "text": tokens})
+    assert out["image"].shape == (3, 8) and torch.allclose(out["text"].norm(dim=-1), torch.ones(3))
+    # LiT with the last block unlocked: only that block of the text transformer trains.
+    text_tower = model.adapters["text"].tower
+    trainable = {n for n, p in text_tower.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.transformer.resblocks.1.") for n in trainable)
+    model.save_pretrained(tmp_path / "m")
+    again = AlignmentModel.from_pretrained(tmp_path / "m").eval()
+    for name, x in (("image", images), ("text", tokens)):
+        torch.testing.assert_close(again.encode(name, x), model.encode(name, x))
+
+
+def test_open_clip_image_tower_from_local_checkpoint(tiny_open_clip, tmp_path):
+    import open_clip
+
+    reference = open_clip.create_model(tiny_open_clip)
+    torch.save(reference.state_dict(), tmp_path / "ckpt.pt")
+    model = _model({"image": {"tower": "open_clip", "model": tiny_open_clip, "pretrained": str(tmp_path / "ckpt.pt"),
+                              "image_size": 32, "proj": "none"}}, embed_dim=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = torch.nn.functional.normalize(reference.eval().visual(x), dim=-1)
+    torch.testing.assert_close(model.encode("image", x), expected)
+
+
+def test_timm_tower():
+    model = _model({"image": {"tower": "timm", "model": "test_resnet", "image_size": 32}})
+    assert model.encode("image", torch.randn(2, 3, 32, 32)).shape == (2, 8)
+
+
+def test_hf_text_tower_lock_last_layers_and_norms(tiny_text_model):
+    model = _model({"text": {"model": tiny_text_model, "lock": True, "unlocked_layers": 1, "unlock_norms": True}})
+    names = {n for n, p in model.adapters["text"].tower.named_parameters() if p.requires_grad}
+    assert any(n.startswith("model.encoder.layer.1.") for n in names)
+    assert not any(n.startswith("model.encoder.layer.0.attention.self") for n in names)
+    assert "model.embeddings.LayerNorm.weight" in names  # norms unlocked everywhere
+    assert all(p.requires_grad for p in model.adapters["text"].proj.parameters())
+
+
+def test_fully_locked_tower_stays_in_eval_mode_and_caches(tiny_text_model):
+    model = _model({"text": {"model": tiny_text_model, "lock": True, "cache_frozen": True}})
+    model.train()
+    adapter = model.adapters["text"]
+    assert not adapter.tower.training
+    tokens = model.modalities["text"].tokenize(["one", "two", "one"])
+    first = model.encode("text", tokens)
+    assert len(adapter._cache) == 2  # "one" is encoded once
+    adapter.cache_frozen = False
+    torch.testing.assert_close(model.encode("text", tokens), first)
+
+
+def test_truncation_is_counted_and_warned(tiny_text_model, caplog):
+    model = _model({"text": {"model": tiny_text_model, "max_length": 6}})
+    text = model.modalities["text"]
+    with caplog.at_level(logging.WARNING):
+        batch = text.tokenize(["short", "a caption with far more than six tokens in it", "tiny"])
+    assert batch["input_ids"].shape == (3, 6)
+    assert text.truncated == 1
+    assert "1 of 3 captions so far were longer than max_length=6" in caplog.text
+
+
+def test_lock_without_block_list_is_a_clear_error():
+    from mmalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no block list"):
+        lock_tower(torch.nn.Linear(2, 2), unlocked_layers=1)
