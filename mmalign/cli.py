@@ -55,8 +55,8 @@ def cmd_eval(args) -> dict:
     model = load_model(args.model)
     if args.what == "zeroshot":
         return evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
-                                 args.batch_size, args.workers)
-    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers)
+                                 args.batch_size, args.workers, args.score)
+    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score)
 
 
 def cmd_caption(args) -> dict:
@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         q = ev.add_parser(what)
         q.add_argument("--model", required=True, help="run directory or saved model folder")
         q.add_argument("--data", required=True, help="shards, e.g. 'data/val-{000000..000003}.tar'")
-        q.add_argument("--query", default=None, help="modality to classify / query with (default: the non-text one)")
+        q.add_argument("--query", default=None,
+                       help="modality to classify / query with (default: the non-text one); several, comma-separated "
+                            "(e.g. image,audio), score each candidate against the tuple (N-way)")
+        q.add_argument("--score", default=None,
+                       help="N-way score: mip (Symile), volume (GRAM), cosine (sum of cosines, pairwise); "
+                            "default: the one the model was trained with")
         q.add_argument("--batch-size", type=int, default=256)
         q.add_argument("--workers", type=int, default=0)
         if what == "zeroshot":

@@ -51,6 +51,7 @@ class ModalityConfig:
     cache_frozen: bool = False  # cache a fully locked tower's features per distinct input (e.g. repeated captions)
     lora: Optional[LoraConfig] = None  # parameter-efficient fine-tuning: train LoRA adapters instead of the tower
     trust_remote_code: bool = False
+    optional: bool = False  # samples may lack it: batches carry "<name>__present", the model a learned missing embedding
 
 
 MODALITY_CONFIGS: dict[str, type[ModalityConfig]] = {}
@@ -98,6 +99,7 @@ class ModelConfig:
     embed_dim: int = 256
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
     logit_bias: bool = False  # set automatically when the loss needs it
+    nway_score: Optional[str] = None  # how a tuple of modalities scores a candidate (mip | volume | cosine); from the loss
     caption: Optional[CaptionConfig] = None  # CoCa: contrastive + captioning
 
 
@@ -141,14 +143,14 @@ class ZeroShotConfig:
     data: Optional[str] = None
     classes: Optional[str] = None  # file: one class name per line
     templates: Optional[str] = None  # file: one template per line with "{}" for the class name
-    query: Optional[str] = None  # modality to classify; default: the first non-text modality
+    query: Optional[str] = None  # modality to classify, or several "a,b" (N-way); default: the first non-text one
     text: str = "text"
 
 
 @dataclass
 class RetrievalConfig:
     data: Optional[str] = None
-    query: Optional[str] = None
+    query: Optional[str] = None  # one modality, or several "a,b": N-way retrieval of the gallery from the tuple
     gallery: str = "text"
 
 
@@ -374,6 +376,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
+    if cfg.model.nway_score is not None:
+        from .eval.nway import NWAY_SCORES
+
+        if cfg.model.nway_score not in NWAY_SCORES:
+            raise ConfigError(f"{source}: model.nway_score must be one of {', '.join(sorted(NWAY_SCORES))}"
+                              f"{closest(cfg.model.nway_score, NWAY_SCORES)}")
     for name, m in cfg.model.modalities.items():
         if m.proj not in ("linear", "mlp", "none"):
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # How a builder's paths fill a recipe: every demo builds train/test shards, classes and templates.
-ZEROSHOT_AND_RETRIEVAL = {
+ZEROSHOT = {
     "data.train": "train", "eval.zeroshot.data": "test", "eval.zeroshot.classes": "classes",
-    "eval.zeroshot.templates": "templates", "eval.retrieval.data": "test",
+    "eval.zeroshot.templates": "templates",
 }
+ZEROSHOT_AND_RETRIEVAL = {**ZEROSHOT, "eval.retrieval.data": "test"}
 
 # demo name -> (data builder module in data_tools, recipe file, how the builder's paths fill the recipe)
 DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
@@ -34,6 +35,8 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
         **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
     }),
     "cwcl": ("data_tools.emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
+    "symile": ("data_tools.digit_sums", "symile.yaml", ZEROSHOT),  # a comparison: see COMPARISONS
+    "gram": ("data_tools.digit_sums", "gram.yaml", ZEROSHOT),
 }
 
 
@@ -58,6 +61,14 @@ COMPARISONS: dict[str, Comparison] = {
                  "modality_gap_image_text", "alignment_image_text", "uniformity_image", "final_loss",
                  "final_logit_scale", "final_cwcl_positive_mass"),
         findings="cwcl.findings.md",
+    ),
+    # One seed: three trainings (Symile's n^2 negatives are the slow one) within the 10-minute demo budget.
+    "symile": Comparison(
+        {"symile": [], "gram": ["loss.name=gram", "loss.kwargs={anchor: text}"],
+         "clip": ["loss.name=clip", "loss.kwargs={}"]},
+        metrics=("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall", "final_loss"),
+        seeds=(0,),
+        findings="symile.findings.md",
     ),
 }
 
@@ -97,7 +108,8 @@ def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_di
     result: dict = summarise(runs, comparison.metrics)
     result.update({"seeds": len(comparison.seeds), "run_dir": str(run_dir), "report": str(run_dir / "report.md")})
     write_json(run_dir / "results.json", result)
-    write_comparison_report(run_dir, runs, comparison.metrics)
+    report = write_comparison_report(run_dir, runs, comparison.metrics)
+    log.info("%s", report.read_text())  # the table, on stderr
     if comparison.findings:
         template = (recipe.parent / comparison.findings).read_text()
         (run_dir / "findings.md").write_text(template.format_map(result))

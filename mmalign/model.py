@@ -64,10 +64,11 @@ class AlignmentModel(nn.Module):
     def clamp_logit_scale_(self) -> None:
         self.log_logit_scale.clamp_(max=math.log(self.config.logit_scale.max))
 
-    def encode(self, name: str, inputs: Any) -> torch.Tensor:
+    def encode(self, name: str, inputs: Any, present: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised embeddings of one modality; rows flagged absent in ``present`` get its missing embedding."""
         if name not in self.adapters:
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(self.adapters)}")
-        return self.adapters[name](inputs)
+        return self.adapters[name](inputs, present=present)
 
     def forward(self, batch: dict[str, Any], loss_inputs: bool = False, features: Collection[str] = ()):
         """Normalised embeddings for every modality of the model that the batch carries.
@@ -77,13 +78,15 @@ class AlignmentModel(nn.Module):
         (``losses.caption.caption_inputs``), and both embeddings come from the same passes as the logits. The
         towers of the modalities named in ``features`` also give their outputs before projection, from the same
         pass, as ``frozen_features`` (e.g. a frozen text tower's features for CWCL's soft targets; a locked tower
-        computes them without gradient, from its cache when enabled).
+        computes them without gradient, from its cache when enabled). Presence masks in the batch
+        (``<name>__present``) give absent items the modality's learned missing embedding.
         """
         cap = self.config.caption
         captioning = loss_inputs and cap is not None and cap.context in batch and cap.text in batch
         pair = (cap.context, cap.text) if captioning else ()
         with_features = [name for name in features if name in batch] if loss_inputs else []
-        out = {name: adapter(batch[name]) for name, adapter in self.adapters.items()
+        out = {name: adapter(batch[name], present=batch.get(f"{name}__present"))
+               for name, adapter in self.adapters.items()
                if name in batch and name not in pair and name not in with_features}
         if not loss_inputs:
             return out
@@ -91,7 +94,8 @@ class AlignmentModel(nn.Module):
         if with_features:
             extras["frozen_features"] = {}
             for name in with_features:
-                out[name], extras["frozen_features"][name] = self.adapters[name](batch[name], return_features=True)
+                out[name], extras["frozen_features"][name] = self.adapters[name](
+                    batch[name], return_features=True, present=batch.get(f"{name}__present"))
         if captioning:
             out[cap.context], context = self.adapters[cap.context].embed_with_context(batch[cap.context])
             text = batch[cap.text]
@@ -127,6 +131,15 @@ class AlignmentModel(nn.Module):
             no_repeat_ngram_size=gen.no_repeat_ngram_size, generator=generator, length_penalty=gen.length_penalty,
         )
         return tok.decode(ids)
+
+    def presence(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The batch's presence masks of the optional modalities (what the objectives take as ``present=``).
+
+        None when no modality is optional; which masks are returned depends only on the model, never on the
+        batch, so every process makes the same collective calls in the loss.
+        """
+        optional = [name for name, m in self.config.modalities.items() if m.optional]
+        return {name: batch[f"{name}__present"] for name in optional} if optional else None
 
     def merge_lora(self) -> "AlignmentModel":
         """Fold every tower's LoRA adapters into its weights (same embeddings, plain modules); returns self."""

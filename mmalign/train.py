@@ -56,7 +56,8 @@ class TrainState:
 
 
 def build_model(cfg: Config) -> AlignmentModel:
-    """The model a recipe describes; adds the SigLIP bias when the loss needs one."""
+    """The model a recipe describes; adds the SigLIP bias when the loss needs one and records the loss's N-way
+    score. Optional modalities need a loss that takes presence masks."""
     loss_cls = LOSSES.get(cfg.loss.name)
     if loss_cls is not None and getattr(loss_cls, "needs_bias", False):
         cfg.model.logit_bias = True
@@ -65,6 +66,13 @@ def build_model(cfg: Config) -> AlignmentModel:
                           if cfg.model.caption is None else
                           f"model.caption trains a caption decoder: use a loss with a caption term (coca), "
                           f"not {cfg.loss.name!r}")
+    if loss_cls is not None and cfg.model.nway_score is None:
+        cfg.model.nway_score = getattr(loss_cls, "nway_score", "cosine")
+    optional = [name for name, m in cfg.model.modalities.items() if m.optional]
+    if optional and loss_cls is not None and not getattr(loss_cls, "handles_missing", False):
+        handles = sorted(n for n, c in LOSSES.items() if getattr(c, "handles_missing", False))
+        raise ConfigError(f"loss {cfg.loss.name!r} takes no presence masks, so optional modalities "
+                          f"({', '.join(optional)}) need another loss: {', '.join(handles)}")
     return AlignmentModel(cfg.model)
 
 
@@ -239,8 +247,9 @@ def batch_stream(cfg: Config, urls: list[str], model: AlignmentModel, state: Tra
 
 
 def to_device(batch: dict, names: list[str], device: torch.device) -> dict:
+    """The inputs of ``names`` and their presence masks, on ``device``."""
     out = {}
-    for name in names:
+    for name in names + [f"{n}__present" for n in names if f"{n}__present" in batch]:
         x = batch[name]
         out[name] = x.to(device, non_blocking=True) if torch.is_tensor(x) else {
             k: v.to(device, non_blocking=True) for k, v in x.items()}
@@ -259,17 +268,19 @@ def gradcache_backward(model: AlignmentModel, loss_fn, inputs: dict, chunk: int,
         frozen = {name: model.adapters[name].tower_features(inputs[name]).float() for name in features}
 
     def encode(name: str):
-        def fn(x):
+        def fn(chunk):
+            x, present = chunk  # a chunk of the inputs and of their presence flags (None: all present)
             with accelerator.autocast():
-                return model.encode(name, x).float()
+                return model.encode(name, x, present).float()
         return fn
 
     def loss_on(embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         outputs.update(loss_fn(embeddings, logit_scale=logit_scale, logit_bias=model.logit_bias,
-                               frozen_features=frozen))
+                               frozen_features=frozen, present=model.presence(inputs)))
         return outputs["loss"] / grad_accum
 
-    gradcache_step({m: encode(m) for m in inputs}, inputs, loss_on, chunk, scaler=accelerator.scaler)
+    chunks = {m: (inputs[m], inputs.get(f"{m}__present")) for m in model.names}
+    gradcache_step({m: encode(m) for m in model.names}, chunks, loss_on, chunk, scaler=accelerator.scaler)
     return {k: v.detach() for k, v in outputs.items()}
 
 
@@ -391,8 +402,8 @@ def train(cfg: Config) -> dict[str, Any]:
                     with accelerator.autocast():
                         # + caption logits for CoCa, frozen-tower features for CWCL
                         embeddings, loss_inputs = ddp_model(inputs, loss_inputs=True, features=needs_features)
-                        out = loss_fn({k: v.float() for k, v in embeddings.items()},
-                                      logit_scale=scale, logit_bias=model.logit_bias, **loss_inputs)
+                        out = loss_fn({k: v.float() for k, v in embeddings.items()}, logit_scale=scale,
+                                      logit_bias=model.logit_bias, present=model.presence(inputs), **loss_inputs)
                     accelerator.backward(out["loss"] / cfg.train.grad_accum)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.train.grad_accum

@@ -4,6 +4,10 @@ Nothing unusable stops a pass and nothing is dropped silently: every skipped sha
 reason* (``SKIP_REASONS``) with a few examples. The counts travel with the batches out of the DataLoader workers
 (``batch["_skipped"]``; a worker that ends with counts but no batch sends a stats-only item), so the training loop
 and evaluation can report them and stop when too much of the data is bad.
+
+A sample lacking a modality is skipped ("missing <name>") unless that modality is ``optional``: then the sample is
+kept, the batch holds the modality's placeholder item in that row, and ``batch["<name>__present"]`` (a BoolTensor
+with one flag per sample, present for every modality) says which rows are real.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ SKIP_REASONS = {
     "unreadable shard": "the shard cannot be opened (missing, no permission, network error)",
     "corrupt shard": "the tar stream breaks (truncated, not a tar); the samples before the break are kept",
     "empty shard": "a valid tar without samples",
-    "missing {name}": "the sample has no member for the modality",
+    "missing {name}": "the sample has no member for the modality (and the modality is not optional)",
+    "missing every modality": "the sample has no member for any modality (all of them optional)",
     "unsupported {name} type": "the modality's member has an extension its decoder does not read",
     "bad {name}": "the modality's member cannot be decoded (corrupt file, invalid text, ...)",
     "bad label": "the label member is not UTF-8",
@@ -221,12 +226,17 @@ class Decoder:
                     if other is not None:
                         raise SkipSample(f"unsupported {name} type",
                                          f"{where}: {other} (reads {', '.join(modality.extensions)})")
-                    raise SkipSample(f"missing {name}", where)
+                    if not modality.cfg.optional:
+                        raise SkipSample(f"missing {name}", where)
+                    out[name] = None  # absent: the Batcher puts the modality's placeholder in its row
+                    continue
                 try:
                     item = modality.decode_member(sample, member)
                     out[name] = modality.transform(item, self.train)
                 except DataError as e:
                     raise SkipSample(f"bad {name}", f"{where}: {member}: {e}") from None
+        if all(out[name] is None for name in self.modalities):
+            raise SkipSample("missing every modality", where)
         return out
 
 
@@ -241,18 +251,22 @@ def decode_label(sample: dict, where: str) -> str | None:
 
 
 class Batcher:
-    """Collate samples into batch dicts; in evaluation a list item (several captions) is flattened with owners."""
+    """Collate samples into batch dicts with presence masks; absent items are replaced by the modality's
+    placeholder. In evaluation a list item (several captions) is flattened with owners. Training drops the last
+    partial batch, evaluation keeps it."""
 
-    def __init__(self, modalities: dict[str, Modality], batch_size: int, partial: bool, stats: SkipStats):
+    def __init__(self, modalities: dict[str, Modality], batch_size: int, train: bool, stats: SkipStats):
         self.modalities = modalities
         self.batch_size = batch_size
-        self.partial = partial
+        self.train = train
         self.stats = stats
 
     def collate(self, samples: list[dict]) -> dict:
         batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], "label": [s["label"] for s in samples]}
         for name, modality in self.modalities.items():
-            items = [s[name] for s in samples]
+            present = [s[name] is not None for s in samples]
+            items = [s[name] if ok else modality.placeholder(self.train) for s, ok in zip(samples, present)]
+            batch[f"{name}__present"] = torch.tensor(present, dtype=torch.bool)
             if isinstance(items[0], list):
                 owners = [i for i, item in enumerate(items) for _ in item]
                 items = [x for item in items for x in item]
@@ -268,7 +282,7 @@ class Batcher:
             if len(buf) == self.batch_size:
                 yield self.collate(buf)
                 buf = []
-        if buf and self.partial:
+        if buf and not self.train:
             yield self.collate(buf)
         elif self.stats.counts:
             yield {"_skipped": self.stats.drain(), "_empty": True}
@@ -345,7 +359,7 @@ def make_dataset(
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100),
                                   rng=random.Random(f"samples:{seed}:{epoch}")))
     stages.append(Decoder(modalities, train, stats, seed, epoch))
-    stages.append(Batcher(modalities, batch_size, partial=not train, stats=stats))
+    stages.append(Batcher(modalities, batch_size, train, stats))
     return wds.DataPipeline(*stages)
 
 

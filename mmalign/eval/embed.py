@@ -13,8 +13,9 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
     """Embeddings of ``modalities`` for every usable sample in ``data`` (a shard spec), in order; with
     ``max_samples``, of the first batches that hold that many samples (whole batches: possibly a few more).
 
-    Returns ``{"embeddings": {name: N_or_M x D}, "owners": {name: M or None}, "labels": [...], "keys": [...],
-    "skipped": {...}}``; items with several entries per sample (captions) come with the sample row they belong to.
+    Returns ``{"embeddings": {name: N_or_M x D}, "owners": {name: M or None}, "present": {name: N booleans},
+    "labels": [...], "keys": [...], "skipped": {...}}``; items with several entries per sample (captions) come with
+    the sample row they belong to. Rows of a sample lacking an optional modality hold its missing embedding.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -23,15 +24,20 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
     skipped: dict = {}
     embs = {name: [] for name in modalities}
     owners = {name: [] for name in modalities}
+    present = {name: [] for name in modalities}
     labels, keys = [], []
     batches = iterate_batches(urls, procs, batch_size, train=False, num_workers=num_workers, skips=skipped)
     for batch in tqdm(batches, desc="embed", unit="batch", leave=False):
         for name in modalities:
             inputs = batch[name]
             inputs = inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
-            embs[name].append(model.encode(name, inputs).float().cpu())
-            if f"{name}__owner" in batch:
-                owners[name].append(batch[f"{name}__owner"] + len(keys))
+            flags = batch[f"{name}__present"]
+            owner = batch.get(f"{name}__owner")
+            row_flags = flags[owner] if owner is not None else flags
+            embs[name].append(model.encode(name, inputs, row_flags.to(device)).float().cpu())
+            present[name].append(flags)
+            if owner is not None:
+                owners[name].append(owner + len(keys))
         labels += batch["label"]
         keys += batch["__key__"]
         if max_samples is not None and len(keys) >= max_samples:
@@ -39,7 +45,26 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
     return {
         "embeddings": {n: torch.cat(e) if e else torch.empty(0) for n, e in embs.items()},
         "owners": {n: torch.cat(o) if o else None for n, o in owners.items()},
+        "present": {n: torch.cat(p) if p else torch.empty(0, dtype=torch.bool) for n, p in present.items()},
         "labels": labels,
         "keys": keys,
         "skipped": skipped,
     }
+
+
+def complete_samples(emb: dict, names: list[str]) -> dict:
+    """``emb`` (from ``embed_shards``) restricted to the samples where every modality in ``names`` is present;
+    owners are renumbered to the kept samples."""
+    keep = torch.stack([emb["present"][n] for n in names]).all(dim=0)
+    if bool(keep.all()):
+        return emb
+    renumber = keep.long().cumsum(0) - 1  # old sample index -> new one (for kept samples)
+    out = {**emb, "embeddings": {}, "owners": {}, "present": {n: p[keep] for n, p in emb["present"].items()},
+           "labels": [x for x, k in zip(emb["labels"], keep.tolist()) if k],
+           "keys": [x for x, k in zip(emb["keys"], keep.tolist()) if k]}
+    for name, e in emb["embeddings"].items():
+        owner = emb["owners"][name]
+        rows = keep if owner is None else keep[owner]
+        out["embeddings"][name] = e[rows]
+        out["owners"][name] = None if owner is None else renumber[owner[rows]]
+    return out

@@ -1,6 +1,8 @@
 """Cross-modal retrieval metrics with several positives per query (multi-caption safe)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -11,12 +13,14 @@ def retrieval_metrics(
     ks: tuple[int, ...] = (1, 5, 10),
     map_at: int | None = None,
     chunk: int = 1024,
+    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Recall@k and mean average precision of ranking ``gallery`` by cosine similarity to each ``query``.
 
     R@k: fraction of queries with at least one positive among the top k. mAP: mean over queries of AP over the
     full ranking. ``map_at=k`` adds ``mAP@k`` as reported for AudioCaps/Clotho: sum of precision@rank at each
-    positive ranked within the top k, divided by min(#positives, k).
+    positive ranked within the top k, divided by min(#positives, k). ``similarity(query_rows, gallery)`` replaces
+    the dot product (``query`` is then anything indexed by query along dim 0, e.g. Q x K x D tuples for N-way).
     """
     if len(positives) != query.shape[0]:
         raise ValueError(f"positives has {len(positives)} entries for {query.shape[0]} queries")
@@ -25,7 +29,8 @@ def retrieval_metrics(
     hits = {k: 0.0 for k in ks}
     ap_sum, ap_at_sum = 0.0, 0.0
     for start in range(0, query.shape[0], chunk):
-        sim = query[start:start + chunk].float() @ gallery.float().T
+        rows = query[start:start + chunk]
+        sim = rows.float() @ gallery.float().T if similarity is None else similarity(rows, gallery).float()
         order = sim.argsort(dim=1, descending=True)
         pos = torch.zeros_like(sim, dtype=torch.bool)
         for i, p in enumerate(positives[start:start + chunk]):

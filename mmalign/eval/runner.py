@@ -1,4 +1,10 @@
-"""Evaluation entry points shared by ``mmalign eval`` and the end of training: shards in, headline numbers out."""
+"""Evaluation entry points shared by ``mmalign eval`` and the end of training: shards in, headline numbers out.
+
+A query is one modality, or several ("image,audio"): an N-way query scores each candidate (a class prompt, a
+gallery item) against the tuple of its given modalities with the model's N-way score (``mmalign.eval.nway``:
+``mip`` for Symile, ``volume`` for GRAM, ``cosine`` = sum of cosines for pairwise objectives). Only samples that
+carry every modality involved are evaluated.
+"""
 from __future__ import annotations
 
 import json
@@ -19,9 +25,10 @@ from ..modalities import Modality
 from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
-from .embed import embed_shards
-from .retrieval import bidirectional_retrieval
-from .zeroshot import read_lines, read_templates, zeroshot_accuracy, zeroshot_classifier
+from .embed import complete_samples, embed_shards
+from .nway import nway_scores
+from .retrieval import bidirectional_retrieval, retrieval_metrics
+from .zeroshot import classification_metrics, read_lines, read_templates, zeroshot_classifier
 
 log = logging.getLogger(__name__)
 
@@ -46,37 +53,64 @@ def default_query(model, text: str = "text") -> str:
     raise ConfigError("no non-text modality to evaluate; pass the query modality")
 
 
-def abbrev(query: str, gallery: str) -> str:
-    """``image``/``text`` -> ``i2t``, as in the CLIP literature."""
-    return f"{query[0]}2{gallery[0]}"
+def query_modalities(model, query: str | list[str] | None, other: str) -> list[str]:
+    """``"image,audio"`` (or a list) -> ["image", "audio"]; None -> the default single query; names checked."""
+    if query is None:
+        names = [default_query(model, other)]
+    else:
+        names = [q.strip() for q in query.split(",")] if isinstance(query, str) else list(query)
+    for name in names + [other]:
+        if name not in model.modalities:
+            raise ConfigError(f"model has no modality {name!r}; it has {', '.join(model.modalities)}")
+    if len(set(names)) != len(names) or other in names:
+        raise ConfigError(f"query modalities {names} must be distinct and differ from {other!r}")
+    return names
+
+
+def model_score(model, score: str | None) -> str:
+    """The N-way score to use: the one asked for, else the one the model was trained with, else ``cosine``."""
+    return score or model.config.nway_score or "cosine"
+
+
+def abbrev(query: str | list[str], gallery: str) -> str:
+    """``image``/``text`` -> ``i2t``, as in the CLIP literature; ``[image, audio]``/``text`` -> ``ia2t``."""
+    return f"{''.join(q[0] for q in ([query] if isinstance(query, str) else query))}2{gallery[0]}"
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
-                      text: str = "text", batch_size: int = 256, num_workers: int = 0) -> dict:
-    """Zero-shot accuracy of ``query`` samples in ``data`` against class-name prompts; samples carry ``label.txt``."""
-    query = query or default_query(model, text)
+                      text: str = "text", batch_size: int = 256, num_workers: int = 0,
+                      score: str | None = None) -> dict:
+    """Zero-shot accuracy of ``query`` samples in ``data`` against class-name prompts; samples carry ``label.txt``.
+
+    With several query modalities the classes are scored against each sample's tuple (N-way zero-shot).
+    """
+    queries = query_modalities(model, query, text)
     classnames = read_lines(classes, "classes")
     index = {c: i for i, c in enumerate(classnames)}
-    emb = embed_shards(model, data, [query], batch_size, num_workers)
+    emb = complete_samples(embed_shards(model, data, queries, batch_size, num_workers), queries)
     labels = emb["labels"]
     if not labels:
-        raise DataError(f"{data}: no usable samples to evaluate")
+        raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(queries)} present)")
     unknown = sorted({str(lab) for lab in labels if lab not in index})
     if unknown:
         raise DataError(
             f"{data}: sample labels not in {classes}: {', '.join(unknown[:5])}"
             + (" ..." if len(unknown) > 5 else "") + " (each sample needs a label.txt naming one of the classes)"
         )
-    classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size)
+    classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size).cpu()
     target = torch.tensor([index[lab] for lab in labels])
-    acc = zeroshot_accuracy(emb["embeddings"][query], classifier.cpu(), target, topk=(1, min(5, len(classnames))))
+    if len(queries) == 1:
+        logits = emb["embeddings"][queries[0]] @ classifier
+    else:
+        logits = nway_scores({q: emb["embeddings"][q] for q in queries}, classifier.T, model_score(model, score))
     k5 = min(5, len(classnames))
+    acc = classification_metrics(logits, target, topk=(1, k5))
     per_class = {c: 0.0 for c in classnames}
     for c, i in index.items():
         mask = target == i
         if mask.any():
             per_class[c] = (torch.tensor(acc["predictions"])[mask] == i).float().mean().item()
-    return {
+    out = {
         "zeroshot_top1": acc["acc1"],
         f"zeroshot_top{k5}": acc[f"acc{k5}"],
         "zeroshot_mean_per_class_recall": acc["mean_per_class_recall"],
@@ -88,25 +122,30 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         "_confusion": (target.tolist(), acc["predictions"], classnames),
         "skipped": emb["skipped"].get("counts", {}),
     }
+    if len(queries) > 1:
+        out["zeroshot_score"] = model_score(model, score)
+    return out
 
 
 def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
-                       num_workers: int = 0) -> dict:
+                       num_workers: int = 0, score: str | None = None) -> dict:
     """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
 
     With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
     ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and ``image_retrieval_recall@k`` (each text
     retrieves its item; named "image" as in CLIP_benchmark whatever the non-text modality). ``_retrieval`` (the
-    embeddings, sample keys and owners) and ``_recall_curve`` are for the report.
+    embeddings, sample keys and owners) and ``_recall_curve`` are for the report. With several query modalities:
+    N-way retrieval of the gallery items from each sample's tuple (that direction only; see ``nway_retrieval``).
     """
-    query = query or default_query(model, gallery)
-    for name in (query, gallery):
-        if name not in model.modalities:
-            raise ConfigError(f"model has no modality {name!r}; it has {', '.join(model.modalities)}")
-    emb = embed_shards(model, data, [query, gallery], batch_size, num_workers)
+    queries = query_modalities(model, query, gallery)
+    names = queries + [gallery]
+    emb = complete_samples(embed_shards(model, data, names, batch_size, num_workers), names)
+    if not emb["keys"]:
+        raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(names)} present)")
+    if len(queries) > 1:
+        return nway_retrieval(emb, queries, gallery, model_score(model, score))
+    query = queries[0]
     q, g = emb["embeddings"][query], emb["embeddings"][gallery]
-    if q.shape[0] == 0:
-        raise DataError(f"{data}: no usable samples to evaluate")
     ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= max(g.shape[0], q.shape[0])}))
     metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0], ks=ks)
     directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
@@ -127,10 +166,36 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     return out
 
 
+def nway_retrieval(emb: dict, queries: list[str], gallery: str, method: str) -> dict:
+    """Each sample's tuple of ``queries`` embeddings ranks all ``gallery`` items by ``method`` (its own are the
+    positives): R@k, mAP, mAP@10 under ``retrieval_<abbrev>_``, the recall curve and similarity for the report."""
+    g, owner = emb["embeddings"][gallery], emb["owners"][gallery]
+    tuples = torch.stack([emb["embeddings"][m] for m in queries], dim=1)  # N x K x D
+
+    def scores(rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return nway_scores(dict(zip(queries, rows.unbind(1))), items, method)
+
+    positives: list[list[int]] = [[] for _ in range(tuples.shape[0])]
+    for j, i in enumerate((owner if owner is not None else torch.arange(g.shape[0])).tolist()):
+        positives[i].append(j)
+    ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= g.shape[0]}))
+    metrics = retrieval_metrics(tuples, g, positives, ks=ks, map_at=10, similarity=scores)
+    direction = abbrev(queries, gallery)
+    out = {f"retrieval_{direction}_{k}": v for k, v in metrics.items()
+           if not k.startswith("R@") or int(k[2:]) in HEADLINE_KS}
+    out["retrieval_score"] = method
+    out["retrieval_n"] = tuples.shape[0]
+    out["_recall_curve"] = {direction: {k: metrics[f"R@{k}"] for k in ks}}
+    out["_similarity"] = scores(tuples[:32], g[:64])
+    out["skipped"] = emb["skipped"].get("counts", {})
+    return out
+
+
 def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: int = 500, num_workers: int = 0) -> dict:
     """Embedding-space diagnostics (modality gap, alignment, uniformity) of the first ``max_samples`` samples of
     ``data``: one row per sample and modality (the first caption where a sample has several)."""
-    emb = embed_shards(model, data, list(model.modalities), batch_size, num_workers, max_samples)
+    names = list(model.modalities)
+    emb = complete_samples(embed_shards(model, data, names, batch_size, num_workers, max_samples), names)
     if not emb["keys"]:
         raise DataError(f"{data}: no sample with all of {', '.join(model.modalities)} for the embedding diagnostics")
     paired = {}

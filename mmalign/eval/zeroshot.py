@@ -57,8 +57,12 @@ def zeroshot_accuracy(
     features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)
 ) -> dict[str, float]:
     """Top-k accuracy and mean per-class recall (CLIP_benchmark's ``acc1``/``acc5``/``mean_per_class_recall``)."""
-    logits = features.float() @ classifier.float()
-    n_classes = classifier.shape[1]
+    return classification_metrics(features.float() @ classifier.float(), labels, topk)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict:
+    """``zeroshot_accuracy`` from any N x C class scores (e.g. N-way scores of modality tuples)."""
+    n_classes = logits.shape[1]
     out = {}
     order = logits.topk(min(max(topk), n_classes), dim=1).indices
     for k in topk:

@@ -16,9 +16,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..distributed import gather_no_grad, gather_with_grad, rank, world_size
+from ..distributed import gather_with_grad, world_size
 from ..errors import ConfigError
-from .objectives import Objective
+from .objectives import PresenceObjective
 from .registry import register_loss
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,13 @@ def gram_loss(
 # ------------------------------------------------------------------------------------------------------- objectives
 
 
-class _AllPresentObjective(Objective):
-    """Shared plumbing: gather with gradient, keep only rows where every modality is present, call a rows loss.
+class _AllPresentObjective(PresenceObjective):
+    """Shared plumbing: gather with gradient, keep the rows where every modality is present, call a rows loss.
 
     Each rank's loss is ``world / N * sum over its complete rows`` (N = complete rows on all ranks), so the mean
     over ranks equals the single-process mean over the concatenated batch, and the gathers' backward (a sum over
     ranks) gives each rank N_ranks x the global gradient, which DDP's averaging turns back into the global one.
+    With ``missing="learned"`` every row is complete (absent modalities hold the model's missing embedding).
     """
 
     def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:  # pragma: no cover - abstract
@@ -223,19 +224,7 @@ class _AllPresentObjective(Objective):
     ) -> dict[str, torch.Tensor]:
         local = [embeddings[m] for m in self.modalities]
         gathered = [gather_with_grad(x) for x in local]
-        n_local = local[0].shape[0]
-        if present is None:
-            rows, cols, offset, n_total = local, gathered, rank() * n_local, world_size() * n_local
-        else:
-            keep = torch.ones(n_local, dtype=torch.bool, device=local[0].device)
-            for m in self.modalities:
-                if m in present:
-                    keep = keep & present[m].to(device=keep.device, dtype=torch.bool)
-            keep_all = gather_no_grad(keep)
-            rows = [x[keep] for x in local]
-            cols = [x[keep_all] for x in gathered]
-            offset = int(keep_all[: rank() * n_local].sum())
-            n_total = int(keep_all.sum())
+        rows, cols, offset, n_total = self.complete_rows(self.modalities, local, gathered, present)
         if n_total == 0:
             log.warning("%s: no row has all of %s present; loss is 0", type(self).__name__, self.modalities)
             # an exact 0 that still depends on the gathered features, so every rank runs the gathers' backward
@@ -254,8 +243,10 @@ class SymileObjective(_AllPresentObjective):
     state is not part of the checkpoint (a resumed run draws a different but equally valid sequence).
     """
 
-    def __init__(self, modalities: list[str], negatives: str = "n_squared", seed: int = 0):
-        super().__init__(modalities)
+    nway_score = "mip"
+
+    def __init__(self, modalities: list[str], negatives: str = "n_squared", seed: int = 0, missing: str = "drop"):
+        super().__init__(modalities, missing)
         if negatives not in NEGATIVES:
             raise ConfigError(f"symile negatives must be one of {NEGATIVES}, got {negatives!r}")
         self.negatives = negatives
@@ -267,10 +258,19 @@ class SymileObjective(_AllPresentObjective):
 
 @register_loss("gram")
 class GramObjective(_AllPresentObjective):
-    """GRAM volume contrast; the first listed modality is the anchor (text in the paper)."""
+    """GRAM volume contrast; the anchor (text in the paper) is ``anchor``, by default the first listed modality."""
 
-    def __init__(self, modalities: list[str], label_smoothing: float = 0.0, eps: float = 1e-6):
-        super().__init__(modalities)
+    nway_score = "volume"
+
+    def __init__(
+        self, modalities: list[str], label_smoothing: float = 0.0, eps: float = 1e-6, anchor: str | None = None,
+        missing: str = "drop",
+    ):
+        if anchor is not None:
+            if anchor not in modalities:
+                raise ConfigError(f"gram anchor {anchor!r} is not one of the modalities {modalities}")
+            modalities = [anchor] + [m for m in modalities if m != anchor]
+        super().__init__(modalities, missing)
         self.label_smoothing = label_smoothing
         self.eps = eps
 

@@ -18,15 +18,18 @@ def clip_rows_loss(
     b_all: torch.Tensor,
     logit_scale: torch.Tensor | float,
     row_offset: int = 0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Symmetric InfoNCE of rows ``row_offset : row_offset + len(a_rows)`` against all columns.
 
     L = 1/2 [CE(s A_r B^T, y) + CE(s B_r A^T, y)], y_i = row_offset + i (Radford et al. 2021).
+    ``reduction="sum"`` sums the cross-entropies over rows instead of averaging them (for masked distributed use).
     """
     labels = torch.arange(a_rows.shape[0], device=a_rows.device) + row_offset
     logits_ab = logit_scale * a_rows @ b_all.T
     logits_ba = logit_scale * b_rows @ a_all.T
-    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    return 0.5 * (F.cross_entropy(logits_ab, labels, reduction=reduction)
+                  + F.cross_entropy(logits_ba, labels, reduction=reduction))
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:

@@ -359,6 +359,11 @@ class AudioModality(Modality):
             x = spec_augment(x, *self.features.axes, self.cfg.augment)
         return {"input": x, "valid": torch.tensor(valid, dtype=torch.float32)}
 
+    def placeholder(self, train: bool) -> dict[str, torch.Tensor]:
+        """One window of silence through the tower's features (no augmentation, no randomness)."""
+        features, valid = self.features(torch.zeros(self.clip_samples), self.clip_samples)
+        return {"input": features[None], "valid": torch.tensor([valid], dtype=torch.float32)}
+
     def augment_wave(self, wave: torch.Tensor) -> torch.Tensor:
         aug = self.cfg.augment
         if aug.shift_s > 0:

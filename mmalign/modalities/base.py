@@ -61,6 +61,9 @@ class Modality:
                 f"modality {name!r}: unknown {self.kind} tower {cfg.tower!r}{closest(cfg.tower, self.towers)}; "
                 f"known: {', '.join(sorted(self.towers))}"
             )
+        if cfg.optional and type(self).placeholder is Modality.placeholder:
+            raise ConfigError(f"modality {name!r} cannot be optional: kind {self.kind!r} defines no placeholder() "
+                              f"for absent items")
 
     @classmethod
     def file_members(cls, path: Path) -> dict[str, bytes]:
@@ -80,6 +83,15 @@ class Modality:
 
     def collate(self, items: list) -> Any:
         return torch.stack(items)
+
+    def placeholder(self, train: bool) -> Any:
+        """The item collated in place of an absent one (samples lacking an ``optional`` modality).
+
+        Shaped like ``transform``'s output, so it collates with real items and is a valid tower input; its embedding
+        is never used (the model substitutes its learned missing embedding for absent rows). Deterministic (no RNG):
+        zeros or silence of the item's shape. A kind that does not define it cannot be optional.
+        """
+        raise NotImplementedError
 
     def build_tower(self) -> nn.Module:
         return self.towers[self.cfg.tower](self.cfg)
@@ -269,6 +281,23 @@ def _rows(inputs: Any, index: torch.Tensor) -> Any:
     return {k: v[index] for k, v in inputs.items()}
 
 
+def _items(inputs: Any, index: torch.Tensor) -> Any:
+    """Items ``index`` (ascending) of collated inputs: their rows, or with ``window_owner`` their windows (renumbered)."""
+    owner = inputs.get("window_owner") if isinstance(inputs, dict) else None
+    if owner is None:
+        return _rows(inputs, index)
+    keep = torch.isin(owner, index)
+    renumber = torch.full((int(owner.max()) + 1,), -1, dtype=torch.long, device=owner.device)
+    renumber[index] = torch.arange(len(index), device=owner.device)
+    return {**{k: v[keep] for k, v in inputs.items() if k != "window_owner"}, "window_owner": renumber[owner[keep]]}
+
+
+def _place(values: torch.Tensor, index: torch.Tensor, present: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """B x D: row ``index[i]`` holds ``values[i]`` where ``present``; every absent row holds ``fill``."""
+    placed = values.new_zeros(present.shape[0], values.shape[1]).index_copy(0, index, values)
+    return torch.where(present[:, None], placed, fill.to(values.dtype))
+
+
 def _row_keys(inputs: Any) -> list[bytes]:
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else [inputs[k] for k in sorted(inputs)]
     flat = [t.detach().reshape(t.shape[0], -1).cpu().numpy() for t in tensors]
@@ -316,6 +345,10 @@ class ModalityAdapter(nn.Module):
     tokens: its one-query pooler gives the embedding and its ``n_queries`` pooler the context a caption decoder
     reads (``embed_with_context``). With ``n_queries`` 0 the tower pools itself: the embedding is its pooled output
     through the projection, the context its tokens as they are (``forward_pooled_tokens``, one pass).
+
+    An ``optional`` modality also has a learned missing embedding (Symile, Saporta et al. 2024): items whose presence
+    flag is False get it instead of the tower's output, so every row has an embedding and the objectives can either
+    contrast it like any other (``missing="learned"``) or drop those rows (``missing="drop"``).
     """
 
     def __init__(self, modality: Modality, embed_dim: int, cache_size: int = 200_000, coca: dict | None = None):
@@ -343,6 +376,9 @@ class ModalityAdapter(nn.Module):
         elif cfg.lock:
             lock_tower(tower, cfg.unlocked_layers, cfg.unlock_norms)
         self.tower = tower
+        self.missing = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) if cfg.optional else None
+        if self.missing is not None and self.coca_head is not None:
+            raise ConfigError(f"modality {modality.name!r}: a modality read through a CoCa head cannot be optional")
         self.cache_frozen = cfg.cache_frozen and self.fully_locked
         self._cache: OrderedDict[bytes, torch.Tensor] | None = None  # chosen at first use, once weights are loaded
         self._cache_size = cache_size
@@ -391,14 +427,30 @@ class ModalityAdapter(nn.Module):
                 self._cache.popitem(last=False)
         return torch.stack([self._cache[k] for k in keys])
 
-    def forward(self, inputs: Any, return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Normalised embeddings; with ``return_features`` also the tower's output before projection (same pass)."""
+    def forward(
+        self, inputs: Any, return_features: bool = False, present: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings; with ``return_features`` also the tower's output before projection (same pass).
+
+        With ``present`` (one flag per item) and a missing embedding (``optional`` modality), absent items get the
+        learned missing embedding (and zero features). The tower sees only the present items, so placeholders never
+        enter normalisation statistics; with none present it still runs on one placeholder whose output is
+        discarded, so every parameter stays in the autograd graph (as DistributedDataParallel requires).
+        """
         if self.coca_head is not None:
             if return_features:
                 raise ConfigError("a tower read through a CoCa head gives tokens, not pooled features to return")
             return F.normalize(self.coca_head.embed(*self.tower_tokens(inputs)), dim=-1)
+        index = None
+        if self.missing is not None and present is not None:
+            present = present.to(device=self.missing.device, dtype=torch.bool)
+            index = present.nonzero().squeeze(1) if bool(present.any()) else present.new_zeros(1, dtype=torch.long)
+            inputs = _items(inputs, index)
         features = self.tower_features(inputs)
         embeddings = F.normalize(self.proj(features), dim=-1)
+        if index is not None:
+            embeddings = _place(embeddings, index, present, F.normalize(self.missing, dim=0))
+            features = _place(features, index, present, features.new_zeros(()))
         return (embeddings, features) if return_features else embeddings
 
     def embed_with_context(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,11 @@ class ImageModality(Modality):
             )
         return self._transforms[train](item)
 
+    def placeholder(self, train: bool) -> torch.Tensor:
+        """A black image of the transformed size (3 x image_size x image_size)."""
+        size = self.cfg.image_size or self.defaults["image_size"]
+        return torch.zeros(3, size, size)
+
     def __getstate__(self):
         return {**self.__dict__, "_transforms": {}}
 

@@ -175,6 +175,10 @@ class TextModality(Modality):
         """Training: one caption at random. Evaluation: every caption (retrieval counts each as a positive)."""
         return random.choice(item) if train else item
 
+    def placeholder(self, train: bool) -> str | list[str]:
+        """An empty caption (a list of one in evaluation, like ``transform``'s output)."""
+        return "" if train else [""]
+
     @property
     def captions(self) -> bool:
         """Whether the tower is a caption decoder (its tokens are ``[BOS] caption [EOS]``, see ``CaptionTokenizer``)."""

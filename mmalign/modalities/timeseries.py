@@ -380,6 +380,11 @@ class TimeseriesModality(Modality):
             raise DataError("signal values overflow float32 after preprocessing")
         return {"signal": x * mask_t[:, None], "mask": mask_t}
 
+    def placeholder(self, train: bool) -> dict[str, torch.Tensor]:
+        """A flat window with every lead masked (channels x window zeros, mask 0)."""
+        n = channel_count(self.cfg)
+        return {"signal": torch.zeros(n, self.window), "mask": torch.zeros(n, dtype=torch.bool)}
+
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         return {"signal": torch.stack([i["signal"] for i in items]), "mask": torch.stack([i["mask"] for i in items])}
 

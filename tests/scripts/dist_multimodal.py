@@ -1,4 +1,4 @@
-"""Each rank computes the registered Symile/GRAM objectives on its half of a fixed 3-modality batch and reports,
+"""Each rank computes the registered Symile/GRAM/CLIP objectives on its half of a fixed 3-modality batch and reports,
 per case, its loss and the gradients of its local features; the test compares them with one process on the
 whole batch. ``CASES`` and ``batch`` are imported by ``tests/test_losses_multimodal.py`` too."""
 import torch
@@ -12,6 +12,8 @@ CASES = {
     "gram": ("gram", {"label_smoothing": 0.1}, False),
     "symile_masked": ("symile", {}, True),
     "gram_masked": ("gram", {}, True),
+    "clip_masked": ("clip", {}, True),
+    "symile_learned": ("symile", {"missing": "learned"}, True),
 }
 
 
