@@ -100,6 +100,18 @@ def test_truncation_is_counted_and_warned(tiny_text_model, caplog):
     assert "1 of 3 captions so far were longer than max_length=6" in caplog.text
 
 
+def test_open_clip_tokenizer_truncation_is_counted_exactly():
+    """A caption that exactly fills the context is not counted as truncated; one token more is."""
+    from mmalign.modalities import build_modality
+
+    cfg = from_dict(ModelConfig, {"modalities": {"text": {"tower": "open_clip", "model": "ViT-B-32",
+                                                         "max_length": 8}}}).modalities["text"]
+    text = build_modality("text", cfg)
+    batch = text.tokenize(["a b c d e f", "a b c d e f g", "a red square"])  # 6 + 2, 7 + 2 and 3 + 2 tokens
+    assert batch["input_ids"].shape == (3, 8) and batch["attention_mask"].sum(1).tolist() == [8, 8, 5]
+    assert text.truncated == 1 and text.seen == 3
+
+
 def test_lock_without_block_list_is_a_clear_error():
     from mmalign.errors import ConfigError
 

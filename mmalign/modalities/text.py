@@ -229,11 +229,12 @@ class TextModality(Modality):
             return {"input_ids": ids, "attention_mask": mask}
         if self.cfg.tower == "open_clip":
             tok = self.tokenizer
-            lengths = [len(tok.encode(t)) + 2 for t in texts]
             ids = tok(texts)
-            batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
-            self._count_truncations(sum(n > L for n in lengths), len(texts))
-            return batch
+            # Only a caption that fills every position may have been cut: re-encode just those to know (tokenising
+            # every caption twice cost the data pipeline about a tenth of its throughput).
+            full = (ids[:, -1] != 0).nonzero().flatten().tolist()
+            self._count_truncations(sum(len(tok.encode(texts[i])) + 2 > L for i in full), len(texts))
+            return {"input_ids": ids, "attention_mask": (ids != 0).long()}
         # One pass: overflowing tokens come back as extra rows, which tell which captions were too long.
         windows = self.cfg.long_text == "windows"
         enc = self.tokenizer(texts, padding=self.cfg.padding or "longest", truncation=True, max_length=L,
