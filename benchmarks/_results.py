@@ -1,12 +1,15 @@
 """Shared results files: each benchmark owns a section of ``results.json``; ``results.md`` is regenerated from all."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent
+GIB = 1024**3
 
 
 def _write(path: Path, text: str) -> None:
@@ -34,3 +37,42 @@ def update_results(section: str, rows: list[dict], markdown: str, *, out_dir: st
         parts += [f"## {name}", "", f"_updated {sec['updated']}_", "", sec["markdown"].strip(), ""]
     _write(md_path, "\n".join(parts))
     return md_path
+
+
+def machine_info(device: str, packages: tuple[str, ...] = ("open_clip",)) -> dict:
+    """The ``machine`` row of a results section: CPU/GPU, cores, RAM, versions, load average at the start.
+
+    The caller adds ``loadavg_end`` when its measurements are done.
+    """
+    import torch
+
+    info = {"kind": "machine", "device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    for name in packages:
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except (ImportError, AttributeError):
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["ram_gb"] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
+    except (OSError, ValueError):
+        pass
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info["loadavg_start"] = os.getloadavg()[0]
+    return info
+
+
+def describe_machine(machine: dict, packages: tuple[str, ...] = ("open_clip",)) -> str:
+    """One sentence for a section's markdown: the machine, the versions and the load while it ran."""
+    desc = (f"{machine.get('gpu') or machine.get('cpu', '?')}; {machine['cpus']} CPU cores, torch "
+            f"{machine['torch']} ({machine['threads']} threads)")
+    desc += "".join(f", {name} {machine.get(name, '?')}" for name in packages)
+    if machine.get("ram_gb"):
+        desc += f", {machine['ram_gb']:.0f} GB RAM"
+    return (f"{desc}. Load average {machine['loadavg_start']:.1f} at start, {machine['loadavg_end']:.1f} at end "
+            "(other processes share the cores: timings are medians, ratios come from the same run).")

@@ -19,7 +19,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._results import update_results
+from benchmarks._results import GIB, describe_machine, machine_info, update_results
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ["open_clip", "clip_loss", "chunked_clip_loss"]
 FULL_SIZES = [2048, 8192, 16384, 32768, 65536]
 QUICK_SIZES = [256, 512]
-GIB = 1024**3
 
 
 # ---------------------------------------------------------------- one measurement (runs in a worker process)
@@ -228,35 +226,10 @@ def _fit_max_batch(rows: list[dict], method: str, budget_bytes: float) -> dict |
     }
 
 
-def _machine(device: str) -> dict:
-    import torch
-
-    info = {"kind": "machine", "device": device, "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    try:
-        import open_clip
-
-        info["open_clip"] = open_clip.__version__
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["ram_gb"] = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
-    except (OSError, ValueError):
-        pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["loadavg_start"] = os.getloadavg()[0]
-    return info
-
-
 def run(device: str, sizes: list[int], quick: bool, in_process: bool, cap_gb: float, chunk: int, D: int,
         timeout: float) -> list[dict]:
     """All measurements on one device; returns the rows (machine, measurements, max-batch estimates)."""
-    machine = _machine(device)
+    machine = machine_info(device)
     warm, reps = _reps(0, True) if quick else (2, 5)
     gemm = {"method": "gemm", "B": 1024 if quick else 4096, "D": D, "reps": reps, "warmup": warm, "chunk": chunk,
             "device": device}
@@ -316,14 +289,9 @@ def markdown(rows: list[dict], quick: bool) -> str:
     meas = [r for r in rows if r["kind"] == "measurement"]
     est = [r for r in rows if r["kind"] == "max_batch"]
     dev = machine["device"]
-    desc = (f"{machine.get('gpu') or machine.get('cpu', '?')}; {machine['cpus']} CPU cores, torch "
-            f"{machine['torch']} ({machine['threads']} threads), open_clip {machine.get('open_clip', '?')}")
-    if machine.get("ram_gb"):
-        desc += f", {machine['ram_gb']:.0f} GB RAM"
     out = [f"CLIP loss forward + backward, D = {meas[0]['D'] if meas else '?'}, float32, on **{dev}**"
            f"{' (QUICK smoke run: tiny sizes, not representative)' if quick else ''}.", "",
-           f"Machine: {desc}. Load average {machine['loadavg_start']:.1f} at start, {machine['loadavg_end']:.1f} "
-           "at end (other processes share the cores: timings are medians, ratios come from the same run).", ""]
+           f"Machine: {describe_machine(machine)}", ""]
     mem_how = ("GPU: `torch.cuda.max_memory_allocated` growth." if dev.startswith("cuda") else
                "CPU: each measurement in its own process; peak = growth of the resident set over the baseline "
                "taken after imports, a tiny warm-up step and the inputs (`ru_maxrss`; polled RSS when the process "
