@@ -163,3 +163,11 @@ def test_evaluation_reports_what_it_skipped(tmp_path, bad_shards, tiny_text_mode
     model = AlignmentModel(_config(tmp_path, bad_shards["spec"], tiny_text_model).model)
     out = evaluate_retrieval(model, bad_shards["spec"], "image", "text", batch_size=16)
     assert out["retrieval_n"] == 32 and out["skipped"] == PER_PASS
+
+
+def test_workers_inherit_the_tokenizer_the_pass_loads_once(good_shards, tiny_text_model):
+    text = build_modality("text", TextConfig(kind="text", model=tiny_text_model, max_length=16))
+    items = pass_items(good_shards, {"image": build_modality("image", ImageConfig(kind="image", image_size=16)),
+                                     "text": text}, 4, train=True, num_workers=2)
+    assert text._tokenizer is not None  # loaded before the workers started, so they fork with it
+    assert sum(len(b["__key__"]) for b in items if "__key__" in b) == 36

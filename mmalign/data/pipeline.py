@@ -379,6 +379,9 @@ def pass_items(urls, modalities, batch_size, train, seed=0, epoch=0, shuffle_buf
                num_workers=0, pin_memory: bool = False) -> Iterator[dict]:
     """The DataLoader's items for one pass: batches and stats-only items (``_empty``), in a reproducible order."""
     workers = loader_workers(len(urls), num_workers, train, resampled)
+    if workers:
+        for modality in modalities.values():
+            modality.prepare()  # once here, not in every worker of every pass (a tokenizer takes ~0.1 s to load)
     dataset = make_dataset(urls, modalities, batch_size, train, seed, epoch, shuffle_buffer, resampled, workers)
     return iter(make_loader(dataset, workers, pin_memory, seed=zlib.crc32(f"loader:{seed}:{epoch}".encode())))
 

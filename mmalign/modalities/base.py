@@ -84,6 +84,11 @@ class Modality:
     def collate(self, items: list) -> Any:
         return torch.stack(items)
 
+    def prepare(self) -> None:
+        """Build what decoding and collating create lazily (e.g. a tokenizer) in this process. The data pipeline
+        calls it before starting DataLoader workers, so that forked workers inherit it rather than each building
+        its own at every pass."""
+
     def placeholder(self, train: bool) -> Any:
         """The item collated in place of an absent one (samples lacking an ``optional`` modality).
 

@@ -204,6 +204,9 @@ class TextModality(Modality):
                 )
         return self._tokenizer
 
+    def prepare(self) -> None:
+        self.tokenizer  # noqa: B018  (loads it)
+
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
 
