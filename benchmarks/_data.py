@@ -1,0 +1,53 @@
+"""Synthetic image + caption shards for the benchmarks, built offline and cached under ``benchmarks/_work/``."""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from data_tools.common import cached_build, write_samples
+
+WORK_DIR = Path(__file__).resolve().parent / "_work"
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey", "pink"]
+THINGS = ["square", "circle", "cat", "dog", "car", "tree", "house", "boat", "bird", "flower", "cup", "chair"]
+PLACES = ["on a table", "in a field", "at night", "by the sea", "in the snow", "on a street", "in a room"]
+
+
+def caption(rng: random.Random) -> str:
+    """A short caption of a few words (8-16 CLIP tokens), different per sample."""
+    words = ["a", rng.choice(COLOURS), rng.choice(THINGS)]
+    if rng.random() < 0.7:
+        words += rng.choice(PLACES).split()
+    if rng.random() < 0.5:
+        words += ["with", "a", rng.choice(COLOURS), rng.choice(THINGS)]
+    return " ".join(words)
+
+
+def image_png(rng: random.Random, size: int) -> bytes:
+    """PNG bytes of a ``size`` x ``size`` RGB picture: a smooth random colour field plus noise (compresses like a
+    photo rather than like a flat test pattern, so decoding costs what it would on real data)."""
+    import numpy as np
+    from PIL import Image
+
+    gen = np.random.default_rng(rng.getrandbits(32))
+    coarse = Image.fromarray(gen.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), Image.BILINEAR)
+    pixels = np.asarray(coarse, dtype=np.int16) + gen.integers(-6, 7, (size, size, 3))
+    buf = io.BytesIO()
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_text_shards(n_samples: int, shard_size: int, image_size: int, out_dir: Path | None = None) -> list[str]:
+    """``n_samples`` image (``image.png``) + caption (``text.txt``) samples in shards of ``shard_size``; built once
+    per size (seeded, so every run reads the same bytes) and reused. Returns the shard paths."""
+    out = out_dir or WORK_DIR / f"shards-{n_samples}x{image_size}px-{shard_size}"
+
+    def build(path: Path) -> dict:
+        rng = random.Random(0)
+        samples = ({"__key__": f"s{i:06d}", "image.png": image_png(rng, image_size),
+                    "text.txt": caption(rng).encode()} for i in range(n_samples))
+        write_samples(samples, path, "train", shard_size)
+        return {"shards": sorted(str(p) for p in path.glob("train-*.tar"))}
+
+    return cached_build(out, "1", build)["shards"]

@@ -1,0 +1,213 @@
+"""Shard loading throughput: mmalign's data pipeline vs a bare webdataset loop doing the same work.
+
+Both read the same image + caption shards (synthetic PNGs and captions, built offline once and cached in
+``benchmarks/_work/``) with the same number of DataLoader workers and produce the same training batches: PNG ->
+RGB PIL image -> open_clip's training transform (random resized crop, normalise) -> stacked float tensor, and the
+captions tokenised with open_clip's CLIP tokenizer, batch by batch, last partial batch dropped, no shuffling.
+
+* ``mmalign``: ``mmalign.data.iterate_batches`` (train mode, ``shuffle_buffer: 0``) with an image and an open_clip
+  text modality. On top of the bare loop it reads shard by shard counting broken shards, looks modality members up
+  by name, seeds each sample's augmentation from its key (reproducible whatever worker reads it), counts skipped
+  samples per reason and carries the counts in the batches, builds presence masks and attention masks, and counts
+  truncated captions.
+* ``webdataset``: ``wds.WebDataset(...).decode("pilrgb").to_tuple(...).map_tuple(transform, ...)
+  .batched(...).map_tuple(..., tokenizer)`` in a ``wds.WebLoader`` (``pilrgb``: PIL converted to RGB, as mmalign
+  does).
+
+Throughput = samples / wall time of a whole pass (worker start-up included, as in training). The two alternate
+(ABBA order) for several rounds after an untimed warm-up pass each; the ratio is mmalign / webdataset of the median
+throughputs. Results go to ``results.json`` / ``results.md`` (section ``data_cpu``).
+
+    python -m benchmarks.bench_data            # full run (about a minute on 2 busy CPU cores)
+    python -m benchmarks.bench_data --quick    # smoke test on a few hundred samples, into benchmarks/_work/
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from benchmarks._data import image_text_shards
+from benchmarks._results import describe_machine, machine_info, update_results
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["mmalign", "webdataset"]
+PACKAGES = ("open_clip", "webdataset")
+TOKENIZER = "ViT-B-32"  # open_clip's CLIP BPE (ships with open_clip: offline)
+TARGET_RATIO = 0.8
+
+
+def mmalign_loader(batch_size: int, workers: int, crop: int) -> Callable[[list[str], int], tuple[int, int]]:
+    """A pass ``(urls, epoch) -> (samples, skipped)`` through ``mmalign.data.iterate_batches`` in train mode, with
+    an image and an open_clip text modality built once (as a training run builds them)."""
+    from mmalign.config import ModelConfig, from_dict
+    from mmalign.data import iterate_batches
+    from mmalign.modalities import build_modality
+
+    cfg = from_dict(ModelConfig, {"modalities": {
+        "image": {"tower": "small_cnn", "image_size": crop},
+        "text": {"tower": "open_clip", "model": TOKENIZER},
+    }})
+    modalities = {name: build_modality(name, m) for name, m in cfg.modalities.items()}
+
+    def one_pass(urls: list[str], epoch: int) -> tuple[int, int]:
+        skips: dict = {}
+        n = 0
+        for batch in iterate_batches(urls, modalities, batch_size, train=True, seed=0, epoch=epoch,
+                                     shuffle_buffer=0, num_workers=workers, skips=skips):
+            n += len(batch["__key__"])
+        return n, sum(skips.get("counts", {}).values())
+
+    return one_pass
+
+
+def _keep(x):
+    return x
+
+
+def webdataset_loader(batch_size: int, workers: int, crop: int) -> Callable[[list[str], int], tuple[int, int]]:
+    """A pass ``(urls, epoch) -> (samples, 0)`` through a bare webdataset loop doing the same decoding, transforms
+    and batching (transform and tokenizer built once)."""
+    import open_clip
+    import webdataset as wds
+
+    from mmalign.modalities.image import OPENAI_MEAN, OPENAI_STD
+
+    transform = open_clip.image_transform(crop, is_train=True, mean=OPENAI_MEAN, std=OPENAI_STD,
+                                          resize_mode="shortest", interpolation="bicubic",
+                                          aug_cfg={"scale": (0.8, 1.0)})
+    tokenizer = open_clip.get_tokenizer(TOKENIZER)
+
+    def one_pass(urls: list[str], epoch: int) -> tuple[int, int]:
+        dataset = (wds.WebDataset(urls, shardshuffle=False).decode("pilrgb").to_tuple("image.png", "text.txt")
+                   .map_tuple(transform, _keep).batched(batch_size, partial=False).map_tuple(_keep, tokenizer))
+        n = 0
+        for images, _ in wds.WebLoader(dataset, batch_size=None, num_workers=workers):
+            n += len(images)
+        return n, 0
+
+    return one_pass
+
+
+LOADERS = {"mmalign": mmalign_loader, "webdataset": webdataset_loader}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run(urls: list[str], batch_size: int, workers: int, crop: int, rounds: int) -> list[dict]:
+    """Warm-up pass of each method, then ``rounds`` timed passes of each in ABBA order; returns the rows."""
+    passes = {method: LOADERS[method](batch_size, workers, crop) for method in METHODS}
+    for method in METHODS:  # untimed: page cache, lazy set-up, imports
+        passes[method](urls[:max(1, workers)], 0)
+    rows: list[dict] = []
+    for r in range(rounds):
+        for method in METHODS if r % 2 == 0 else METHODS[::-1]:
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            n, skipped = passes[method](urls, r)
+            dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+            rows.append({"kind": "pass", "method": method, "round": r, "samples": n, "skipped": skipped,
+                         "time_s": dt, "cpu_s": cpu, "samples_per_s": n / dt, "samples_per_cpu_s": n / cpu})
+            log.info("round %d %s: %d samples in %.2f s (%.2f CPU s) = %.0f samples/s", r, method, n, dt, cpu,
+                     n / dt)
+    return rows
+
+
+def summarise(passes: list[dict]) -> list[dict]:
+    """Per method: median (min, max) samples/s and median samples per CPU second; mmalign / webdataset.
+
+    The ratio is the median of the per-round ratios: a round's two passes run back to back, so they see about the
+    same load from other processes.
+    """
+    out = []
+    for method in METHODS:
+        mine = [p for p in passes if p["method"] == method]
+        rates = [p["samples_per_s"] for p in mine]
+        out.append({"kind": "summary", "method": method, "passes": len(mine), "samples_per_pass": mine[0]["samples"],
+                    "samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+                    "samples_per_cpu_s": statistics.median(p["samples_per_cpu_s"] for p in mine)})
+    rounds: dict[int, dict] = {}
+    for p in passes:
+        rounds.setdefault(p["round"], {})[p["method"]] = p
+    wall = [r["mmalign"]["samples_per_s"] / r["webdataset"]["samples_per_s"] for r in rounds.values()]
+    cpu = [r["mmalign"]["samples_per_cpu_s"] / r["webdataset"]["samples_per_cpu_s"] for r in rounds.values()]
+    out.append({"kind": "ratio", "of": "mmalign / webdataset", "ratio": statistics.median(wall), "per_round": wall,
+                "cpu_ratio": statistics.median(cpu), "cpu_per_round": cpu})
+    return out
+
+
+def markdown(rows: list[dict], quick: bool) -> str:
+    machine = next(r for r in rows if r["kind"] == "machine")
+    setup = next(r for r in rows if r["kind"] == "setup")
+    summary = {r["method"]: r for r in rows if r["kind"] == "summary"}
+    ratio = next(r for r in rows if r["kind"] == "ratio")
+    out = [f"Shard loading throughput, {setup['samples']:,} image + caption samples in {setup['shards']} shards "
+           f"({setup['image_px']} px PNG -> {setup['crop']} px training crop, CLIP tokenizer), batch "
+           f"{setup['batch_size']}, {setup['workers']} DataLoader worker(s) in both, {setup['rounds']} rounds of one "
+           f"pass each (order alternating){' (QUICK smoke run: tiny data, not representative)' if quick else ''}.",
+           "", f"Machine: {describe_machine(machine, PACKAGES)}", "",
+           "Both loops decode the PNG to an RGB PIL image, apply open_clip's training transform, stack the images "
+           "and tokenise the captions per batch; mmalign also seeds each sample's augmentation from its key, counts "
+           "skipped samples per reason, and builds presence and attention masks (see the module docstring). "
+           "Samples/s: wall time of a whole pass, worker start-up included. Samples per CPU s: the same pass over "
+           "the CPU time of the process and its workers (less sensitive to other processes' load).", "",
+           "| loader | samples/s (median) | min | max | samples per CPU s | mmalign / webdataset (per-round median) |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for method in METHODS:
+        s = summary[method]
+        rel = f"{ratio['ratio']:.2f} (CPU: {ratio['cpu_ratio']:.2f})" if method == "mmalign" else "1.00"
+        out.append(f"| {method} | {s['samples_per_s']:,.0f} | {s['min']:,.0f} | {s['max']:,.0f} | "
+                   f"{s['samples_per_cpu_s']:,.0f} | {rel} |")
+    met = "met" if ratio["ratio"] >= TARGET_RATIO else "NOT met"
+    out += ["", f"mmalign / webdataset samples/s = {ratio['ratio']:.2f} ({met}, target >= {TARGET_RATIO}); per "
+            f"round {', '.join(f'{x:.2f}' for x in ratio['per_round'])}. Samples skipped by mmalign: "
+            f"{sum(r['skipped'] for r in rows if r['kind'] == 'pass')}."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: a few hundred samples, results in _work/")
+    p.add_argument("--samples", type=int, help="samples in the shards (default 2000, quick 256)")
+    p.add_argument("--shard-size", type=int, help="samples per shard (default 250, quick 64)")
+    p.add_argument("--image-px", type=int, default=72, help="stored PNG side")
+    p.add_argument("--crop", type=int, default=64, help="training crop side")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="DataLoader workers, both loops (default 2, quick 1)")
+    p.add_argument("--rounds", type=int, help="timed passes per loader (default 8, quick 2)")
+    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    samples = args.samples or (256 if args.quick else 2000)
+    shard_size = args.shard_size or (64 if args.quick else 250)
+    workers = args.workers if args.workers is not None else (1 if args.quick else 2)
+    rounds = args.rounds or (2 if args.quick else 8)
+    urls = image_text_shards(samples, shard_size, args.image_px)
+    machine = machine_info("cpu", PACKAGES)
+    setup = {"kind": "setup", "samples": samples, "shards": len(urls), "image_px": args.image_px, "crop": args.crop,
+             "batch_size": args.batch_size, "workers": workers, "rounds": rounds}
+    passes = run(urls, args.batch_size, workers, args.crop, rounds)
+    machine["loadavg_end"] = os.getloadavg()[0]
+    rows = [machine, setup, *summarise(passes), *passes]
+    out_dir = args.out_dir or (REPO / "benchmarks" / ("_work" if args.quick else ""))
+    text = markdown(rows, args.quick)
+    md = update_results(f"data_cpu{'_quick' if args.quick else ''}", rows, text, out_dir=out_dir)
+    print(text)
+    print(f"results: {md} and {md.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
