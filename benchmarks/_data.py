@@ -38,10 +38,10 @@ def image_png(rng: random.Random, size: int) -> bytes:
     return buf.getvalue()
 
 
-def image_text_shards(n_samples: int, shard_size: int, image_size: int, out_dir: Path | None = None) -> list[str]:
-    """``n_samples`` image (``image.png``) + caption (``text.txt``) samples in shards of ``shard_size``; built once
-    per size (seeded, so every run reads the same bytes) and reused. Returns the shard paths."""
-    out = out_dir or WORK_DIR / f"shards-{n_samples}x{image_size}px-{shard_size}"
+def image_text_shards(n_samples: int, shard_size: int, image_size: int, work_dir: Path = WORK_DIR) -> list[str]:
+    """``n_samples`` image (``image.png``) + caption (``text.txt``) samples in shards of ``shard_size`` under
+    ``work_dir``; built once per size (seeded, so every run reads the same bytes) and reused. Returns their paths."""
+    out = work_dir / f"shards-{n_samples}x{image_size}px-{shard_size}"
 
     def build(path: Path) -> dict:
         rng = random.Random(0)
@@ -51,3 +51,21 @@ def image_text_shards(n_samples: int, shard_size: int, image_size: int, out_dir:
         return {"shards": sorted(str(p) for p in path.glob("train-*.tar"))}
 
     return cached_build(out, "1", build)["shards"]
+
+
+def as_csv(urls: list[str], n_samples: int, out_dir: Path) -> str:
+    """The first ``n_samples`` samples of ``urls`` as image files plus a tab-separated ``filepath``/``title`` list
+    (open_clip_train's ``--dataset-type csv``); built once per size. Returns the CSV's path."""
+    import webdataset as wds
+
+    def build(path: Path) -> dict:
+        path.mkdir(parents=True, exist_ok=True)
+        lines = ["filepath\ttitle"]
+        for sample in wds.WebDataset(urls, shardshuffle=False).slice(n_samples):
+            image = path / f"{sample['__key__']}.png"
+            image.write_bytes(sample["image.png"])
+            lines.append(f"{image}\t{sample['text.txt'].decode()}")
+        (path / "train.csv").write_text("\n".join(lines) + "\n")
+        return {"csv": str(path / "train.csv")}
+
+    return cached_build(out_dir, f"{n_samples}:{','.join(urls)}", build)["csv"]

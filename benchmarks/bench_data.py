@@ -19,7 +19,7 @@ Throughput = samples / wall time of a whole pass (worker start-up included, as i
 throughputs. Results go to ``results.json`` / ``results.md`` (section ``data_cpu``).
 
     python -m benchmarks.bench_data            # full run (about a minute on 2 busy CPU cores)
-    python -m benchmarks.bench_data --quick    # smoke test on a few hundred samples, into benchmarks/_work/
+    python -m benchmarks.bench_data --quick    # smoke test on 128 samples, into benchmarks/_work/
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from benchmarks._data import image_text_shards
+from benchmarks._data import WORK_DIR, image_text_shards
 from benchmarks._results import describe_machine, machine_info, update_results
 
 log = logging.getLogger(__name__)
@@ -178,23 +178,24 @@ def markdown(rows: list[dict], quick: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: a few hundred samples, results in _work/")
-    p.add_argument("--samples", type=int, help="samples in the shards (default 2000, quick 256)")
-    p.add_argument("--shard-size", type=int, help="samples per shard (default 250, quick 64)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 128 samples, results in _work/")
+    p.add_argument("--samples", type=int, help="samples in the shards (default 2000, quick 128)")
+    p.add_argument("--shard-size", type=int, help="samples per shard (default 250, quick 32)")
     p.add_argument("--image-px", type=int, default=72, help="stored PNG side")
     p.add_argument("--crop", type=int, default=64, help="training crop side")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, help="DataLoader workers, both loops (default 2, quick 1)")
     p.add_argument("--rounds", type=int, help="timed passes per loader (default 8, quick 2)")
     p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
+    p.add_argument("--work-dir", default=str(WORK_DIR), help="where the shards are built (default benchmarks/_work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    samples = args.samples or (256 if args.quick else 2000)
-    shard_size = args.shard_size or (64 if args.quick else 250)
+    samples = args.samples or (128 if args.quick else 2000)
+    shard_size = args.shard_size or (32 if args.quick else 250)
     workers = args.workers if args.workers is not None else (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 8)
-    urls = image_text_shards(samples, shard_size, args.image_px)
+    urls = image_text_shards(samples, shard_size, args.image_px, Path(args.work_dir))
     machine = machine_info("cpu", PACKAGES)
     setup = {"kind": "setup", "samples": samples, "shards": len(urls), "image_px": args.image_px, "crop": args.crop,
              "batch_size": args.batch_size, "workers": workers, "rounds": rounds}

@@ -8,6 +8,8 @@ import sys
 # one entry per benchmark module, each with ``main(argv: list[str] | None) -> int``; append new benchmarks here
 MODULES = [
     "benchmarks.bench_losses",
+    "benchmarks.bench_train_step",
+    "benchmarks.bench_data",
 ]
 
 

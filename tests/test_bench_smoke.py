@@ -29,3 +29,38 @@ def test_update_results_keeps_other_sections(tmp_path):
     assert list(data["sections"]) == ["a", "b"] and data["sections"]["a"]["rows"] == [{"x": 3}]
     md = (tmp_path / "results.md").read_text()
     assert "table A2" in md and "table B" in md and "table A\n" not in md
+
+
+def _section(out_dir, name: str) -> tuple[dict, str]:
+    data = json.loads((out_dir / "results.json").read_text())
+    return data["sections"][name], (out_dir / "results.md").read_text()
+
+
+def test_quick_data_bench_compares_both_loaders(tmp_path):
+    from benchmarks import bench_data
+
+    assert bench_data.main(["--quick", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
+    section, md = _section(tmp_path, "data_cpu_quick")
+    rows = section["rows"]
+    passes = [r for r in rows if r["kind"] == "pass"]
+    assert {r["method"] for r in passes} == set(bench_data.METHODS) and len(passes) == 4
+    assert all(r["samples"] == 128 and r["skipped"] == 0 and r["samples_per_s"] > 0 for r in passes)
+    summary = {r["method"]: r for r in rows if r["kind"] == "summary"}
+    assert all(s["samples_per_s"] > 0 and s["samples_per_cpu_s"] > 0 for s in summary.values())
+    assert next(r for r in rows if r["kind"] == "ratio")["ratio"] > 0
+    assert "## data_cpu_quick" in md and "| mmalign |" in md and "| webdataset |" in md
+
+
+def test_quick_train_step_bench_times_both_loops(tmp_path):
+    from benchmarks import bench_train_step
+
+    assert bench_train_step.main(["--quick", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
+    section, md = _section(tmp_path, "train_step_cpu_quick")
+    summary = {r["method"]: r for r in section["rows"] if r["kind"] == "summary"}
+    assert set(summary) == set(bench_train_step.METHODS)
+    for s in summary.values():
+        assert s["timed_steps"] == 2 and s["median_step_s"] > 0
+    # the same network: mmalign's text tower keeps open_clip's unused logit_scale
+    assert summary["mmalign"]["params"] == summary["open_clip"]["params"] + 1
+    assert next(r for r in section["rows"] if r["kind"] == "ratio")["ratio"] > 0
+    assert "## train_step_cpu_quick" in md and "| mmalign |" in md and "| open_clip |" in md

@@ -1,0 +1,307 @@
+"""Training step time: mmalign's training loop vs open_clip's own training step, same tiny model, float32, CPU.
+
+The model is one tiny open_clip CLIP architecture (ViT image tower, text transformer, registered from
+``TINY_CLIP``) built from scratch on both sides: open_clip's ``CLIP`` as ``open_clip_train.main`` builds it, and an
+mmalign ``AlignmentModel`` whose image and text towers are that architecture's (``tower: open_clip``) with
+``proj: none``, so both compute the same network (mmalign's text tower keeps the CLIP model's own ``logit_scale``,
+one unused parameter). Same batch size, CLIP loss, AdamW settings (lr, betas, eps, weight decay off for gains and
+biases), warm-up + cosine schedule, gradient clipping at norm 1, logging interval, one process, float32.
+
+* ``open_clip``: ``open_clip_train.train.train_one_epoch`` with the model, optimizer, scheduler, loss and data
+  (``open_clip_train.data.get_data``, webdataset) set up the way ``open_clip_train.main`` sets them up.
+* ``mmalign``: ``mmalign.train.train`` on a recipe with the same settings (the whole loop: Accelerate, skip
+  counting, non-finite checks, metrics; checkpoints only at the end, outside the timed steps).
+
+Both read the same shards of synthetic image + caption samples (built offline once), each through its own data
+pipeline with ``num_workers: 0``. A step's time is the time between the ends of two consecutive optimiser steps
+minus the time spent waiting for the batch (the pipelines differ; the data benchmark compares them), so it counts
+everything a loop does per step besides loading data: forward, loss, backward, clipping, optimiser, schedule,
+bookkeeping and logging. The first ``--warmup`` steps of each run are left out. The two alternate (one run of each
+per round, order alternating) and the medians over all timed steps are compared. Results go to ``results.json`` /
+``results.md`` (section ``train_step_cpu``).
+
+    python -m benchmarks.bench_train_step            # full run (about two minutes on 2 busy CPU cores)
+    python -m benchmarks.bench_train_step --quick    # smoke test: a few steps, into benchmarks/_work/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from unittest import mock
+
+from benchmarks._data import WORK_DIR, as_csv, image_text_shards
+from benchmarks._results import describe_machine, machine_info, update_results
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["mmalign", "open_clip"]
+MODEL = "mmalign-bench-tiny-vit"
+TINY_CLIP = {"embed_dim": 64,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32},
+             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
+# the optimisation settings both loops get
+LR, WD, BETAS, EPS, WARMUP_STEPS, GRAD_CLIP, LOG_EVERY = 5e-4, 0.2, (0.9, 0.98), 1e-6, 2, 1.0, 5
+
+
+def register_model(work_dir: Path) -> None:
+    """Make ``MODEL`` an open_clip architecture name (as a user with a custom model config would)."""
+    import open_clip
+
+    path = work_dir / "open_clip_configs" / f"{MODEL}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+
+
+class StepClock:
+    """Ends of optimiser steps (a global optimizer hook) and the intervals spent waiting for batches."""
+
+    def __init__(self):
+        self.step_ends: list[float] = []
+        self.waits: list[tuple[float, float]] = []
+
+    @contextmanager
+    def recording(self) -> Iterator["StepClock"]:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        handle = register_optimizer_step_post_hook(lambda *_: self.step_ends.append(time.perf_counter()))
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def timed(self, batches) -> Iterator:
+        """``batches``, recording how long each ``next`` takes."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.waits.append((t0, time.perf_counter()))
+            yield batch
+
+    def step_times(self, warmup: int) -> list[float]:
+        """Per step after the first ``warmup``: time between consecutive step ends minus the batch waits inside."""
+        out = []
+        for i in range(max(1, warmup), len(self.step_ends)):
+            start, end = self.step_ends[i - 1], self.step_ends[i]
+            wait = sum(b - a for a, b in self.waits if start <= a < end)
+            out.append(end - start - wait)
+        return out
+
+
+class TimedLoader:
+    """A data loader whose iteration goes through ``StepClock.timed`` (what ``train_one_epoch`` reads of it)."""
+
+    def __init__(self, loader, clock: StepClock):
+        self.loader, self.clock = loader, clock
+        self.num_batches, self.num_samples = loader.num_batches, loader.num_samples
+
+    def __iter__(self) -> Iterator:
+        return self.clock.timed(self.loader)
+
+
+def run_mmalign(data: dict, batch_size: int, steps: int, run_dir: Path, clock: StepClock) -> dict:
+    """``mmalign.train.train`` on the tiny open_clip towers (its batch stream timed); returns parameter counts."""
+    import mmalign.train
+    from mmalign.config import load_config
+
+    cfg = load_config(base={
+        "run_dir": str(run_dir), "seed": 0,
+        "model": {"embed_dim": TINY_CLIP["embed_dim"], "modalities": {
+            "image": {"tower": "open_clip", "model": MODEL, "proj": "none"},
+            "text": {"tower": "open_clip", "model": MODEL, "proj": "none"}}},
+        "loss": {"name": "clip"},
+        "data": {"train": "::".join(data["shards"]), "batch_size": batch_size, "num_workers": 0},
+        "train": {"steps": steps, "lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS,
+                  "warmup_steps": WARMUP_STEPS, "grad_clip": GRAD_CLIP, "precision": "no", "device": "cpu",
+                  "checkpoint_every": steps, "keep_last": 1, "log_every": LOG_EVERY},
+        "eval": {"diagnostics": {"max_samples": batch_size}},
+    })
+    original = mmalign.train.batch_stream
+    with mock.patch.object(mmalign.train, "batch_stream", lambda *a, **kw: clock.timed(original(*a, **kw))), \
+            clock.recording():
+        mmalign.train.train(cfg)
+    return param_counts(mmalign.train.build_model(cfg))
+
+
+def param_counts(model) -> dict:
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def run_open_clip(data: dict, batch_size: int, steps: int, run_dir: Path, clock: StepClock) -> dict:
+    """``open_clip_train.train.train_one_epoch`` for one epoch of ``steps`` batches (the CSV lists steps x batch
+    samples), set up as ``open_clip_train.main`` does it (model, AdamW groups, cosine schedule, loss, data)."""
+    import torch
+    from open_clip import create_loss, create_model_and_transforms, get_tokenizer
+    from open_clip_train.data import get_data
+    from open_clip_train.distributed import init_distributed_device
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+
+    args = parse_args([
+        "--model", MODEL, "--train-data", data["csv"], "--dataset-type", "csv", "--batch-size", str(batch_size),
+        "--epochs", "1",
+        "--lr", str(LR), "--wd", str(WD), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS),
+        "--warmup", str(WARMUP_STEPS), "--grad-clip-norm", str(GRAD_CLIP), "--precision", "fp32",
+        "--workers", "0", "--device", "cpu", "--seed", "0", "--log-every-n-steps", str(LOG_EVERY),
+        "--logs", str(run_dir),
+    ])
+    device = init_distributed_device(args)
+    args.distill, args.wandb = False, False  # what main() derives from its (unset) distillation and report_to
+    torch.manual_seed(args.seed)
+    model, preprocess_train, preprocess_val = create_model_and_transforms(
+        args.model, args.pretrained, precision=args.precision, device=device, output_dict=True, aug_cfg=args.aug_cfg)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": args.wd}],
+        lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    loaders = get_data(args, (preprocess_train, preprocess_val), epoch=0, tokenizer=get_tokenizer(args.model))
+    loaders["train"].dataloader = TimedLoader(loaders["train"].dataloader, clock)
+    scheduler = cosine_lr(optimizer, args.lr, args.warmup, loaders["train"].dataloader.num_batches * args.epochs)
+    with clock.recording():
+        train_one_epoch(model, loaders, create_loss(args), 0, optimizer, None, scheduler, None, args)
+    return param_counts(model)
+
+
+RUNNERS = {"mmalign": run_mmalign, "open_clip": run_open_clip}
+
+
+def run(data: dict, batch_size: int, steps: int, warmup: int, rounds: int, work: Path) -> list[dict]:
+    """``rounds`` runs of each loop, order alternating; one row per run with its timed steps."""
+    rows = []
+    for r in range(rounds):
+        for method in METHODS if r % 2 == 0 else METHODS[::-1]:
+            clock = StepClock()
+            run_dir = work / f"{method}-{r}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run (mmalign would resume a finished one)
+            t0 = time.perf_counter()
+            counts = RUNNERS[method](data, batch_size, steps, run_dir, clock)
+            times = clock.step_times(warmup)
+            rows.append({"kind": "run", "method": method, "round": r, "steps": len(clock.step_ends),
+                         "timed_steps": len(times), "step_s": times, "median_step_s": statistics.median(times),
+                         "data_wait_s": sum(b - a for a, b in clock.waits), "wall_s": time.perf_counter() - t0,
+                         **counts})
+            log.info("round %d %s: median step %.4f s over %d steps (%.1f s in all)", r, method,
+                     rows[-1]["median_step_s"], len(times), rows[-1]["wall_s"])
+    return rows
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Median s/step per method over all timed steps of all its runs; mmalign / open_clip of those medians, and of
+    each round's two runs."""
+    out = []
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        steps = [t for r in mine for t in r["step_s"]]
+        out.append({"kind": "summary", "method": method, "runs": len(mine), "timed_steps": len(steps),
+                    "median_step_s": statistics.median(steps), "p10_step_s": _quantile(steps, 0.1),
+                    "p90_step_s": _quantile(steps, 0.9), "params": mine[0]["params"],
+                    "trainable": mine[0]["trainable"]})
+    per_round = {}
+    for r in runs:
+        per_round.setdefault(r["round"], {})[r["method"]] = r["median_step_s"]
+    out.append({"kind": "ratio", "of": "mmalign / open_clip s/step",
+                "ratio": out[0]["median_step_s"] / out[1]["median_step_s"],
+                "per_round": [v["mmalign"] / v["open_clip"] for v in per_round.values()]})
+    return out
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def markdown(rows: list[dict], quick: bool) -> str:
+    machine = next(r for r in rows if r["kind"] == "machine")
+    setup = next(r for r in rows if r["kind"] == "setup")
+    summary = {r["method"]: r for r in rows if r["kind"] == "summary"}
+    ratio = next(r for r in rows if r["kind"] == "ratio")
+    v, t = TINY_CLIP["vision_cfg"], TINY_CLIP["text_cfg"]
+    out = [f"Training step time, tiny open_clip CLIP from scratch (ViT {v['layers']} x {v['width']}, patch "
+           f"{v['patch_size']}, {v['image_size']} px; text {t['layers']} x {t['width']}, {t['context_length']} "
+           f"tokens, vocabulary {t['vocab_size']:,}; embedding {TINY_CLIP['embed_dim']}), batch "
+           f"{setup['batch_size']}, float32, CPU, {machine['threads']} torch thread(s), {setup['rounds']} rounds of "
+           f"one run each ({setup['steps']} steps per run, the first {setup['warmup']} not timed)"
+           f"{' (QUICK smoke run: a few steps, not representative)' if quick else ''}.", "",
+           f"Machine: {describe_machine(machine)}", "",
+           "Same architecture, batch, CLIP loss, AdamW (lr, betas, eps, weight decay groups), warm-up + cosine "
+           "schedule, gradient clipping at 1.0 and logging every "
+           f"{LOG_EVERY} steps on both sides; both read the same synthetic shards through their own pipeline "
+           "(no workers). A step is the time between two optimiser steps minus the wait for the batch: forward, "
+           "loss, backward, clipping, optimiser, schedule and each loop's own bookkeeping (see the module "
+           "docstring).", "",
+           "| loop | median s/step | p10 | p90 | timed steps | parameters | mmalign / open_clip |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for method in METHODS:
+        s = summary[method]
+        rel = f"{ratio['ratio']:.2f}" if method == "mmalign" else "1.00"
+        out.append(f"| {method} | {s['median_step_s']:.4f} | {s['p10_step_s']:.4f} | {s['p90_step_s']:.4f} | "
+                   f"{s['timed_steps']} | {s['params']:,} | {rel} |")
+    out += ["", f"mmalign / open_clip median s/step = {ratio['ratio']:.2f}; per round "
+            f"{', '.join(f'{x:.2f}' for x in ratio['per_round'])}."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: a few steps, results in _work/")
+    p.add_argument("--batch-size", type=int, help="default 64, quick 8")
+    p.add_argument("--steps", type=int, help="optimiser steps per run (default 18, quick 3)")
+    p.add_argument("--warmup", type=int, help="steps per run left out of the timing (default 3, quick 1)")
+    p.add_argument("--rounds", type=int, help="runs per loop (default 4, quick 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (both loops)")
+    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
+    p.add_argument("--work-dir", default=str(WORK_DIR), help="shards, runs (default benchmarks/_work)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    batch_size = args.batch_size or (8 if args.quick else 64)
+    steps = args.steps or (3 if args.quick else 18)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 4)
+    work = Path(args.work_dir)
+    register_model(work)
+    # a run reads steps x batch samples (mmalign one batch more: it reads a batch ahead)
+    samples = (steps + 1) * batch_size
+    urls = image_text_shards(samples, 128, 40, work)
+    work = work / "train_step"
+    data = {"shards": urls, "csv": as_csv(urls, steps * batch_size, work / f"csv-{steps * batch_size}")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        machine = machine_info("cpu")
+        setup = {"kind": "setup", "model": MODEL, "config": TINY_CLIP, "batch_size": batch_size, "steps": steps,
+                 "warmup": warmup, "rounds": rounds, "samples": samples}
+        runs = run(data, batch_size, steps, warmup, rounds, work)
+        machine["loadavg_end"] = os.getloadavg()[0]
+    finally:
+        torch.set_num_threads(threads)
+    rows = [machine, setup, *summarise(runs), *runs]
+    out_dir = args.out_dir or (REPO / "benchmarks" / ("_work" if args.quick else ""))
+    text = markdown(rows, args.quick)
+    md = update_results(f"train_step_cpu{'_quick' if args.quick else ''}", rows, text, out_dir=out_dir)
+    print(text)
+    print(f"results: {md} and {md.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
