@@ -13,6 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one thread (and gets back the count it found, as training may change it): tiny
+    models are fastest so on a busy 2-core machine, and bit-identical float results need the same count each run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> list[dict]:
     """Run ``tests/scripts/<script>`` with ``torchrun --nproc_per_node nproc`` on CPU.
 

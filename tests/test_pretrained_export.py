@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from mmalign.config import ModelConfig, from_dict, load_config
 from mmalign.model import AlignmentModel
 
-torch.set_num_threads(1)
 CAPTIONS = ["a red square", "a picture of a blue circle in the corner"]
 TINY_OPEN_CLIP = {"embed_dim": 16,
                   "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
