@@ -151,8 +151,9 @@ train: {{steps: 6, lr: 0.001, warmup_steps: 2, checkpoint_every: 3, log_every: 1
 
 
 def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m mmalign ...`` as a user would; returns the finished process (stdout, stderr, code)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    """Run ``python -m mmalign ...`` as a user would (on one thread, like every test); returns the finished process
+    (stdout, stderr, code)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
     if check and proc.returncode != 0:

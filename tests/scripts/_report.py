@@ -4,6 +4,8 @@ import os
 
 import torch.distributed as dist
 
+from mmalign.distributed import leave_process_group
+
 
 def report(result: dict) -> None:
     """Write this rank's ``result``, then leave the process group together: a barrier first, so no rank tears gloo
@@ -16,4 +18,4 @@ def report(result: dict) -> None:
     os.replace(path + ".tmp", path)
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
