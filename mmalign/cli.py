@@ -44,9 +44,13 @@ def emit(result: dict) -> None:
 
 def cmd_train(args) -> dict:
     from .config import load_config
+    from .distributed import leave_process_group
     from .train import train
 
-    return train(load_config(args.recipe, args.set))
+    try:
+        return train(load_config(args.recipe, args.set))
+    finally:
+        leave_process_group()
 
 
 def cmd_eval(args) -> dict:

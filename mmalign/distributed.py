@@ -13,6 +13,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group, if one is up, before the process exits.
+
+    Exiting with it alive can abort at interpreter shutdown while gloo's threads still hold work ("terminate called
+    without an active exception", pytorch/pytorch#190489). Call it once the last collective has completed on
+    every rank (the training loop ends with one).
+    """
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

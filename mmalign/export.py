@@ -12,12 +12,20 @@ to compute the embeddings. Every layout also writes ``mmalign_export.json`` desc
     ``logit_scale`` (and ``logit_bias``) hold the trained values.
 
     layout ``towers``: otherwise. One folder per modality with a transformers model (``save_pretrained``) and its
-    tokenizer / image processor, plus ``heads.safetensors`` and ``mmalign_export.json``. For modality NAME::
+    tokenizer / image processor / audio feature extractor, plus ``heads.safetensors`` and ``mmalign_export.json``.
+    For modality NAME (``spec = json["modalities"][NAME]``; the class lives in ``spec["module"]``, which is
+    ``transformers`` itself for all but a few, e.g. Whisper's encoder)::
 
-        hidden  = getattr(transformers, json["modalities"][NAME]["class"]).from_pretrained(DIR / folder)(**inputs)
+        hidden  = getattr(import_module(spec["module"]), spec["class"]).from_pretrained(DIR / folder)(**inputs)
         pooled  = hidden.pooler_output                      # "pooling": "pooler_output"
-                | mean of last_hidden_state over the attention mask   # "mean"
+                | hidden.audio_embeds                       # "audio_embeds" (a CLAP audio tower with projection)
+                | mean of last_hidden_state over the attention mask   # "mean" (audio: over the frames
+                                                                      #  holding signal)
                 | last_hidden_state[:, 0]                   # "cls"
+
+    Audio inputs come from the exported feature extractor (``AutoFeatureExtractor.from_pretrained(DIR / folder)``)
+    on a clip at ``sample_rate`` cut to ``clip_seconds`` (``eval_crop`` says where; ``windows`` averages
+    ``eval_windows`` crops' embeddings).
         for layer in "head": x = x @ W.T + b ("linear": heads[weight], heads[bias] or no bias) | activation (by name)
         embedding = x / ||x||
 
@@ -40,6 +48,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .io import atomic_dir, write_json
+from .modalities.audio import HFAudioTower
 from .modalities.hf import HFDualEncoderTower
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,7 @@ EXPORT_INFO = "mmalign_export.json"
 HEADS_NAME = "heads.safetensors"
 ACTIVATIONS = {"GELU": "gelu", "GELUActivation": "gelu", "ReLU": "relu", "SiLU": "silu", "Tanh": "tanh",
                "QuickGELUActivation": "quick_gelu"}
+AUDIO_POOLING = {"ast": "pooler_output", "clap": "audio_embeds"}  # HFAudioTower family -> output; others: "mean"
 
 
 def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
@@ -195,13 +205,16 @@ def export_hf_towers(model, out: Path) -> dict:
             pooling = "pooler_output"
         elif isinstance(tower, HFTextTower):
             single, pooling = tower.model, tower.pooling
+        elif isinstance(tower, HFAudioTower):
+            single, pooling = tower.model, AUDIO_POOLING.get(tower.family, "mean")
         else:
             cfg = model.config.modalities[name]
-            raise ConfigError(f"modality {name!r}: export hf writes text towers hf/hf_clip and image towers hf_clip, "
-                              f"not the {cfg.kind} tower {cfg.tower!r} (open_clip towers: --format open_clip)")
+            raise ConfigError(f"modality {name!r}: export hf writes HF towers (text hf/hf_clip, image hf_clip, "
+                              f"audio hf/hf_clip), not the {cfg.kind} tower {cfg.tower!r} "
+                              "(open_clip towers: --format open_clip)")
         single.save_pretrained(out / name)
-        modalities[name] = {"folder": name, "class": type(single).__name__, "pooling": pooling,
-                            "head": describe_head(name, head, tensors)}
+        modalities[name] = {"folder": name, "class": type(single).__name__, "module": module_of(single),
+                            "pooling": pooling, "head": describe_head(name, head, tensors)}
     preprocessing = save_preprocessors(model, out, list(model.adapters), per_modality=True)
     for name in modalities:
         modalities[name].update(preprocessing[name])
@@ -209,8 +222,16 @@ def export_hf_towers(model, out: Path) -> dict:
     return {"layout": "towers", "heads": HEADS_NAME, "modalities": modalities}
 
 
+def module_of(net: nn.Module) -> str:
+    """Where to import ``net``'s class from: ``transformers`` when it is exported there, else its own module."""
+    import transformers
+
+    return "transformers" if hasattr(transformers, type(net).__name__) else type(net).__module__
+
+
 def save_preprocessors(model, out: Path, names: list[str], per_modality: bool = False) -> dict[str, dict]:
-    """Tokenizers and image processors next to the weights; returns each modality's preprocessing settings."""
+    """Tokenizers, image processors and audio feature extractors next to the weights; returns each modality's
+    preprocessing settings."""
     info = {}
     for name in names:
         m = model.modalities[name]
@@ -224,6 +245,10 @@ def save_preprocessors(model, out: Path, names: list[str], per_modality: bool = 
             image_processor(m.cfg).save_pretrained(folder)
             info[name].update(image_size=m.cfg.image_size, mean=m.cfg.mean, std=m.cfg.std,
                               resize_mode=m.cfg.resize_mode, interpolation=m.cfg.interpolation)
+        elif m.kind == "audio":  # only HF audio towers export, and they all come with a feature extractor
+            m.features.extractor.save_pretrained(folder)
+            info[name].update(sample_rate=m.rate, clip_seconds=m.cfg.clip_seconds, eval_crop=m.cfg.eval_crop,
+                              eval_windows=m.cfg.eval_windows)
     return info
 
 

@@ -13,6 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one thread (and gets back the count it found, as training may change it): tiny
+    models are fastest so on a busy 2-core machine, and bit-identical float results need the same count each run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 300) -> list[dict]:
     """Run ``tests/scripts/<script>`` with ``torchrun --nproc_per_node nproc`` on CPU.
 
@@ -139,8 +151,9 @@ train: {{steps: 6, lr: 0.001, warmup_steps: 2, checkpoint_every: 3, log_every: 1
 
 
 def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m mmalign ...`` as a user would; returns the finished process (stdout, stderr, code)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    """Run ``python -m mmalign ...`` as a user would (on one thread, like every test); returns the finished process
+    (stdout, stderr, code)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
     if check and proc.returncode != 0:

@@ -16,7 +16,6 @@ from mmalign.modalities.audio import add_noise, crop_starts, frame_mask
 
 from conftest import last_json, run_cli
 
-torch.set_num_threads(1)
 
 
 def tone(freq: float = 440.0, seconds: float = 0.5, rate: int = 16000, fmt: str = "WAV", channels: int = 1,

@@ -11,15 +11,6 @@ from mmalign.losses.caption import next_token_targets
 V, PAD, BOS, EOS = 12, 3, 1, 2  # a non-zero pad id on purpose
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy 2-core machine are ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _decoder(**kw):
     torch.manual_seed(0)
     args = dict(vocab_size=V, embed_dim=16, context_dim=24, width=32, heads=4, layers=4, context_length=10)

@@ -13,14 +13,6 @@ from mmalign.model import AlignmentModel
 from mmalign.modalities.text import CaptionTokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 IMAGE = {"tower": "small_cnn", "tower_kwargs": {"width": 8, "depth": 2}, "image_size": 16,
          "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 TEXT = {"tower": "coca_decoder", "max_length": 12, "tower_kwargs": {"width": 16, "heads": 2, "layers": 2}}

@@ -23,6 +23,14 @@ def test_overrides_are_typed():
     assert type(cfg.model.modalities["image"]).__name__ == "ImageConfig"
 
 
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML reads ``1e-4`` as a string (YAML 1.1 wants ``1.0e-4``); a float field takes it as the number."""
+    cfg = load_config(RECIPES / "lit_image_text.yaml", ["train.lr=4e-3", "train.weight_decay=1E-2"])
+    assert cfg.train.lr == 4e-3 and cfg.train.weight_decay == 1e-2
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(RECIPES / "lit_image_text.yaml", ["train.lr=fast"])
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(ConfigError, match=r"unknown key 'train.lrr' \(did you mean 'lr'\?\)"):
         load_config(RECIPES / "lit_image_text.yaml", ["train.lrr=0.1"])

@@ -34,15 +34,6 @@ def shards(tmp_path_factory) -> str:
     return str(root / "train-{0..1}.tar")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-identical float results need the same thread count in every run; 1 also suits a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(tmp_path: Path, name: str, shards: str, text_model: str, *overrides: str):
     recipe = tiny_recipe(tmp_path / f"{name}.yaml", tmp_path / name, shards, text_model)
     return load_config(recipe, ["train.steps=8", "data.num_workers=2",

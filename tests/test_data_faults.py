@@ -8,7 +8,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import shape_png, shape_sample, tiny_recipe, write_shard
 from mmalign.config import load_config
@@ -85,7 +84,6 @@ def _config(tmp_path, shards, text_model, *overrides):
 
 
 def test_training_on_bad_shards_completes_with_exact_skip_counts(tmp_path, bad_shards, tiny_text_model):
-    torch.set_num_threads(1)
     # 32 good samples = 4 batches of 8 per epoch; 8 steps = 2 whole epochs, each counting every fault once
     results = train(_config(tmp_path, bad_shards["spec"], tiny_text_model, "train.steps=8",
                             "data.max_bad_fraction=0.5"))

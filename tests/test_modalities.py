@@ -9,7 +9,6 @@ from mmalign.config import ModelConfig, from_dict
 from mmalign.model import AlignmentModel
 from mmalign.modalities.base import lock_tower
 
-torch.set_num_threads(1)
 
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},

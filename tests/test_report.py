@@ -11,7 +11,6 @@ import torch
 from conftest import tiny_recipe
 from mmalign.config import load_config
 
-torch.set_num_threads(1)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 

@@ -65,7 +65,6 @@ def test_frozen_cache_is_shared_by_identical_towers_only(tiny_text_model):
 
 
 def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shards, shapes_dataset, tiny_text_model):
-    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model, shapes_dataset["classes"],
                          shapes_dataset["templates"], extra="loss: {name: cwcl, kwargs: {weights_from: text}}\n")
@@ -90,7 +89,6 @@ def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shard
 
 
 def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text_model):
-    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model)
     cfg = load_config(recipe, ["model.logit_scale.schedule={tau_start: 0.1, tau_end: 0.02, kind: linear}",
@@ -110,7 +108,6 @@ def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text
 
 
 def test_cwcl_with_gradcache_gets_frozen_features_and_the_schedule(tmp_path, shards, tiny_text_model):
-    torch.set_num_threads(1)
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model,
                          extra="loss: {name: cwcl, kwargs: {weights_from: text}}\n")

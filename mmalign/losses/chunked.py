@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import gather_with_grad, rank, world_size
-from .objectives import Objective
+from .objectives import Objective, SigLipObjective
 from .registry import register_loss
 
 # Blocks of 4096 x 4096 (64 MB in float32, two live in backward): on 2 CPU cores smaller blocks were no faster
@@ -350,24 +350,12 @@ class ChunkedClipObjective(Objective):
 
 
 @register_loss("chunked_siglip")
-class ChunkedSigLipObjective(Objective):
+class ChunkedSigLipObjective(SigLipObjective):
     """:class:`SigLipObjective` computed blockwise (local rows against gathered columns under distributed)."""
-
-    needs_bias = True
 
     def __init__(self, modalities: list[str], chunk_size: int = DEFAULT_CHUNK):
         super().__init__(modalities)
         self.chunk_size = int(chunk_size)
 
-    def forward(
-        self, embeddings: dict[str, torch.Tensor], logit_scale: torch.Tensor, logit_bias: torch.Tensor, **_
-    ) -> dict[str, torch.Tensor]:
-        offset = rank() * embeddings[self.modalities[0]].shape[0]
-        out: dict[str, torch.Tensor] = {}
-        for m1, m2 in combinations(self.modalities, 2):
-            b_all = gather_with_grad(embeddings[m2])
-            out[f"loss_{m1}_{m2}"] = chunked_siglip_rows_loss(
-                embeddings[m1], b_all, logit_scale, logit_bias, offset, self.chunk_size
-            )
-        out["loss"] = torch.stack(list(out.values())).mean()
-        return out
+    def rows_loss(self, a_rows, b_all, logit_scale, logit_bias, row_offset) -> torch.Tensor:
+        return chunked_siglip_rows_loss(a_rows, b_all, logit_scale, logit_bias, row_offset, self.chunk_size)

@@ -127,6 +127,10 @@ class SigLipObjective(Objective):
         out: dict[str, torch.Tensor] = {}
         for m1, m2 in combinations(self.modalities, 2):
             b_all = gather_with_grad(embeddings[m2])
-            out[f"loss_{m1}_{m2}"] = siglip_rows_loss(embeddings[m1], b_all, logit_scale, logit_bias, offset)
+            out[f"loss_{m1}_{m2}"] = self.rows_loss(embeddings[m1], b_all, logit_scale, logit_bias, offset)
         out["loss"] = torch.stack(list(out.values())).mean()
         return out
+
+    def rows_loss(self, a_rows, b_all, logit_scale, logit_bias, row_offset) -> torch.Tensor:
+        """The sigmoid loss of local rows against gathered columns (the blockwise subclass overrides this)."""
+        return siglip_rows_loss(a_rows, b_all, logit_scale, logit_bias, row_offset)

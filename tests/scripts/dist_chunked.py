@@ -31,4 +31,3 @@ for name in ("chunked_clip", "chunked_siglip"):
         "grad_scale": scale.grad.item(), "grad_bias": None if bias.grad is None else bias.grad.item(),
     }
 report(result)
-dist.destroy_process_group()

@@ -24,4 +24,3 @@ out = build_loss("coca", ["image", "text"])(
 )
 out["loss"].backward()
 report({"rank": rank, "loss": out["loss"].item(), "grad_logits": logits_local.grad.tolist()})
-dist.destroy_process_group()

@@ -23,4 +23,3 @@ out = loss_fn({"image": a_local, "text": b_local}, logit_scale=torch.tensor(10.0
               logit_bias=torch.tensor(-5.0, dtype=torch.float64))
 out["loss"].backward()
 report({"rank": rank, "loss": out["loss"].item(), "grad_a": a_local.grad.tolist(), "grad_b": b_local.grad.tolist()})
-dist.destroy_process_group()

@@ -36,4 +36,3 @@ for label, name, kwargs in configs:
         "grad_a": a_local.grad.tolist(), "grad_b": b_local.grad.tolist(), "q_grad_is_none": q_local.grad is None,
     }
 report(result)
-dist.destroy_process_group()
