@@ -12,11 +12,14 @@ biases), warm-up + cosine schedule, gradient clipping at norm 1, logging interva
 * ``mmalign``: ``mmalign.train.train`` on a recipe with the same settings (the whole loop: Accelerate, skip
   counting, non-finite checks, metrics; checkpoints only at the end, outside the timed steps).
 
-Both read the same shards of synthetic image + caption samples (built offline once), each through its own data
-pipeline with ``num_workers: 0``. A step's time is the time between the ends of two consecutive optimiser steps
-minus the time spent waiting for the batch (the pipelines differ; the data benchmark compares them), so it counts
-everything a loop does per step besides loading data: forward, loss, backward, clipping, optimiser, schedule,
-bookkeeping and logging. The first ``--warmup`` steps of each run are left out. The two alternate (one run of each
+Both read the same synthetic image + caption samples (built offline once), each through its own data pipeline with
+no workers: mmalign from webdataset shards, open_clip from the same image files listed in a CSV (its
+``--dataset-type csv``), because open_clip_train's webdataset reader fails on webdataset 1.0, which mmalign uses (its
+``group_by_keys_nothrow`` raises ``KeyError: 'fname'`` on the end-of-shard marker that webdataset 1.0 yields; the
+``open_clip_torch[training]`` extra pins webdataset <= 0.2.86). A step's time is the time between the ends of two
+consecutive optimiser steps minus the time spent waiting for the batch (the pipelines differ; the data benchmark
+compares mmalign's with a bare webdataset loop), so it counts everything a loop does per step besides loading data:
+forward, loss, backward, clipping, optimiser, schedule, bookkeeping and logging. The first ``--warmup`` steps of each run are left out. The two alternate (one run of each
 per round, order alternating) and the medians over all timed steps are compared. Results go to ``results.json`` /
 ``results.md`` (section ``train_step_cpu``).
 
@@ -243,10 +246,13 @@ def markdown(rows: list[dict], quick: bool) -> str:
            f"Machine: {describe_machine(machine)}", "",
            "Same architecture, batch, CLIP loss, AdamW (lr, betas, eps, weight decay groups), warm-up + cosine "
            "schedule, gradient clipping at 1.0 and logging every "
-           f"{LOG_EVERY} steps on both sides; both read the same synthetic shards through their own pipeline "
-           "(no workers). A step is the time between two optimiser steps minus the wait for the batch: forward, "
-           "loss, backward, clipping, optimiser, schedule and each loop's own bookkeeping (see the module "
-           "docstring).", "",
+           f"{LOG_EVERY} steps on both sides. Both read the same synthetic samples through their own data pipeline "
+           "with no workers: mmalign from webdataset shards, open_clip from the same images as files listed in a "
+           "CSV (`--dataset-type csv`), because open_clip_train's webdataset reader fails on webdataset 1.0 "
+           "(`KeyError: 'fname'` on its end-of-shard marker; open_clip's training extra pins webdataset <= "
+           "0.2.86). Loading is not timed: a step is the time between two optimiser steps minus the wait for the "
+           "batch, i.e. forward, loss, backward, clipping, optimiser, schedule and each loop's own bookkeeping "
+           "(see the module docstring).", "",
            "| loop | median s/step | p10 | p90 | timed steps | parameters | mmalign / open_clip |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for method in METHODS:
