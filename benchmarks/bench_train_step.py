@@ -19,9 +19,9 @@ no workers: mmalign from webdataset shards, open_clip from the same image files 
 ``open_clip_torch[training]`` extra pins webdataset <= 0.2.86). A step's time is the time between the ends of two
 consecutive optimiser steps minus the time spent waiting for the batch (the pipelines differ; the data benchmark
 compares mmalign's with a bare webdataset loop), so it counts everything a loop does per step besides loading data:
-forward, loss, backward, clipping, optimiser, schedule, bookkeeping and logging. The first ``--warmup`` steps of each run are left out. The two alternate (one run of each
-per round, order alternating) and the medians over all timed steps are compared. Results go to ``results.json`` /
-``results.md`` (section ``train_step_cpu``).
+forward, loss, backward, clipping, optimiser, schedule, bookkeeping and logging. The first ``--warmup`` steps of
+each run are left out. The two alternate (one run of each per round, order alternating) and the medians over all
+timed steps are compared. Results go to ``results.json`` / ``results.md`` (section ``train_step_cpu``).
 
     python -m benchmarks.bench_train_step            # full run (about two minutes on 2 busy CPU cores)
     python -m benchmarks.bench_train_step --quick    # smoke test: a few steps, into benchmarks/_work/
