@@ -234,7 +234,7 @@ class TextModality(Modality):
             tok = self.tokenizer
             ids = tok(texts)
             # Only a caption that fills every position may have been cut: re-encode just those to know (tokenising
-            # every caption twice cost the data pipeline about a tenth of its throughput).
+            # every caption twice took ~6% of the data pipeline's CPU time in benchmarks/bench_data.py).
             full = (ids[:, -1] != 0).nonzero().flatten().tolist()
             self._count_truncations(sum(len(tok.encode(texts[i])) + 2 > L for i in full), len(texts))
             return {"input_ids": ids, "attention_mask": (ids != 0).long()}
