@@ -111,6 +111,33 @@ def test_open_clip_tokenizer_truncation_is_counted_exactly():
     assert text.truncated == 1 and text.seen == 3
 
 
+def test_open_clip_architecture_with_an_hf_tokenizer(tmp_path):
+    """open_clip models whose text_cfg names an HF tokenizer (the SigLIP family) pad with that tokenizer's pad id
+    (1 here): masks and truncation counts follow it, and the tower embeds."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "[PAD]", "[EOS]", "a", "red", "square", "b", "c", "d", "e", "f"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(tmp_path)
+    text_cfg = {"context_length": 6, "vocab_size": len(words), "width": 16, "heads": 2, "layers": 1,
+                "hf_tokenizer_name": str(tmp_path), "pad_id": 1, "no_causal_mask": True, "pool_type": "last"}
+    vision_cfg = {"image_size": 16, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"embed_dim": 8, "vision_cfg": vision_cfg, "text_cfg": text_cfg}, "preprocess_cfg": {}}))
+    model = _model({"text": {"tower": "open_clip", "model": f"local-dir:{tmp_path}"}})
+    text = model.modalities["text"]
+    batch = text.tokenize(["a red square", "a b c d e f", "b c d e f a red"])  # 3, 6 (fills) and 7 words
+    assert batch["input_ids"].shape == (3, 6) and batch["attention_mask"].sum(1).tolist() == [3, 6, 6]
+    assert batch["input_ids"][0, 3:].tolist() == [1, 1, 1]
+    assert text.truncated == 1 and text.seen == 3
+    assert model.encode("text", batch).shape == (3, 8)
+
+
 def test_lock_without_block_list_is_a_clear_error():
     from mmalign.errors import ConfigError
 

@@ -233,11 +233,18 @@ class TextModality(Modality):
         if self.cfg.tower == "open_clip":
             tok = self.tokenizer
             ids = tok(texts)
+            # CLIP BPE pads with 0 and adds sot/eot; open_clip's HFTokenizer (e.g. SigLIP) wraps a transformers one
+            hf = getattr(tok, "tokenizer", None)
+            pad = hf.pad_token_id if hf is not None and hf.pad_token_id is not None else 0
+
+            def length(text: str) -> int:
+                return len(hf(tok.clean_fn(text))["input_ids"]) if hf is not None else len(tok.encode(text)) + 2
+
             # Only a caption that fills every position may have been cut: re-encode just those to know (tokenising
             # every caption twice took ~6% of the data pipeline's CPU time in benchmarks/bench_data.py).
-            full = (ids[:, -1] != 0).nonzero().flatten().tolist()
-            self._count_truncations(sum(len(tok.encode(texts[i])) + 2 > L for i in full), len(texts))
-            return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+            full = (ids[:, -1] != pad).nonzero().flatten().tolist()
+            self._count_truncations(sum(length(texts[i]) > L for i in full), len(texts))
+            return {"input_ids": ids, "attention_mask": (ids != pad).long()}
         # One pass: overflowing tokens come back as extra rows, which tell which captions were too long.
         windows = self.cfg.long_text == "windows"
         enc = self.tokenizer(texts, padding=self.cfg.padding or "longest", truncation=True, max_length=L,
