@@ -39,6 +39,16 @@ def update_results(section: str, rows: list[dict], markdown: str, *, out_dir: st
     return md_path
 
 
+def publish(section: str, rows: list[dict], markdown: str, quick: bool, out_dir: str | Path | None = None) -> Path:
+    """A benchmark's last step: write its section (``<section>_quick`` under ``benchmarks/_work/`` for ``--quick``
+    runs, so smoke tests never touch the real results) and print the text and where it went."""
+    out = out_dir if out_dir is not None else (RESULTS_DIR / "_work" if quick else RESULTS_DIR)
+    md = update_results(f"{section}{'_quick' if quick else ''}", rows, markdown, out_dir=out)
+    print(markdown)
+    print(f"results: {md} and {md.with_suffix('.json')}")
+    return md
+
+
 def machine_info(device: str, packages: tuple[str, ...] = ("open_clip",)) -> dict:
     """The ``machine`` row of a results section: CPU/GPU, cores, RAM, versions, load average at the start.
 

@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks._data import WORK_DIR, image_text_shards
-from benchmarks._results import describe_machine, machine_info, update_results
+from benchmarks._results import describe_machine, machine_info, publish
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ["mmalign", "webdataset"]
 PACKAGES = ("open_clip", "webdataset")
 TOKENIZER = "ViT-B-32"  # open_clip's CLIP BPE (ships with open_clip: offline)
@@ -202,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = run(urls, args.batch_size, workers, args.crop, rounds)
     machine["loadavg_end"] = os.getloadavg()[0]
     rows = [machine, setup, *summarise(passes), *passes]
-    out_dir = args.out_dir or (REPO / "benchmarks" / ("_work" if args.quick else ""))
-    text = markdown(rows, args.quick)
-    md = update_results(f"data_cpu{'_quick' if args.quick else ''}", rows, text, out_dir=out_dir)
-    print(text)
-    print(f"results: {md} and {md.with_suffix('.json')}")
+    publish("data_cpu", rows, markdown(rows, args.quick), args.quick, args.out_dir)
     return 0
 
 

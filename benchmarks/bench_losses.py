@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._results import GIB, describe_machine, machine_info, update_results
+from benchmarks._results import GIB, describe_machine, machine_info, publish
 
 log = logging.getLogger(__name__)
 
@@ -373,18 +373,13 @@ def main(argv: list[str] | None = None) -> int:
 
     chunk = args.chunk_size or DEFAULT_CHUNK
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
-    out_dir = args.out_dir or (REPO / "benchmarks" / ("_work" if args.quick else ""))
     in_process = args.in_process or args.quick
-    suffix = "_quick" if args.quick else ""
     rows = run("cpu", sizes, args.quick, in_process, args.mem_cap_gb, chunk, args.dim, args.timeout)
-    md = update_results(f"losses_cpu{suffix}", rows, markdown(rows, args.quick), out_dir=out_dir)
-    print(markdown(rows, args.quick))
+    publish("losses_cpu", rows, markdown(rows, args.quick), args.quick, args.out_dir)
     if torch.cuda.is_available() and not args.no_gpu:
         gpu_sizes = args.sizes or (QUICK_SIZES if args.quick else [8192, 16384, 32768, 65536])
         rows = run("cuda", gpu_sizes, args.quick, True, args.mem_cap_gb, chunk, args.dim, args.timeout)
-        md = update_results(f"losses_gpu{suffix}", rows, markdown(rows, args.quick), out_dir=out_dir)
-        print(markdown(rows, args.quick))
-    print(f"results: {md} and {md.with_suffix('.json')}")
+        publish("losses_gpu", rows, markdown(rows, args.quick), args.quick, args.out_dir)
     return 0
 
 

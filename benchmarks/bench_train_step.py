@@ -42,11 +42,10 @@ from typing import Iterator
 from unittest import mock
 
 from benchmarks._data import WORK_DIR, as_csv, image_text_shards
-from benchmarks._results import describe_machine, machine_info, update_results
+from benchmarks._results import describe_machine, machine_info, publish
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ["mmalign", "open_clip"]
 MODEL = "mmalign-bench-tiny-vit"
 TINY_CLIP = {"embed_dim": 64,
@@ -301,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     rows = [machine, setup, *summarise(runs), *runs]
-    out_dir = args.out_dir or (REPO / "benchmarks" / ("_work" if args.quick else ""))
-    text = markdown(rows, args.quick)
-    md = update_results(f"train_step_cpu{'_quick' if args.quick else ''}", rows, text, out_dir=out_dir)
-    print(text)
-    print(f"results: {md} and {md.with_suffix('.json')}")
+    publish("train_step_cpu", rows, markdown(rows, args.quick), args.quick, args.out_dir)
     return 0
 
 
