@@ -34,7 +34,7 @@ from .gradcache import gradcache_step
 from .io import atomic_dir, atomic_write_text, crash_point, remove_dir, remove_stale_temps, write_json
 from .losses import LOSSES, TemperatureSchedule, build_loss
 from .model import AlignmentModel
-from .modalities.base import NORM_TYPES
+from .modalities.base import NORM_TYPES, inputs_to
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +250,7 @@ def to_device(batch: dict, names: list[str], device: torch.device) -> dict:
     """The inputs of ``names`` and their presence masks, on ``device``."""
     out = {}
     for name in names + [f"{n}__present" for n in names if f"{n}__present" in batch]:
-        x = batch[name]
-        out[name] = x.to(device, non_blocking=True) if torch.is_tensor(x) else {
-            k: v.to(device, non_blocking=True) for k, v in x.items()}
+        out[name] = inputs_to(batch[name], device, non_blocking=True)
     return out
 
 

@@ -5,6 +5,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import expand_urls, iterate_batches
+from ..modalities.base import inputs_to
 
 
 @torch.no_grad()
@@ -29,8 +30,7 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
     batches = iterate_batches(urls, procs, batch_size, train=False, num_workers=num_workers, skips=skipped)
     for batch in tqdm(batches, desc="embed", unit="batch", leave=False):
         for name in modalities:
-            inputs = batch[name]
-            inputs = inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
+            inputs = inputs_to(batch[name], device)
             flags = batch[f"{name}__present"]
             owner = batch.get(f"{name}__owner")
             row_flags = flags[owner] if owner is not None else flags

@@ -22,6 +22,7 @@ from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, fi
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from ..modalities import Modality
+from ..modalities.base import inputs_to
 from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
@@ -285,8 +286,7 @@ def evaluate_captions(model, data: str, out: str | Path, generation: GenerationC
     batch: list[tuple] = []
 
     def flush() -> None:
-        inputs = modality.collate([item for item, _ in batch])
-        inputs = inputs.to(device) if torch.is_tensor(inputs) else {k: v.to(device) for k, v in inputs.items()}
+        inputs = inputs_to(modality.collate([item for item, _ in batch]), device)
         for (_, row), caption in zip(batch, model.generate_captions(inputs, gen, generator)):
             rows.append({"key": row["key"], "caption": caption, **{k: v for k, v in row.items() if k != "key"}})
         batch.clear()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..modalities.base import inputs_to
 
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "an example of {}.")
 
@@ -46,8 +47,7 @@ def zeroshot_classifier(
     prompts = [fill(t, c) for c in classnames for t in templates]
     embeddings = []
     for start in range(0, len(prompts), batch_size):
-        tokens = modality.tokenize(prompts[start:start + batch_size])
-        tokens = {k: v.to(device) for k, v in tokens.items()}
+        tokens = inputs_to(modality.tokenize(prompts[start:start + batch_size]), device)
         embeddings.append(model.encode(text_modality, tokens).float())
     per_prompt = torch.cat(embeddings).view(len(classnames), len(templates), -1)
     return F.normalize(F.normalize(per_prompt, dim=-1).mean(dim=1), dim=-1).T

@@ -280,6 +280,13 @@ def build_projection(kind: str, in_dim: int, out_dim: int, hidden: int | None = 
     raise ConfigError(f"unknown projection {kind!r}; use linear, mlp or none")
 
 
+def inputs_to(inputs: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """A modality's collated inputs (a tensor, or a dict of tensors such as token ids and masks) on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=non_blocking)
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in inputs.items()}
+
+
 def _rows(inputs: Any, index: torch.Tensor) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs[index]
