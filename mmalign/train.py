@@ -490,33 +490,30 @@ def evaluate_run(cfg: Config, model: AlignmentModel, run_dir: Path) -> dict:
 
     results: dict[str, Any] = {}
     extras: dict[str, Any] = {}
+
+    def absorb(what: str, out: dict) -> None:
+        """One evaluation's output: skip counts as ``<what>_skipped``, ``_`` keys for the plots and the report."""
+        if skipped := out.pop("skipped", None):
+            results[f"{what}_skipped"] = skipped
+        extras.update({k: v for k, v in out.items() if k.startswith("_")})
+        merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
+
     zs, rt, cap = cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.caption
     if zs.data and zs.classes:
-        out = evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text, cfg.eval.batch_size)
-        if skipped := out.pop("skipped"):
-            results["zeroshot_skipped"] = skipped
-        extras.update({k: v for k, v in out.items() if k.startswith("_")})
-        merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
+        absorb("zeroshot", evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text,
+                                             cfg.eval.batch_size))
     if rt.data:
-        out = evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size)
-        if skipped := out.pop("skipped"):
-            results["retrieval_skipped"] = skipped
-        extras.update({k: v for k, v in out.items() if k.startswith("_")})
-        merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
+        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size))
     if cap.data:
         out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
-        if skipped := out.pop("skipped"):
-            results["caption_skipped"] = skipped
-        extras["_captions"] = out.pop("_examples")
-        results.update(out)
+        out["_captions"] = out.pop("_examples")
+        absorb("caption", out)
     diagnostics_data = cfg.eval.diagnostics.data or rt.data or zs.data
     if diagnostics_data is None:
         log.info("no eval data: embedding diagnostics on the first training samples (seen in training)")
     try:
-        out = evaluate_diagnostics(model, diagnostics_data or cfg.data.train, cfg.eval.batch_size,
-                                   cfg.eval.diagnostics.max_samples)
-        extras["_embeddings"] = out.pop("_embeddings")
-        results.update(out)
+        absorb("diagnostics", evaluate_diagnostics(model, diagnostics_data or cfg.data.train, cfg.eval.batch_size,
+                                                   cfg.eval.diagnostics.max_samples))
     except DataError as e:  # e.g. eval data without every modality of the model: the run itself stands
         log.warning("no embedding diagnostics: %s", e)
     plot_run(run_dir, results, extras)

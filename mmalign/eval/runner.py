@@ -106,11 +106,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         logits = nway_scores({q: emb["embeddings"][q] for q in queries}, classifier.T, model_score(model, score))
     k5 = min(5, len(classnames))
     acc = classification_metrics(logits, target, topk=(1, k5))
-    per_class = {c: 0.0 for c in classnames}
-    for c, i in index.items():
-        mask = target == i
-        if mask.any():
-            per_class[c] = (torch.tensor(acc["predictions"])[mask] == i).float().mean().item()
+    per_class = {c: acc["per_class_recall"].get(i, 0.0) for c, i in index.items()}
     out = {
         "zeroshot_top1": acc["acc1"],
         f"zeroshot_top{k5}": acc[f"acc{k5}"],

@@ -55,7 +55,7 @@ def zeroshot_classifier(
 
 def zeroshot_accuracy(
     features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)
-) -> dict[str, float]:
+) -> dict:
     """Top-k accuracy and mean per-class recall (CLIP_benchmark's ``acc1``/``acc5``/``mean_per_class_recall``)."""
     return classification_metrics(features.float() @ classifier.float(), labels, topk)
 
@@ -68,7 +68,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, topk: tup
     for k in topk:
         out[f"acc{k}"] = (order[:, :k] == labels[:, None]).any(dim=1).float().mean().item()
     pred = order[:, 0]
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in range(n_classes) if (labels == c).any()]
-    out["mean_per_class_recall"] = sum(recalls) / len(recalls)
+    recalls = {c: (pred[labels == c] == c).float().mean().item() for c in range(n_classes) if (labels == c).any()}
+    out["mean_per_class_recall"] = sum(recalls.values()) / len(recalls)
+    out["per_class_recall"] = recalls  # class index -> recall, for the classes that have samples
     out["predictions"] = pred.tolist()
     return out
