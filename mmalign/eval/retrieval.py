@@ -55,6 +55,15 @@ def retrieval_metrics(
     return out
 
 
+def positives_by_owner(owner: torch.Tensor | None, n_queries: int, n_items: int) -> list[list[int]]:
+    """For each query row, the gallery items it owns: ``owner[j]`` is the row item j belongs to (several captions
+    per image); without owners, row i owns item i."""
+    positives: list[list[int]] = [[] for _ in range(n_queries)]
+    for j, i in enumerate((owner if owner is not None else torch.arange(n_items)).tolist()):
+        positives[i].append(j)
+    return positives
+
+
 def bidirectional_retrieval(
     a: torch.Tensor, b: torch.Tensor, b_owner: torch.Tensor | None = None, a_name: str = "a", b_name: str = "b",
     ks: tuple[int, ...] = (1, 5, 10), map_at: int | None = 10,
@@ -62,9 +71,7 @@ def bidirectional_retrieval(
     """Retrieval a->b and b->a. ``b_owner[j]`` is the row of ``a`` that item j of ``b`` belongs to (several
     captions per image); without it, row i of ``a`` pairs with row i of ``b``."""
     owner = b_owner if b_owner is not None else torch.arange(b.shape[0])
-    a2b = [[] for _ in range(a.shape[0])]
-    for j, i in enumerate(owner.tolist()):
-        a2b[i].append(j)
+    a2b = positives_by_owner(owner, a.shape[0], b.shape[0])
     b2a = [[i] for i in owner.tolist()]
     out = {}
     for name, m in (

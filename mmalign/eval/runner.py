@@ -28,13 +28,24 @@ from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
 from .embed import complete_samples, embed_shards
 from .nway import nway_scores
-from .retrieval import bidirectional_retrieval, retrieval_metrics
+from .retrieval import bidirectional_retrieval, positives_by_owner, retrieval_metrics
 from .zeroshot import classification_metrics, read_lines, read_templates, zeroshot_classifier
 
 log = logging.getLogger(__name__)
 
 HEADLINE_KS = (1, 5, 10)
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100)  # recall@k curve in the report
+
+
+def recall_ks(n_items: int) -> tuple[int, ...]:
+    """The k of R@k to compute: the headline ones, and the report's curve points up to the gallery size."""
+    return tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= n_items}))
+
+
+def headline(metric: str) -> bool:
+    """Whether a retrieval metric (``R@k`` or ``<direction>_R@k``, ``mAP``, ...) goes into the results: every one
+    but the curve-only R@k."""
+    return "R@" not in metric or int(metric.rsplit("@", 1)[1]) in HEADLINE_KS
 
 
 def merge_results(results: dict, new: dict) -> dict:
@@ -143,10 +154,10 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
         return nway_retrieval(emb, queries, gallery, model_score(model, score))
     query = queries[0]
     q, g = emb["embeddings"][query], emb["embeddings"][gallery]
-    ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= max(g.shape[0], q.shape[0])}))
+    ks = recall_ks(max(g.shape[0], q.shape[0]))
     metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0], ks=ks)
     directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
-    out = {f"retrieval_{k}": v for k, v in metrics.items() if "_R@" not in k or int(k.rsplit("@", 1)[1]) in HEADLINE_KS}
+    out = {f"retrieval_{k}": v for k, v in metrics.items() if headline(k)}
     out["retrieval_n"] = q.shape[0]
     kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
     if "text" in kinds and kinds[0] != kinds[1]:
@@ -172,14 +183,11 @@ def nway_retrieval(emb: dict, queries: list[str], gallery: str, method: str) -> 
     def scores(rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return nway_scores(dict(zip(queries, rows.unbind(1))), items, method)
 
-    positives: list[list[int]] = [[] for _ in range(tuples.shape[0])]
-    for j, i in enumerate((owner if owner is not None else torch.arange(g.shape[0])).tolist()):
-        positives[i].append(j)
-    ks = tuple(sorted(set(HEADLINE_KS) | {k for k in CURVE_KS if k <= g.shape[0]}))
-    metrics = retrieval_metrics(tuples, g, positives, ks=ks, map_at=10, similarity=scores)
+    ks = recall_ks(g.shape[0])
+    metrics = retrieval_metrics(tuples, g, positives_by_owner(owner, tuples.shape[0], g.shape[0]), ks=ks, map_at=10,
+                                similarity=scores)
     direction = abbrev(queries, gallery)
-    out = {f"retrieval_{direction}_{k}": v for k, v in metrics.items()
-           if not k.startswith("R@") or int(k[2:]) in HEADLINE_KS}
+    out = {f"retrieval_{direction}_{k}": v for k, v in metrics.items() if headline(k)}
     out["retrieval_score"] = method
     out["retrieval_n"] = tuples.shape[0]
     out["_recall_curve"] = {direction: {k: metrics[f"R@{k}"] for k in ks}}
