@@ -227,8 +227,7 @@ class _AllPresentObjective(PresenceObjective):
         rows, cols, offset, n_total = self.complete_rows(self.modalities, local, gathered, present)
         if n_total == 0:
             log.warning("%s: no row has all of %s present; loss is 0", type(self).__name__, self.modalities)
-            # an exact 0 that still depends on the gathered features, so every rank runs the gathers' backward
-            return {"loss": sum(c[:0].sum() for c in gathered)}
+            return {"loss": self.zero_in_graph(gathered)}
         loss = self._rows_loss(rows, cols, logit_scale, offset) * (world_size() / n_total)
         return {"loss": loss, "complete_rows": torch.tensor(float(n_total), device=loss.device)}
 

@@ -82,6 +82,13 @@ class PresenceObjective(Objective):
         offset = int(keep_all[: rank() * n_local].sum())
         return [x[keep] for x in local], [x[keep_all] for x in gathered], offset, int(keep_all.sum())
 
+    @staticmethod
+    def zero_in_graph(gathered) -> torch.Tensor:
+        """An exact 0 that depends on every gathered feature: added to a loss where some (or all) terms have no
+        complete row, it keeps every modality in the graph (DDP needs a gradient for every parameter, and every
+        rank must run each gather's backward)."""
+        return sum(g[:0].sum() for g in gathered)
+
 
 @register_loss("clip")
 class ClipObjective(PresenceObjective):
@@ -107,10 +114,7 @@ class ClipObjective(PresenceObjective):
             if n_total:
                 pair = clip_rows_loss(*rows, *cols, logit_scale, offset, reduction="sum")
                 out[f"loss_{m1}_{m2}"] = pair * (world_size() / n_total)
-        # + an exact 0 that depends on every gathered feature: a modality whose pairs have no complete row stays in
-        # the graph (DDP needs a gradient for every parameter, and every rank must run each gather's backward)
-        anchor = sum(g[:0].sum() for g in gathered.values())
-        out["loss"] = (torch.stack(list(out.values())).mean() if out else 0.0) + anchor
+        out["loss"] = (torch.stack(list(out.values())).mean() if out else 0.0) + self.zero_in_graph(gathered.values())
         return out
 
 
