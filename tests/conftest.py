@@ -89,7 +89,6 @@ def draw_shape(shape: str, colour: tuple, size: int, offset: tuple[int, int], ca
 @pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory) -> dict:
     """A user's own image files + a CSV of captions and labels (several captions per image)."""
-    import csv
     import random
 
     root = tmp_path_factory.mktemp("shapes")
@@ -104,10 +103,7 @@ def shapes_dataset(tmp_path_factory) -> dict:
         draw_shape(shape, COLOURS[colour], size, (rng.randint(0, 24 - size), rng.randint(0, 24 - size))).save(path)
         for caption in (f"a {colour} {shape}", f"a picture of a {shape} in {colour}"):
             rows.append({"image": f"images/{path.name}", "text": caption, "label": shape})
-    with open(root / "pairs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_pairs_csv(root / "pairs.csv", rows)
     (root / "classes.txt").write_text("\n".join(SHAPES) + "\n")
     (root / "templates.txt").write_text("a {}\na picture of a {}\n")
     return {"root": root, "csv": root / "pairs.csv", "classes": root / "classes.txt",
@@ -147,6 +143,18 @@ model:
 data: {{train: '{shards}', batch_size: 8, shuffle_buffer: 16, num_workers: 0}}
 train: {{steps: 6, lr: 0.001, warmup_steps: 2, checkpoint_every: 3, log_every: 1, keep_last: 2}}
 {evals}{extra}""")
+    return path
+
+
+def write_pairs_csv(path: Path, rows: list[dict]) -> Path:
+    """A pairs CSV as users write it for ``mmalign data shards``: one row per (file, caption), the first row's
+    keys as the header."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 

@@ -1,7 +1,6 @@
 """Audio modality: decoding, resampling, crops, augmentation, towers (own and HF from local folders), shards, CLI."""
 from __future__ import annotations
 
-import csv
 import io
 import json
 
@@ -14,7 +13,7 @@ from mmalign.errors import ConfigError, DataError
 from mmalign.model import AlignmentModel
 from mmalign.modalities.audio import add_noise, crop_starts, frame_mask
 
-from conftest import last_json, run_cli
+from conftest import last_json, run_cli, write_pairs_csv
 
 
 
@@ -288,10 +287,7 @@ def tone_dataset(tmp_path_factory) -> dict:
     (root / "silent.wav").write_bytes(tone(amplitude=0.0))
     rows += [{"audio": "corrupt.wav", "text": "a low tone", "label": "low"},
              {"audio": "silent.wav", "text": "a high tone", "label": "high"}]
-    with open(root / "pairs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["audio", "text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_pairs_csv(root / "pairs.csv", rows)
     (root / "classes.txt").write_text("\n".join(TONES) + "\n")
     (root / "templates.txt").write_text("a {} tone\na {} pitched beep\n")
     return {"root": root, "csv": root / "pairs.csv", "classes": root / "classes.txt",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import last_json, run_cli
+from conftest import last_json, run_cli, write_pairs_csv
 from mmalign.config import from_dict
 from mmalign.data import iterate_batches
 from mmalign.data.pipeline import seeded
@@ -63,10 +63,7 @@ def signal_corpus(tmp_path_factory) -> dict:
                 writer.writerow(["time", "I", "II"])
                 writer.writerows([[t / 250, *signal[:, t]] for t in range(signal.shape[1])])
         rows.append({"ecg": path, "text": f"a {name} heart rate", "label": name})
-    with open(root / "pairs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["ecg", "text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_pairs_csv(root / "pairs.csv", rows)
     summary = last_json(run_cli("data", "shards", "--from", str(root / "pairs.csv"), "--out", str(root / "shards"),
                                 "--shard-size", "10"))
     return {"root": root, "summary": summary}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, _free_port, last_json, run_cli, tiny_recipe
+from conftest import REPO, _free_port, last_json, run_cli, tiny_recipe, write_pairs_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -22,10 +22,7 @@ def two_shards(shapes_dataset, tmp_path_factory):
         rows = [r for r in csv.DictReader(f)][:16]  # 8 images x 2 captions
     for r in rows:
         r["image"] = str(shapes_dataset["root"] / r["image"])
-    with open(root / "pairs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_pairs_csv(root / "pairs.csv", rows)
     summary = last_json(run_cli("data", "shards", "--from", str(root / "pairs.csv"), "--out", str(root / "s"),
                                 "--shard-size", "4"))
     assert summary["n_shards"] == 2
