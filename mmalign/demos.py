@@ -108,7 +108,7 @@ def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_di
     result: dict = summarise(runs, comparison.metrics)
     result.update({"seeds": len(comparison.seeds), "run_dir": str(run_dir), "report": str(run_dir / "report.md")})
     write_json(run_dir / "results.json", result)
-    report = write_comparison_report(run_dir, runs, comparison.metrics)
+    report = write_comparison_report(run_dir, runs, comparison.metrics, result)
     log.info("%s", report.read_text())  # the table, on stderr
     if comparison.findings:
         template = (recipe.parent / comparison.findings).read_text()
@@ -128,8 +128,10 @@ def summarise(runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> dict[str
     return out
 
 
-def write_comparison_report(run_dir: Path, runs: dict[str, list[dict]], metrics: tuple[str, ...]) -> Path:
-    """Markdown: mean +- std per variant and metric, the per-seed values, and links to every run's report."""
+def write_comparison_report(run_dir: Path, runs: dict[str, list[dict]], metrics: tuple[str, ...],
+                            summary: dict[str, float]) -> Path:
+    """Markdown: mean +- std per variant and metric (from ``summary``, see ``summarise``), the per-seed values, and
+    links to every run's report."""
     variants = list(runs)
     lines = [f"# Comparison: {', '.join(variants)} ({len(next(iter(runs.values())))} seeds each)", "",
              "| metric | " + " | ".join(f"{v} (mean ± std)" for v in variants) + " | per seed |",
@@ -138,8 +140,8 @@ def write_comparison_report(run_dir: Path, runs: dict[str, list[dict]], metrics:
         cells, seeds = [], []
         for v in variants:
             values = [r[metric] for r in runs[v] if metric in r]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.fmean(values):.4f} ± {std:.4f}" if values else "-")
+            mean, std = summary.get(f"{v}_{metric}_mean"), summary.get(f"{v}_{metric}_std")
+            cells.append(f"{mean:.4f} ± {std:.4f}" if mean is not None else "-")
             if values:
                 seeds.append(f"{v}: " + ", ".join(f"{x:.3f}" for x in values))
         lines.append(f"| {metric} | " + " | ".join(cells) + " | " + "; ".join(seeds) + " |")

@@ -60,7 +60,7 @@ def test_comparison_summary_report_and_findings(tmp_path):
     assert summary["clip_zeroshot_top1_std"] == pytest.approx(0.1)
     assert summary["cwcl_zeroshot_top1_mean"] == pytest.approx(0.01)
     assert "clip_retrieval_i2t_R@1_mean" not in summary  # not reported by the runs
-    text = write_comparison_report(tmp_path, runs, ("zeroshot_top1",)).read_text()
+    text = write_comparison_report(tmp_path, runs, ("zeroshot_top1",), summary).read_text()
     assert "| zeroshot_top1 | 0.2000 ± 0.1000 | 0.0100 ± 0.0173 |" in text
     assert "[clip-seed0](clip-seed0/report.md)" in text
     # The findings template names only fields the demo's summary has.
