@@ -26,17 +26,17 @@ ZEROSHOT = {
 }
 ZEROSHOT_AND_RETRIEVAL = {**ZEROSHOT, "eval.retrieval.data": "test"}
 
-# demo name -> (data builder module in data_tools, recipe file, how the builder's paths fill the recipe)
+# demo name -> (data builder module in mmalign.demo_data, recipe file, how the builder's paths fill the recipe)
 DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "lit": ("data_tools.digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
-    "clap": ("data_tools.spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
-    "ecg": ("data_tools.ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
-    "coca": ("data_tools.digits", "coca.yaml", {
+    "lit": ("digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "clap": ("spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "ecg": ("ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "coca": ("digits", "coca.yaml", {
         **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
     }),
-    "cwcl": ("data_tools.emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
-    "symile": ("data_tools.digit_sums", "symile.yaml", ZEROSHOT),  # a comparison: see COMPARISONS
-    "gram": ("data_tools.digit_sums", "gram.yaml", ZEROSHOT),
+    "cwcl": ("emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
+    "symile": ("digit_sums", "symile.yaml", ZEROSHOT),  # a comparison: see COMPARISONS
+    "gram": ("digit_sums", "gram.yaml", ZEROSHOT),
 }
 
 
@@ -78,7 +78,7 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
         raise ConfigError(f"unknown demo {name!r}{closest(name, DEMOS)}; demos: {', '.join(DEMOS)}")
     module, recipe, fill = DEMOS[name]
     log.info("building demo data for %r in %s", name, workdir / "demo_data" / name)
-    paths = importlib.import_module(module).build(workdir / "demo_data" / name)
+    paths = importlib.import_module(f".demo_data.{module}", __package__).build(workdir / "demo_data" / name)
     sets = [f"{key}={paths[source]}" for key, source in fill.items()]
     run_dir = workdir / f"demo-{name}"
     if name in COMPARISONS:

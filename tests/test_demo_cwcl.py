@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from data_tools.emoji import FONT, INSTALL, hold_out, read_emoji, render
+from mmalign.demo_data.emoji import FONT, INSTALL, hold_out, read_emoji, render
 from mmalign.demos import COMPARISONS, RECIPES, summarise, write_comparison_report
 
 EMOJI_TEST = """\

@@ -5,7 +5,7 @@ import json
 import webdataset as wds
 from PIL import Image
 
-from data_tools.digit_sums import build
+from mmalign.demo_data.digit_sums import build
 from mmalign.data import expand_urls
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmalign.errors import DataError
+from ..errors import DataError
 
 from .common import cached_build, write_samples
 
