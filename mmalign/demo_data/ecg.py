@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..optional import require
 from .common import cached_build, write_samples
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def build(out_dir: Path, seed: int = 0, n_train_per_class: int = 200, n_test_per
     def _build(out_dir: Path) -> dict:
         from ..modalities.timeseries import Signal, encode_signal
 
+        require("neurokit2", "demo", "the ECG demo data")  # here, not first in the worker processes
         all_specs = {"train": specs(n_train_per_class, seed), "test": specs(n_test_per_class, seed + 1)}
         text_rng = random.Random(seed)
         paths = {}

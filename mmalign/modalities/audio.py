@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
+from ..optional import require
 from .base import Modality, register_modality, register_tower, sinusoidal_positions
 from .hf import HFDualEncoderTower, resolve_pretrained
 
@@ -270,6 +271,8 @@ class AudioModality(Modality):
 
     def __init__(self, name: str, cfg: AudioConfig):
         super().__init__(name, cfg)
+        for module in ("soundfile", "torchaudio"):
+            require(module, "audio", f"audio modality {name!r}")
         if cfg.eval_crop not in EVAL_CROPS:
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
         if cfg.eval_windows < 1 or (cfg.clip_seconds is not None and cfg.clip_seconds <= 0) or (cfg.channel or 0) < 0:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
+from ..optional import require
 from .base import Modality, register_modality, register_tower, sinusoidal_positions
 
 TO_MILLIVOLT = {"v": 1e3, "mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "nv": 1e-6}
@@ -144,10 +145,7 @@ def _parse_json(data: bytes | str, where: str) -> dict:
 
 
 def _read_wfdb(path: Path) -> Signal:
-    try:
-        import wfdb
-    except ImportError:
-        raise DataError(f"{path}: reading WFDB records needs the wfdb package (pip install wfdb)") from None
+    wfdb = require("wfdb", "timeseries", f"{path}: reading a WFDB record")
     try:
         record = wfdb.rdrecord(str(path.with_suffix("")))
     except Exception as e:  # wfdb raises many types for bad headers or data files; all mean "unreadable record"
@@ -336,6 +334,7 @@ class TimeseriesModality(Modality):
 
     def __init__(self, name: str, cfg: TimeseriesConfig):
         super().__init__(name, cfg)
+        require("scipy.signal", "timeseries", f"time series modality {name!r}")
         _validate(name, cfg)
         self.window = int(round(cfg.window_s * cfg.sample_rate))
         self.sos = bandpass_sos(*cfg.bandpass, cfg.sample_rate) if cfg.bandpass else None
