@@ -88,8 +88,10 @@ def cmd_data(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .export import export_model
+    from .model_card import run_of
 
-    return export_model(load_model(args.model), args.to, args.format)
+    model_dir = resolve_model_dir(args.model)
+    return export_model(load_model(str(model_dir)), args.to, args.format, run_dir=run_of(model_dir))
 
 
 def cmd_report(args) -> dict:

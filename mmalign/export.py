@@ -48,6 +48,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .io import atomic_dir, write_json
+from .model_card import write_model_card
 from .modalities.audio import HFAudioTower
 from .modalities.hf import HFDualEncoderTower
 
@@ -60,8 +61,9 @@ ACTIVATIONS = {"GELU": "gelu", "GELUActivation": "gelu", "ReLU": "relu", "SiLU":
 AUDIO_POOLING = {"ast": "pooler_output", "clap": "audio_embeds"}  # HFAudioTower family -> output; others: "mean"
 
 
-def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
-    """Write ``model`` (an ``AlignmentModel``; its LoRA adapters get merged in place) to ``out`` as ``fmt``."""
+def export_model(model, out: str | Path, fmt: str = "hf", run_dir: Path | None = None) -> dict:
+    """Write ``model`` (an ``AlignmentModel``; its LoRA adapters get merged in place) to ``out`` as ``fmt``, with a
+    model card (``README.md``) that takes the recipe and results of ``run_dir``, the run the model comes from."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     if model.config.caption is not None:
@@ -73,6 +75,7 @@ def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
         info.update(format=fmt, embed_dim=model.config.embed_dim, logit_scale=model.logit_scale().item(),
                     logit_bias=model.logit_bias.item() if model.logit_bias is not None else None)
         write_json(tmp / EXPORT_INFO, info)
+        write_model_card(model, tmp, info, run_dir)
     log.info("exported %s (%s) to %s", fmt, info.get("layout", fmt), out)
     return {"export_dir": str(out), "format": fmt, "layout": info.get("layout", fmt)}
 
