@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.heads import AttentionalPooler, CocaHead, CocaTextDecoder, generate, open_clip_coca
-from mmalign.losses import build_loss
+from mmalign.losses import AlignmentOutput, CaptionTargets, build_loss
 from mmalign.losses.caption import next_token_targets
 
 V, PAD, BOS, EOS = 12, 3, 1, 2  # a non-zero pad id on purpose
@@ -107,8 +107,8 @@ def test_tiny_coca_overfits_four_captions():
         h = head(tower_tokens)
         d = dec(captions, h["context"])
         logits, labels = next_token_targets(d["logits"], captions)
-        out = objective({"image": F.normalize(h["embedding"], dim=-1), "text": F.normalize(d["text_embedding"], dim=-1)},
-                        torch.tensor(10.0), caption_logits=logits, caption_labels=labels, pad_id=PAD)
+        embeddings = {"image": F.normalize(h["embedding"], dim=-1), "text": F.normalize(d["text_embedding"], dim=-1)}
+        out = objective(AlignmentOutput(embeddings, caption=CaptionTargets(logits, labels, PAD)), torch.tensor(10.0))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
