@@ -88,6 +88,7 @@ def test_head_shapes_and_config_errors():
         _decoder()(torch.zeros(1, 11, dtype=torch.long), torch.randn(1, 2, 24))
 
 
+@pytest.mark.slow
 def test_tiny_coca_overfits_four_captions():
     torch.manual_seed(0)
     captions = torch.tensor([
@@ -133,6 +134,7 @@ TINY_OPEN_CLIP = dict(
 )
 
 
+@pytest.mark.slow
 def test_open_clip_coca_builds_from_scratch():
     coca = open_clip_coca("coca_ViT-B-32").eval()
     assert (coca.pad_id, coca.bos_id, coca.eos_id) == (0, 49406, 49407)

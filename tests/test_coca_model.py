@@ -46,6 +46,7 @@ def trained(shards, shapes_dataset, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_tiny_coca_trains_and_evaluates(trained):
     run_dir, result = trained
     assert result["steps"] == 6
@@ -63,6 +64,7 @@ def test_tiny_coca_trains_and_evaluates(trained):
     assert "## Generated captions" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_gives_identical_captions(trained, shapes_dataset):
     from PIL import Image
 
@@ -96,6 +98,7 @@ def test_caption_cli_writes_jsonl(trained, shards, shapes_dataset, tmp_path):
     assert all(isinstance(r["caption"], str) and r["references"] and r["label"] for r in rows)
 
 
+@pytest.mark.slow
 def test_captions_of_image_files(trained, shapes_dataset, tmp_path):
     """Files (a folder, a glob) have no references: captions only, no scores; other files are a clear error."""
     from mmalign.eval.runner import evaluate_captions

@@ -60,6 +60,7 @@ def names(run_dir: Path) -> list[str]:
     return [p.name for p in checkpoint_dirs(run_dir)]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, shards, tiny_text_model, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     straight = train(config(tmp_path, "straight", shards, tiny_text_model))
@@ -126,6 +127,7 @@ def nonfinite_loss():
     del LOSSES["test_nonfinite"]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_only_in_a_row(tmp_path, shards, tiny_text_model,
                                                                     nonfinite_loss):
     cfg = config(tmp_path, "some", shards, tiny_text_model, "train.steps=5", "data.num_workers=0",

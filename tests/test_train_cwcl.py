@@ -64,6 +64,7 @@ def test_frozen_cache_is_shared_by_identical_towers_only(tiny_text_model):
     assert calls == {"same": [], "changed": [1]}
 
 
+@pytest.mark.slow
 def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shards, shapes_dataset, tiny_text_model):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model, shapes_dataset["classes"],
@@ -88,6 +89,7 @@ def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shard
     assert "embedding_pca.png" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text_model):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model)
@@ -107,6 +109,7 @@ def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text
     assert (run_dir / "embedding_pca.png").is_file()
 
 
+@pytest.mark.slow
 def test_cwcl_with_gradcache_gets_frozen_features_and_the_schedule(tmp_path, shards, tiny_text_model):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model,
