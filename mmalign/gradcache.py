@@ -25,7 +25,7 @@ from .losses.contract import AlignmentOutput
 
 log = logging.getLogger(__name__)
 
-Batch = Any  # a tensor, or a dict / tuple / list structure of tensors split along dim 0
+Batch = Any  # a tensor, or a (nested) dict of tensors split along dim 0
 
 
 @dataclass
@@ -58,45 +58,28 @@ class _RngState:
 def _tensors(x: Batch) -> list[torch.Tensor]:
     if torch.is_tensor(x):
         return [x]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _tensors(v)]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
-    return []
+    return [t for v in x.values() for t in _tensors(v)] if isinstance(x, Mapping) else []
 
 
 def _cuda_devices(x: Batch) -> list[int]:
     return sorted({t.device.index or 0 for t in _tensors(x) if t.is_cuda})
 
 
-def _batch_len(x: Batch) -> int | None:
-    """Rows in ``x``: the length of its first tensor or per-sample list."""
-    if torch.is_tensor(x) or isinstance(x, list):
-        return len(x)
-    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, tuple) else ()
-    for v in values:
-        n = _batch_len(v)
-        if n is not None:
-            return n
-    return None
-
-
 def _slice(x: Batch, start: int, stop: int) -> Batch:
-    """Rows ``start:stop`` of every tensor (and per-sample list) in ``x``; other values go with every chunk."""
-    if torch.is_tensor(x) or isinstance(x, list):
+    """Rows ``start:stop`` of every tensor in ``x``; other values go with every chunk."""
+    if torch.is_tensor(x):
         return x[start:stop]
     if isinstance(x, Mapping):
         return type(x)({k: _slice(v, start, stop) for k, v in x.items()})
-    if isinstance(x, tuple):
-        return tuple(_slice(v, start, stop) for v in x)
     return x
 
 
 def split_batch(batch: Batch, chunk_size: int) -> list[Batch]:
-    """Split a tensor or a dict/tuple of tensors into chunks of ``chunk_size`` rows (the last may be smaller)."""
-    n = _batch_len(batch)
-    if n is None:
-        raise ValueError("cannot split a batch without tensors or lists")
+    """Split a tensor or a (nested) dict of tensors into chunks of ``chunk_size`` rows (the last may be smaller)."""
+    tensors = _tensors(batch)
+    if not tensors:
+        raise ValueError("cannot split a batch without tensors")
+    n = len(tensors[0])
     return [_slice(batch, i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
 
 
@@ -110,8 +93,7 @@ def gradcache_step(
 ) -> GradCacheOutput:
     """One GradCache forward/backward: parameter gradients of ``loss_fn`` over the whole batch, chunk by chunk.
 
-    ``forward`` maps a chunk of ``batch`` (a dict/tuple of tensors and per-sample lists, split into ``chunk_size``
-    rows) to its output. ``loss_fn`` takes the whole batch's output and returns the loss or a dict with a ``"loss"``
+    ``forward`` maps a chunk of ``batch`` (a nested dict of tensors, split into ``chunk_size`` rows) to its output. ``loss_fn`` takes the whole batch's output and returns the loss or a dict with a ``"loss"``
     entry; parameters it owns (logit scale, bias) receive their gradients directly. Gradients are accumulated into
     ``.grad`` as ``loss.backward()`` would; the optimiser step is the caller's. ``scaler`` (a
     ``torch.amp.GradScaler``) scales the loss for mixed precision.
