@@ -98,7 +98,7 @@ class ModelConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     embed_dim: int = 256
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
-    logit_bias: bool = False  # set automatically when the loss needs it
+    logit_bias: bool = False  # set for a run whose loss needs it (``build.resolve_model_config``)
     nway_score: Optional[str] = None  # how a tuple of modalities scores a candidate (mip | volume | cosine); from the loss
     caption: Optional[CaptionConfig] = None  # CoCa: contrastive + captioning
 
@@ -381,12 +381,6 @@ def validate(cfg: Config, source: str = "config") -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
-    if cfg.model.nway_score is not None:
-        from .eval.nway import NWAY_SCORES
-
-        if cfg.model.nway_score not in NWAY_SCORES:
-            raise ConfigError(f"{source}: model.nway_score must be one of {', '.join(sorted(NWAY_SCORES))}"
-                              f"{closest(cfg.model.nway_score, NWAY_SCORES)}")
     for name, m in cfg.model.modalities.items():
         if m.proj not in ("linear", "mlp", "none"):
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")

@@ -58,6 +58,7 @@ def test_hf_clip_towers_are_the_checkpoint(tiny_hf_clip, tmp_path):
         assert _max_diff(again.encode("text", again.modalities["text"].tokenize(CAPTIONS)), expected_text) < 1e-5
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_adapters_merges_and_exports_as_clip_model(tiny_hf_clip, shapes_shards, tmp_path):
     """LoRA on both towers of a CLIP checkpoint: only LoRA weights, heads and the logit scale change; merging gives
     the same embeddings; `mmalign export --format hf` writes a CLIPModel that plain transformers reloads to the
@@ -187,6 +188,7 @@ def test_export_hf_audio_tower_reloads_with_its_feature_extractor(kind, tiny_tex
     assert _max_diff(_exported_embedding(tmp_path / "out", "audio", inputs), expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_open_clip_checkpoint_fine_tunes_and_exports(shapes_shards, tmp_path):
     """An open_clip architecture from a local checkpoint (with its preprocessing), one training step, then export to
     open_clip: open_clip.create_model('local-dir:...') gives the same embeddings, and mmalign loads it back."""

@@ -40,6 +40,7 @@ def screenshot(page, png, tmp_path) -> list[str]:
     return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
 
 
+@pytest.mark.slow
 def test_results_carry_clip_benchmark_keys(run_dir):
     _, result = run_dir
     cb = result["clip_benchmark"]
@@ -51,6 +52,7 @@ def test_results_carry_clip_benchmark_keys(run_dir):
     assert json.loads((run_dir[0] / "results.json").read_text())["clip_benchmark"] == cb
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it: apt-get install -y "
                                               "chromium); the report page cannot be checked in a browser")
 def test_report_page_renders_in_headless_chromium(run_dir, tmp_path, capsys):

@@ -81,6 +81,7 @@ def shard_samples(pattern: str) -> dict[str, dict]:
     return samples
 
 
+@pytest.mark.slow
 def test_wfdb_npy_csv_round_trip_through_shards(signal_corpus):
     import wfdb
 
