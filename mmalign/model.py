@@ -21,8 +21,7 @@ from .errors import ConfigError
 from .heads.generation import generate
 from .losses.caption import caption_inputs
 from .io import atomic_dir, write_json
-from .modalities import Modality, ModalityAdapter, build_modality
-from .modalities.base import merge_lora
+from .modalities import Modality, ModalityAdapter, build_modality, merge_lora
 
 log = logging.getLogger(__name__)
 

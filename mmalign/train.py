@@ -34,7 +34,7 @@ from .gradcache import gradcache_step
 from .io import atomic_dir, atomic_write_text, crash_point, remove_dir, remove_stale_temps, write_json
 from .losses import LOSSES, TemperatureSchedule, build_loss
 from .model import AlignmentModel
-from .modalities.base import NORM_TYPES, inputs_to
+from .modalities import NORM_TYPES, inputs_to
 
 log = logging.getLogger(__name__)
 
