@@ -80,13 +80,18 @@ class Modality:
     def __init__(self, name: str, cfg: ModalityConfig):
         self.name = name
         self.cfg = cfg
-        self.spec = self.resolve(cfg)
+        self.resolve(cfg)
         if cfg.optional and type(self).placeholder is Modality.placeholder:
             raise ConfigError(f"modality {name!r} cannot be optional: kind {self.kind!r} defines no placeholder() "
                               f"for absent items")
 
-    def resolve(self, cfg: ModalityConfig) -> TowerSpec:
-        """The tower's spec; fills the fields of ``cfg`` left unset from the tower's defaults, then the kind's."""
+    @property
+    def spec(self) -> TowerSpec:
+        """The spec of this modality's tower (looked up, not held: specs hold functions, modalities get pickled)."""
+        return TOWERS[self.kind][self.cfg.tower]
+
+    def resolve(self, cfg: ModalityConfig) -> None:
+        """Fill the fields of ``cfg`` left unset from its tower's spec, then the kind's defaults (before building)."""
         if not cfg.tower:
             cfg.tower = self.default_tower
         towers = TOWERS[self.kind]
@@ -104,7 +109,6 @@ class Modality:
             for key, value in source.items():
                 if getattr(cfg, key) in UNSET:
                     setattr(cfg, key, value)
-        return spec
 
     @classmethod
     def file_members(cls, path: Path) -> dict[str, bytes]:
