@@ -71,9 +71,7 @@ def test_train_loop_fits_on_a_screen():
 def test_no_import_cycles():
     graph = import_graph()
     assert "mmalign.eval.runner" in graph["mmalign.report"]  # the graph sees the imports it should
-    # config <-> modalities (modality kinds registering their configs) is being removed by its own change.
-    found = [c for c in cycles(graph) if not all(m == "mmalign.config" or m.startswith("mmalign.modalities")
-                                                 for m in c)]
+    found = cycles(graph)
     assert not found, found
 
 

@@ -60,6 +60,22 @@ def test_missing_required_key(tmp_path):
         load_config(recipe)
 
 
+def test_recipes_load_without_importing_the_modalities():
+    """config sits below the modalities: every built-in kind's section is a plain dataclass config imports, so a
+    recipe loads into typed sections in a fresh interpreter that has imported no modality code (nor torch)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from mmalign.config import load_config; "
+            f"cfg = load_config({str(RECIPES / 'ecg_text.yaml')!r}); "
+            "print(sorted(type(m).__name__ for m in cfg.model.modalities.values()), "
+            "'mmalign.modalities' in sys.modules, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(RECIPES.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "['TextConfig', 'TimeseriesConfig'] False False"
+
+
 def test_unknown_modality_kind(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("run_dir: x\ndata: {train: a.tar}\nmodel:\n  modalities:\n    imgae: {}\n")

@@ -140,7 +140,7 @@ def _real_item(kind: str, modality):
         buf = io.BytesIO()
         sf.write(buf, 0.3 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 440).astype(np.float32), 16000, format="WAV")
         return modality.decode(buf.getvalue(), "wav")
-    from mmalign.modalities.timeseries import Signal
+    from mmalign.modalities.signals import Signal
 
     return Signal(np.random.default_rng(0).normal(size=(2, 200)), 50.0)
 

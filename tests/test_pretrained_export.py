@@ -248,11 +248,11 @@ def test_long_captions_as_averaged_windows(tiny_text_model):
     text = model.modalities["text"]
     long_caption = "a very long caption that goes on and on about a red square next to a blue circle"
     batch = text.tokenize(["short one", long_caption])
-    owner = batch["window_owner"]
+    owner = batch["owner"]
     assert owner[0] == 0 and (owner == 1).sum() >= 3 and text.truncated == 1
     with torch.no_grad():
         tower = model.adapters["text"].tower
-        rows = tower({k: v for k, v in batch.items() if k != "window_owner"})
+        rows = tower({k: v for k, v in batch.items() if k != "owner"})
         expected = F.normalize(torch.stack([rows[owner == 0].mean(0), rows[owner == 1].mean(0)]), dim=-1)
         assert _max_diff(model.encode("text", batch), expected) < 1e-6
 

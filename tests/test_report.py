@@ -96,7 +96,7 @@ def test_example_renderers_dispatch_per_kind():
     # kinds without a renderer: a numeric signal (audio waveform, ECG leads) becomes a trace plot ...
     assert 'class="trace"' in render_item("audio", {"waveform": np.sin(np.linspace(0, 20, 400)), "sr": 16000})
     assert 'class="trace"' in render_item("ecg", torch.randn(12, 500))
-    from mmalign.modalities.timeseries import Signal
+    from mmalign.modalities.signals import Signal
 
     assert 'class="trace"' in render_item("timeseries", Signal(np.random.randn(3, 250), 250.0))
     # ... anything else a short description
