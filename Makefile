@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= lit
 
-.PHONY: demo test bench install sysdeps clean
+.PHONY: demo test test-fast bench install sysdeps clean
 
 install: $(STAMP)
 
@@ -28,8 +28,13 @@ sysdeps:
 demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)
 
+# Every test, as CI runs it (.ci/run).
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+
+# The unit tier while developing: no end-to-end runs (slow) and no torchrun (distributed); under 2 minutes.
+test-fast: $(STAMP) sysdeps
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow and not distributed"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -13,29 +13,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, MMAlignError
+from .errors import MMAlignError
 
 log = logging.getLogger("mmalign")
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A saved model folder, a run directory (its ``model/``), or a run's newest checkpoint."""
-    p = Path(path)
-    for candidate in (p, p / "model"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    from .train import checkpoint_dirs
-
-    checkpoints = checkpoint_dirs(p)
-    if checkpoints:
-        return checkpoints[-1] / "model"
-    raise ConfigError(f"no model found at {path} (expected a saved model, a run directory or its checkpoints)")
-
-
-def load_model(path: str):
-    from .model import AlignmentModel
-
-    return AlignmentModel.from_pretrained(resolve_model_dir(path))
 
 
 def emit(result: dict) -> None:
@@ -59,6 +39,7 @@ def cmd_train(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from .eval.runner import evaluate_retrieval, evaluate_zeroshot
+    from .rundir import load_model
 
     model = load_model(args.model)
     if args.what == "zeroshot":
@@ -70,6 +51,7 @@ def cmd_eval(args) -> dict:
 def cmd_caption(args) -> dict:
     from .config import GenerationConfig, validate_generation
     from .eval.runner import evaluate_captions
+    from .rundir import load_model
 
     gen = GenerationConfig(
         strategy=args.strategy, num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
@@ -88,10 +70,10 @@ def cmd_data(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .export import export_model
-    from .model_card import run_of
+    from .rundir import load_model, resolve_model_dir, run_of
 
     model_dir = resolve_model_dir(args.model)
-    return export_model(load_model(str(model_dir)), args.to, args.format, run_dir=run_of(model_dir))
+    return export_model(load_model(model_dir), args.to, args.format, run_dir=run_of(model_dir))
 
 
 def cmd_report(args) -> dict:

@@ -14,20 +14,13 @@ import yaml
 
 from . import __version__
 from .plots import flat_results
+from .rundir import RESULTS, RUN_CONFIG
 
 CARD_NAME = "README.md"
 LIBRARIES = {"dual": "transformers", "open_clip": "open_clip"}  # export layout -> what loads the folder as a whole
 PIPELINE_TAGS = {("image", "text"): "zero-shot-image-classification",
                  ("audio", "text"): "zero-shot-audio-classification"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def run_of(model_dir: Path) -> Path | None:
-    """The run directory a saved model comes from (``RUN/model`` or ``RUN/checkpoints/step_N/model``), if any."""
-    for folder in list(model_dir.resolve().parents)[:3]:
-        if (folder / "results.json").is_file() or (folder / "metrics.jsonl").is_file():
-            return folder
-    return None
 
 
 def base_checkpoint(section: dict) -> str | None:
@@ -81,10 +74,8 @@ def model_card(model, info: dict, run_dir: Path | None) -> str:
     """The card's text for ``model`` (an ``AlignmentModel``) exported with ``info`` (``mmalign_export.json``)."""
     kinds = {name: m.kind for name, m in model.config.modalities.items()}
     layout = info.get("layout", info.get("format", ""))
-    recipe = json.loads((run_dir / "config.json").read_text()) if run_dir and (run_dir / "config.json").is_file() \
-        else {}
-    results = json.loads((run_dir / "results.json").read_text()) if run_dir and (run_dir / "results.json").is_file() \
-        else {}
+    recipe, results = (json.loads((run_dir / name).read_text()) if run_dir and (run_dir / name).is_file() else {}
+                       for name in (RUN_CONFIG, RESULTS))
     sections = (recipe.get("model") or {}).get("modalities") or {}
     loss = (recipe.get("loss") or {}).get("name", "an alignment")
     steps = results.get("steps") or (recipe.get("train") or {}).get("steps")
@@ -118,6 +109,7 @@ def model_card(model, info: dict, run_dir: Path | None) -> str:
 
 
 def write_model_card(model, out: Path, info: dict, run_dir: Path | None) -> Path:
+    """``out/README.md``; ``run_dir`` (``rundir.run_of``) gives the recipe and results, None when unknown."""
     path = Path(out) / CARD_NAME
     path.write_text(model_card(model, info, run_dir))
     return path

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.errors import ConfigError
-from mmalign.losses import build_loss, clip_loss, gram_loss, gram_volume, symile_loss
+from mmalign.losses import AlignmentOutput, build_loss, clip_loss, gram_loss, gram_volume, symile_loss
 from tests.scripts.dist_multimodal import CASES, batch
 
 
@@ -142,7 +142,7 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
     emb = dict(zip("xyz", feats))
     s = torch.tensor(6.0, dtype=torch.float64)
     obj = build_loss(name, ["x", "y", "z"])
-    torch.testing.assert_close(obj(emb, logit_scale=s)["loss"], fn(feats, s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(obj(AlignmentOutput(emb), logit_scale=s)["loss"], fn(feats, s), rtol=1e-12, atol=1e-12)
 
     present = {"y": torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool),
                "z": torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)}
@@ -150,7 +150,7 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
     # garbage in the missing rows must not matter
     garbage = {m: torch.where(present.get(m, torch.ones(8, dtype=torch.bool))[:, None], x, torch.nan)
                for m, x in emb.items()}
-    out = obj(garbage, logit_scale=s, present=present)
+    out = obj(AlignmentOutput(garbage, present), logit_scale=s)
     torch.testing.assert_close(out["loss"], fn([x[keep] for x in feats], s), rtol=1e-12, atol=1e-12)
     assert out["complete_rows"].item() == keep.sum().item()
 
@@ -158,7 +158,8 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
 def test_objective_with_no_complete_row_is_zero_and_differentiable():
     x, y, z = _feats(3, B=4, D=6, grad=True)
     out = build_loss("gram", ["x", "y", "z"])(
-        {"x": x, "y": y, "z": z}, logit_scale=torch.tensor(5.0), present={"x": torch.zeros(4, dtype=torch.bool)}
+        AlignmentOutput({"x": x, "y": y, "z": z}, {"x": torch.zeros(4, dtype=torch.bool)}),
+        logit_scale=torch.tensor(5.0)
     )
     assert out["loss"].item() == 0.0
     out["loss"].backward()
@@ -179,7 +180,7 @@ def test_two_processes_equal_one(torchrun):
     for case, (name, kwargs, masked) in CASES.items():
         full = {m: f.clone().requires_grad_(True) for m, f in feats.items()}
         out = build_loss(name, list(feats), **kwargs)(
-            full, logit_scale=torch.tensor(8.0, dtype=torch.float64), present=present if masked else None
+            AlignmentOutput(full, present if masked else None), logit_scale=torch.tensor(8.0, dtype=torch.float64)
         )
         grads = torch.autograd.grad(out["loss"], list(full.values()))
         mean_loss = sum(r[case]["loss"] for r in results) / len(results)

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from mmalign.errors import ConfigError
 from mmalign.losses import (
-    TemperatureSchedule, alignment_loss, build_loss, clip_loss, cwcl_loss, cwcl_rows_loss, cwcl_weights, dcl_loss,
-    dcl_rows_loss, hard_negative_clip_loss, infonce_rows, label_smoothed_clip_loss, label_smoothed_clip_rows_loss,
-    scheduled_logit_scale, scheduled_temperature, uniformity_loss,
+    AlignmentOutput, TemperatureSchedule, alignment_loss, build_loss, clip_loss, cwcl_loss, cwcl_rows_loss,
+    cwcl_weights, dcl_loss, dcl_rows_loss, hard_negative_clip_loss, infonce_rows, label_smoothed_clip_loss,
+    label_smoothed_clip_rows_loss, scheduled_logit_scale, scheduled_temperature, uniformity_loss,
 )
-from mmalign.losses.variants import hard_negative_log_weights, uniformity_rows_lse
+from mmalign.losses.regularisers import uniformity_rows_lse
+from mmalign.losses.variants import hard_negative_log_weights
 
 F64 = torch.float64
 
@@ -290,8 +291,8 @@ def test_clip_plus_defaults_equal_clip():
     c, _ = _feats(seed=2)
     emb = {"x": a, "y": b, "z": c}
     scale = torch.tensor(10.0, dtype=F64)
-    ours = build_loss("clip_plus", ["x", "y", "z"])(emb, logit_scale=scale)
-    ref = build_loss("clip", ["x", "y", "z"])(emb, logit_scale=scale)
+    ours = build_loss("clip_plus", ["x", "y", "z"])(AlignmentOutput(emb), logit_scale=scale)
+    ref = build_loss("clip", ["x", "y", "z"])(AlignmentOutput(emb), logit_scale=scale)
     assert set(ours) == set(ref)
     _assert_same(torch.autograd.grad(ours["loss"], (a, b, c)), torch.autograd.grad(ref["loss"], (a, b, c)))
     torch.testing.assert_close(ours["loss"], ref["loss"], rtol=1e-12, atol=1e-12)
@@ -300,7 +301,7 @@ def test_clip_plus_defaults_equal_clip():
 def test_clip_plus_options_add_up():
     a, b = _feats()
     out = build_loss("clip_plus", ["image", "text"], label_smoothing=0.1, align_weight=0.5, uniform_weight=0.2)(
-        {"image": a, "text": b}, logit_scale=torch.tensor(10.0, dtype=F64)
+        AlignmentOutput({"image": a, "text": b}), logit_scale=torch.tensor(10.0, dtype=F64)
     )
     expected = (label_smoothed_clip_loss(a, b, 10.0, 0.1) + 0.5 * alignment_loss(a, b)
                 + 0.2 * (uniformity_loss(a) + uniformity_loss(b)) / 2)
@@ -318,9 +319,10 @@ def test_variant_objectives_equal_their_functions():
         "cwcl": ({"weights_from": "text"}, cwcl_loss(a, b, s, cwcl_weights(q))),
     }
     for name, (kwargs, expected) in cases.items():
-        out = build_loss(name, ["image", "text"], **kwargs)(emb, logit_scale=s, frozen_features={"text": q})
+        output = AlignmentOutput(emb, frozen_features={"text": q})
+        out = build_loss(name, ["image", "text"], **kwargs)(output, logit_scale=s)
         torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=1e-12, msg=name)
-    out = build_loss("cwcl", ["image", "text"])(emb, logit_scale=s, frozen_features={"image": q})
+    out = build_loss("cwcl", ["image", "text"])(AlignmentOutput(emb, frozen_features={"image": q}), logit_scale=s)
     assert torch.autograd.grad(out["loss"], (a, q), allow_unused=True)[1] is None
 
 
@@ -328,13 +330,14 @@ def test_cwcl_objective_logs_the_positive_target_mass():
     a, b = _feats(B=6)
     q = torch.randn(6, 5, dtype=F64)
     out = build_loss("cwcl", ["image", "text"], weights_from="text")(
-        {"image": a, "text": b}, logit_scale=torch.tensor(10.0, dtype=F64), frozen_features={"text": q})
+        AlignmentOutput({"image": a, "text": b}, frozen_features={"text": q}),
+        logit_scale=torch.tensor(10.0, dtype=F64))
     w = cwcl_weights(q)
     torch.testing.assert_close(out["cwcl_positive_mass"], (w.diag() / w.sum(1)).mean())
     assert not out["cwcl_positive_mass"].requires_grad
     # Orthogonal frozen features: every other pair weighs 1/2, so the own pair holds 1 / (1 + (B - 1) / 2).
     out = build_loss("cwcl", ["image", "text"], weights_from="text")(
-        {"image": a, "text": b}, logit_scale=10.0, frozen_features={"text": torch.eye(6, dtype=F64)})
+        AlignmentOutput({"image": a, "text": b}, frozen_features={"text": torch.eye(6, dtype=F64)}), logit_scale=10.0)
     assert out["cwcl_positive_mass"].item() == pytest.approx(1 / 3.5)
     assert out["loss"].item() == pytest.approx(out["loss_image_text"].item())  # logged, not optimised
 
@@ -343,9 +346,9 @@ def test_cwcl_objective_errors():
     a, b = _feats()
     loss_fn = build_loss("cwcl", ["image", "text"], weights_from="image")
     with pytest.raises(ConfigError, match="frozen_features"):
-        loss_fn({"image": a, "text": b}, logit_scale=torch.tensor(10.0))
+        loss_fn(AlignmentOutput({"image": a, "text": b}), logit_scale=torch.tensor(10.0))
     with pytest.raises(ConfigError, match="frozen_features"):
-        loss_fn({"image": a, "text": b}, logit_scale=torch.tensor(10.0), frozen_features={"text": a})
+        loss_fn(AlignmentOutput({"image": a, "text": b}, frozen_features={"text": a}), logit_scale=torch.tensor(10.0))
     with pytest.raises(ConfigError, match="weights_from"):
         build_loss("cwcl", ["image", "text"], weights_from="audio")
     with pytest.raises(ConfigError, match="label_smoothing"):
@@ -374,7 +377,8 @@ def test_two_processes_equal_one(torchrun):
     for label, name, kwargs in DIST_CONFIGS:
         a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
         out = build_loss(name, ["image", "text"], **kwargs)(
-            {"image": a, "text": b}, logit_scale=torch.tensor(10.0, dtype=F64), frozen_features={"image": q}
+            AlignmentOutput({"image": a, "text": b}, frozen_features={"image": q}),
+            logit_scale=torch.tensor(10.0, dtype=F64),
         )
         ga, gb = torch.autograd.grad(out["loss"], (a, b))
         per_rank = [r[label] for r in results]

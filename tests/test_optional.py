@@ -7,8 +7,7 @@ import pytest
 from mmalign.config import from_dict
 from mmalign.errors import MMAlignError
 from mmalign.modalities import build_modality
-from mmalign.modalities.audio import AudioConfig
-from mmalign.modalities.timeseries import TimeseriesConfig
+from mmalign.modality_config import AudioConfig, TimeseriesConfig
 from mmalign.optional import require
 
 

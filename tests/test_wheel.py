@@ -70,7 +70,8 @@ def test_wheel_keeps_the_users_torch_and_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PIP_NO_INPUT="1")
 
-    run(sys.executable, "-m", "build", "--wheel", "--outdir", dist_dir, REPO, cwd=tmp_path, env=env)
+    # sdist, then the wheel from the unpacked sdist: what a release builds, and no stale build/ folder gets in
+    run(sys.executable, "-m", "build", "--outdir", dist_dir, REPO, cwd=tmp_path, env=env)
     wheel = next(dist_dir.glob(f"mmalign-{__version__}-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()

@@ -137,7 +137,7 @@ def specs(n_per_class: int, seed: int) -> list[dict]:
 def build(out_dir: Path, seed: int = 0, n_train_per_class: int = 200, n_test_per_class: int = 50,
           reports_per_record: int = 3, workers: int = 2) -> dict:
     def _build(out_dir: Path) -> dict:
-        from ..modalities.timeseries import Signal, encode_signal
+        from ..modalities.signals import Signal, encode_signal
 
         require("neurokit2", "demo", "the ECG demo data")  # here, not first in the worker processes
         all_specs = {"train": specs(n_train_per_class, seed), "test": specs(n_test_per_class, seed + 1)}

@@ -21,8 +21,7 @@ from ..data import expand_urls
 from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
-from ..modalities import Modality
-from ..modalities.base import inputs_to
+from ..modalities import Modality, inputs_to
 from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics

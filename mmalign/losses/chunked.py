@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import gather_with_grad, rank, world_size
-from .objectives import Objective, SigLipObjective
+from .contract import AlignmentOutput
+from .objectives import Objective, Scale, SigLipObjective
 from .registry import register_loss
 
 # Blocks of 4096 x 4096 (64 MB in float32, two live in backward): on 2 CPU cores smaller blocks were no faster
@@ -333,7 +334,10 @@ class ChunkedClipObjective(Objective):
         super().__init__(modalities)
         self.chunk_size = int(chunk_size)
 
-    def forward(self, embeddings: dict[str, torch.Tensor], logit_scale: torch.Tensor, **_) -> dict[str, torch.Tensor]:
+    def forward(
+        self, output: AlignmentOutput, logit_scale: Scale, logit_bias: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        embeddings = output.embeddings
         out: dict[str, torch.Tensor] = {}
         if world_size() == 1:
             for m1, m2 in combinations(self.modalities, 2):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..distributed import gather_with_grad, world_size
 from ..errors import ConfigError
-from .objectives import PresenceObjective
+from .contract import AlignmentOutput, Requirements
+from .objectives import PresenceObjective, Scale
 from .registry import register_loss
 
 log = logging.getLogger(__name__)
@@ -216,20 +217,16 @@ class _AllPresentObjective(PresenceObjective):
         raise NotImplementedError
 
     def forward(
-        self,
-        embeddings: dict[str, torch.Tensor],
-        logit_scale: torch.Tensor,
-        present: dict[str, torch.Tensor] | None = None,
-        **_,
+        self, output: AlignmentOutput, logit_scale: Scale, logit_bias: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        local = [embeddings[m] for m in self.modalities]
+        local = [output.embeddings[m] for m in self.modalities]
         gathered = [gather_with_grad(x) for x in local]
-        rows, cols, offset, n_total = self.complete_rows(self.modalities, local, gathered, present)
-        if n_total == 0:
+        rows = self.complete_rows(self.modalities, local, gathered, output.present)
+        if rows.total == 0:
             log.warning("%s: no row has all of %s present; loss is 0", type(self).__name__, self.modalities)
             return {"loss": self.zero_in_graph(gathered)}
-        loss = self._rows_loss(rows, cols, logit_scale, offset) * (world_size() / n_total)
-        return {"loss": loss, "complete_rows": torch.tensor(float(n_total), device=loss.device)}
+        loss = self._rows_loss(rows.local, rows.columns, logit_scale, rows.offset) * (world_size() / rows.total)
+        return {"loss": loss, "complete_rows": torch.tensor(float(rows.total), device=loss.device)}
 
 
 @register_loss("symile")
@@ -242,7 +239,7 @@ class SymileObjective(_AllPresentObjective):
     state is not part of the checkpoint (a resumed run draws a different but equally valid sequence).
     """
 
-    nway_score = "mip"
+    requirements = Requirements(presence=True, nway_score="mip")
 
     def __init__(self, modalities: list[str], negatives: str = "n_squared", seed: int = 0, missing: str = "drop"):
         super().__init__(modalities, missing)
@@ -259,7 +256,7 @@ class SymileObjective(_AllPresentObjective):
 class GramObjective(_AllPresentObjective):
     """GRAM volume contrast; the anchor (text in the paper) is ``anchor``, by default the first listed modality."""
 
-    nway_score = "volume"
+    requirements = Requirements(presence=True, nway_score="volume")
 
     def __init__(
         self, modalities: list[str], label_smoothing: float = 0.0, eps: float = 1e-6, anchor: str | None = None,

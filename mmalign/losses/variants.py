@@ -1,5 +1,4 @@
-"""Contrastive-loss variants from the literature: CWCL soft targets, label smoothing, DCL, hard negatives (HCL),
-the alignment/uniformity regularisers, and temperature schedules.
+"""Contrastive-loss variants from the literature: CWCL soft targets, label smoothing, DCL, hard negatives (HCL).
 
 One core serves every InfoNCE variant: :func:`infonce_rows` computes, for each query row i of a logits block z whose
 positive is column ``row_offset + i``,
@@ -12,35 +11,27 @@ exp(beta z) on negatives: HCL). With t one-hot, eps = 0 and w = 1 it is ``F.cros
 i.e. one direction of CLIP. The ``*_rows_loss`` functions compute both directions for a block of local rows against
 all (gathered) columns, as in :mod:`.pairwise`; the plain functions are the same with every row local.
 
-The registered objectives at the end of the module (``cwcl``, ``dcl``, ``clip_hard_negatives``, ``clip_plus``) share
-one forward (:class:`PairwiseVariantObjective`) that gathers columns with gradient, evaluates the variant on the local
-rows of every pair of modalities, and adds the optional ``align_weight``/``uniform_weight`` regularisers.
+The registered objectives at the end of the module (``cwcl``, ``dcl``, ``clip_hard_negatives``, ``clip_plus``) are
+:class:`~.objectives.PairwiseObjective` s, as ``clip`` is: each defines its ``pair_loss`` and shares the forward that
+handles presence masks and the optional ``align_weight``/``uniform_weight`` regularisers.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from ..distributed import gather_no_grad, gather_with_grad, rank
+from ..distributed import gather_no_grad
 from ..errors import ConfigError
-from .objectives import Objective
+from .contract import AlignmentOutput
+from .objectives import PairwiseObjective, Rows, Scale
+from .pairwise import positive_mask
 from .registry import register_loss
-
-Scale = torch.Tensor | float
 
 
 # --------------------------------------------------------------------------------------------------- the one core
-
-
-def positive_mask(n_rows: int, n_cols: int, row_offset: int = 0, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean ``n_rows x n_cols`` mask, True at (i, row_offset + i): where each local row's positive sits."""
-    rows = torch.arange(n_rows, device=device)
-    cols = torch.arange(n_cols, device=device)
-    return cols[None, :] == (rows[:, None] + row_offset)
 
 
 def infonce_rows(
@@ -50,8 +41,10 @@ def infonce_rows(
     targets: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     log_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Generalised InfoNCE of a ``rows x N`` logits block (see the module docstring for the formula); mean over rows.
+    """Generalised InfoNCE of a ``rows x N`` logits block (see the module docstring for the formula); mean over rows
+    (``reduction="sum"``: the sum, for masked distributed use).
 
     ``targets``: non-negative ``rows x N`` soft targets, each row normalised by its sum inside (default: one-hot at
     column ``row_offset + i``). ``label_smoothing``: mixes the normalised targets with the uniform distribution over
@@ -67,7 +60,8 @@ def infonce_rows(
     if label_smoothing:
         target_term = (1.0 - label_smoothing) * target_term + label_smoothing * logits.mean(dim=-1)
     denominator = torch.logsumexp(logits if log_weights is None else logits + log_weights, dim=-1)
-    return (denominator - target_term).mean()
+    per_row = denominator - target_term
+    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
 def _both_directions(
@@ -101,6 +95,7 @@ def cwcl_rows_loss(
     logit_scale: Scale,
     weights_ab: torch.Tensor,
     weights_ba: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Symmetric soft-target InfoNCE of local rows against all columns.
 
@@ -109,7 +104,8 @@ def cwcl_rows_loss(
     weights such as :func:`cwcl_weights`' they are the same tensor.
     """
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
-    return 0.5 * (infonce_rows(z_ab, targets=weights_ab) + infonce_rows(z_ba, targets=weights_ba))
+    return 0.5 * (infonce_rows(z_ab, targets=weights_ab, reduction=reduction)
+                  + infonce_rows(z_ba, targets=weights_ba, reduction=reduction))
 
 
 def cwcl_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, weights: torch.Tensor) -> torch.Tensor:
@@ -125,13 +121,14 @@ def label_smoothed_clip_rows_loss(
     logit_scale: Scale,
     label_smoothing: float,
     row_offset: int = 0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """CLIP with label smoothing: 1/2 [CE_eps(s A_r B^T, y) + CE_eps(s B_r A^T, y)] (Szegedy et al. 2016), where
     CE_eps is ``F.cross_entropy(..., label_smoothing=eps)``: targets (1 - eps) one-hot + eps / N over all N columns."""
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
     return 0.5 * (
-        infonce_rows(z_ab, row_offset, label_smoothing=label_smoothing)
-        + infonce_rows(z_ba, row_offset, label_smoothing=label_smoothing)
+        infonce_rows(z_ab, row_offset, label_smoothing=label_smoothing, reduction=reduction)
+        + infonce_rows(z_ba, row_offset, label_smoothing=label_smoothing, reduction=reduction)
     )
 
 
@@ -152,6 +149,7 @@ def dcl_rows_loss(
     b_all: torch.Tensor,
     logit_scale: Scale,
     row_offset: int = 0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Decoupled contrastive loss (Yeh et al. 2022), symmetric: the positive is removed from each denominator.
 
@@ -163,8 +161,8 @@ def dcl_rows_loss(
         positive_mask(*z_ab.shape, row_offset, device=z_ab.device), float("-inf")
     )
     return 0.5 * (
-        infonce_rows(z_ab, row_offset, log_weights=drop_positive)
-        + infonce_rows(z_ba, row_offset, log_weights=drop_positive)
+        infonce_rows(z_ab, row_offset, log_weights=drop_positive, reduction=reduction)
+        + infonce_rows(z_ba, row_offset, log_weights=drop_positive, reduction=reduction)
     )
 
 
@@ -194,6 +192,7 @@ def hard_negative_clip_rows_loss(
     logit_scale: Scale,
     beta: float,
     row_offset: int = 0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Symmetric CLIP whose negatives are reweighted by :func:`hard_negative_log_weights` (HCL without debiasing).
 
@@ -201,8 +200,10 @@ def hard_negative_clip_rows_loss(
     """
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
     return 0.5 * (
-        infonce_rows(z_ab, row_offset, log_weights=hard_negative_log_weights(z_ab, beta, row_offset))
-        + infonce_rows(z_ba, row_offset, log_weights=hard_negative_log_weights(z_ba, beta, row_offset))
+        infonce_rows(z_ab, row_offset, log_weights=hard_negative_log_weights(z_ab, beta, row_offset),
+                     reduction=reduction)
+        + infonce_rows(z_ba, row_offset, log_weights=hard_negative_log_weights(z_ba, beta, row_offset),
+                       reduction=reduction)
     )
 
 
@@ -211,254 +212,73 @@ def hard_negative_clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale
     return hard_negative_clip_rows_loss(a, b, a, b, logit_scale, beta)
 
 
-# ------------------------------------------------------------------------------- alignment / uniformity (regularisers)
-
-
-def alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
-    """Alignment (Wang & Isola 2020): mean_i ||a_i - b_i||^alpha over paired rows. A mean over rows, so the
-    distributed value is the mean of the local ones (no gathering needed)."""
-    return (a - b).norm(dim=-1).pow(alpha).mean()
-
-
-def uniformity_rows_lse(
-    x_rows: torch.Tensor, x_all: torch.Tensor, t: float = 2.0, row_offset: int = 0
-) -> torch.Tensor:
-    """log sum_{i in rows, j != i} exp(-t ||x_i - x_j||^2): the local part of the uniformity sum, as a log-sum-exp.
-
-    Squared distances come from the Gram form (no sqrt, so identical points have a finite gradient). The global
-    uniformity is ``logsumexp`` of these parts over row blocks minus log(N (N - 1)).
-    """
-    sq = (x_rows.pow(2).sum(-1)[:, None] + x_all.pow(2).sum(-1)[None, :] - 2 * x_rows @ x_all.T).clamp_min(0.0)
-    off_diagonal = (-t * sq).masked_fill(positive_mask(*sq.shape, row_offset, device=sq.device), float("-inf"))
-    return torch.logsumexp(off_diagonal.flatten(), dim=0)
-
-
-def uniformity_loss(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Uniformity (Wang & Isola 2020): log mean_{i != j} exp(-t ||x_i - x_j||^2), for one modality's features."""
-    n = x.shape[0]
-    return uniformity_rows_lse(x, x, t) - math.log(n * (n - 1))
-
-
-def distributed_uniformity(x_local: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Uniformity of the features of all ranks, computed from local rows against gathered columns.
-
-    Every rank returns the global value; its gradient flows through the gathered columns and through the gathered
-    per-rank log-sum-exps, so the gradient semantics match the other distributed losses. On one process it is
-    :func:`uniformity_loss`.
-    """
-    x_all = gather_with_grad(x_local)
-    local = uniformity_rows_lse(x_local, x_all, t, rank() * x_local.shape[0])
-    n = x_all.shape[0]
-    return torch.logsumexp(gather_with_grad(local.reshape(1)), dim=0) - math.log(n * (n - 1))
-
-
-# ------------------------------------------------------------------------------------------------------ temperature
-
-_KINDS = ("cosine", "linear", "exponential", "constant")
-
-
-def scheduled_temperature(step: int, total_steps: int, start: float, end: float, kind: str = "cosine") -> float:
-    """Temperature tau at ``step`` going from ``start`` (step 0) to ``end`` (step >= ``total_steps``).
-
-    cosine: end + (start - end) (1 + cos(pi p)) / 2; linear: start + (end - start) p; exponential: start (end/start)^p
-    (linear in log tau); constant: start. p = clamp(step / total_steps, 0, 1).
-    """
-    if kind not in _KINDS:
-        raise ConfigError(f"unknown temperature schedule {kind!r}; known: {', '.join(_KINDS)}")
-    if total_steps <= 0 or start <= 0 or end <= 0:
-        raise ConfigError(f"temperature schedule needs total_steps > 0 and temperatures > 0, got "
-                          f"total_steps={total_steps}, start={start}, end={end}")
-    p = min(max(step / total_steps, 0.0), 1.0)
-    if kind == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
-    if kind == "linear":
-        return start + (end - start) * p
-    if kind == "exponential":
-        return start * (end / start) ** p
-    return start
-
-
-def scheduled_logit_scale(step: int, total_steps: int, start: float, end: float, kind: str = "cosine") -> float:
-    """Logit scale s = 1 / tau for :func:`scheduled_temperature` (``start``/``end`` are temperatures, e.g. 0.07)."""
-    return 1.0 / scheduled_temperature(step, total_steps, start, end, kind)
-
-
-@dataclass(frozen=True)
-class TemperatureSchedule:
-    """Where the loss's logit scale comes from at each step.
-
-    ``mode="learnable"``: the model's learnable scale (log-parametrised, init ln(1/0.07), clamped at 100 by the
-    model), passed through unchanged. ``"fixed"``: s = 1/tau_start. ``"scheduled"``: s = 1/tau(step) from
-    :func:`scheduled_temperature` (tau_start -> tau_end over total_steps, ``kind``). In the loop::
-
-        model.logit_scale.requires_grad_(schedule.learnable)
-        s = schedule.logit_scale(step, learned=model_logit_scale)   # already exp()-ed, as losses expect
-        out = loss_fn(embeddings, logit_scale=s, ...)
-    """
-
-    mode: str = "learnable"
-    tau_start: float = 0.07
-    tau_end: float = 0.01
-    total_steps: int = 1
-    kind: str = "cosine"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("learnable", "fixed", "scheduled"):
-            raise ConfigError(f"temperature mode must be learnable, fixed or scheduled, got {self.mode!r}")
-        if self.mode == "scheduled":
-            scheduled_temperature(0, self.total_steps, self.tau_start, self.tau_end, self.kind)  # validates
-        elif self.tau_start <= 0:
-            raise ConfigError(f"tau_start must be > 0, got {self.tau_start}")
-
-    @property
-    def learnable(self) -> bool:
-        """Whether the model's logit-scale parameter should receive gradients."""
-        return self.mode == "learnable"
-
-    def logit_scale(self, step: int, learned: torch.Tensor | None = None) -> torch.Tensor | float:
-        """The logit scale to pass to the loss at ``step`` (a tensor like ``learned`` when it is given)."""
-        if self.mode == "learnable":
-            if learned is None:
-                raise ValueError("learnable temperature: pass the model's logit scale as learned=")
-            return learned
-        if self.mode == "fixed":
-            s = 1.0 / self.tau_start
-        else:
-            s = scheduled_logit_scale(step, self.total_steps, self.tau_start, self.tau_end, self.kind)
-        return s if learned is None else torch.tensor(s, dtype=learned.dtype, device=learned.device)
-
-
 # ------------------------------------------------------------------------------------------- registered objectives
 
 
-class PairwiseVariantObjective(Objective):
-    """Shared forward of the pairwise variants, with optional regularisers added to any of them.
-
-    For every pair of modalities: the variant's loss of the local rows against gathered columns (``pair_loss``);
-    ``loss`` = mean over pairs + ``align_weight`` * mean over pairs of :func:`alignment_loss` + ``uniform_weight`` *
-    mean over modalities of the uniformity (global over ranks). Components are returned as ``loss_<m1>_<m2>``,
-    ``align`` and ``uniform`` (the last two only when their weight is non-zero), with any ``batch_metrics`` (logged,
-    not optimised).
-    """
-
-    def __init__(
-        self, modalities: list[str], align_weight: float = 0.0, uniform_weight: float = 0.0, uniform_t: float = 2.0
-    ):
-        super().__init__(modalities)
-        if align_weight < 0 or uniform_weight < 0:
-            raise ConfigError(f"align_weight and uniform_weight must be >= 0, got {align_weight}, {uniform_weight}")
-        self.align_weight = float(align_weight)
-        self.uniform_weight = float(uniform_weight)
-        self.uniform_t = float(uniform_t)
-
-    def batch_state(self, embeddings: dict[str, torch.Tensor], **extras) -> object:
-        """Per-batch state shared by all pairs (e.g. CWCL's weights); computed once per forward."""
-        return None
-
-    def batch_metrics(self, state: object, row_offset: int) -> dict[str, torch.Tensor]:
-        """Scalars about the batch state to log next to the loss (no gradient)."""
-        return {}
-
-    def pair_loss(
-        self,
-        a_rows: torch.Tensor,
-        b_rows: torch.Tensor,
-        a_all: torch.Tensor,
-        b_all: torch.Tensor,
-        logit_scale: Scale,
-        row_offset: int,
-        state: object,
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(
-        self, embeddings: dict[str, torch.Tensor], logit_scale: torch.Tensor, **extras
-    ) -> dict[str, torch.Tensor]:
-        state = self.batch_state(embeddings, **extras)
-        gathered = {m: gather_with_grad(embeddings[m]) for m in self.modalities}
-        offset = rank() * embeddings[self.modalities[0]].shape[0]
-        pairs = list(combinations(self.modalities, 2))
-        out: dict[str, torch.Tensor] = {}
-        for m1, m2 in pairs:
-            out[f"loss_{m1}_{m2}"] = self.pair_loss(
-                embeddings[m1], embeddings[m2], gathered[m1], gathered[m2], logit_scale, offset, state
-            )
-        loss = torch.stack(list(out.values())).mean()
-        if self.align_weight:
-            out["align"] = torch.stack([alignment_loss(embeddings[m1], embeddings[m2]) for m1, m2 in pairs]).mean()
-            loss = loss + self.align_weight * out["align"]
-        if self.uniform_weight:
-            out["uniform"] = torch.stack(
-                [distributed_uniformity(embeddings[m], self.uniform_t) for m in self.modalities]
-            ).mean()
-            loss = loss + self.uniform_weight * out["uniform"]
-        out.update(self.batch_metrics(state, offset))
-        out["loss"] = loss
-        return out
-
-
 @register_loss("clip_plus")
-class ClipPlusObjective(PairwiseVariantObjective):
+class ClipPlusObjective(PairwiseObjective):
     """CLIP with optional ``label_smoothing`` and alignment/uniformity regularisers; with the defaults it is ``clip``."""
 
-    def __init__(self, modalities: list[str], label_smoothing: float = 0.0, **regularisers: float):
-        super().__init__(modalities, **regularisers)
+    def __init__(self, modalities: list[str], label_smoothing: float = 0.0, align_weight: float = 0.0,
+                 uniform_weight: float = 0.0, uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return label_smoothed_clip_rows_loss(
-            a_rows, b_rows, a_all, b_all, logit_scale, self.label_smoothing, row_offset
-        )
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: object) -> torch.Tensor:
+        return label_smoothed_clip_rows_loss(*rows.local, *rows.columns, logit_scale, self.label_smoothing,
+                                             rows.offset, reduction="sum")
 
 
 @register_loss("dcl")
-class DclObjective(PairwiseVariantObjective):
+class DclObjective(PairwiseObjective):
     """Decoupled contrastive loss (positive removed from the denominators); mean over pairs of modalities."""
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return dcl_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, row_offset)
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: object) -> torch.Tensor:
+        return dcl_rows_loss(*rows.local, *rows.columns, logit_scale, rows.offset, reduction="sum")
 
 
 @register_loss("clip_hard_negatives")
-class HardNegativeClipObjective(PairwiseVariantObjective):
+class HardNegativeClipObjective(PairwiseObjective):
     """CLIP with HCL hard-negative reweighting of strength ``beta`` (0 = CLIP)."""
 
-    def __init__(self, modalities: list[str], beta: float = 0.5, **regularisers: float):
-        super().__init__(modalities, **regularisers)
+    def __init__(self, modalities: list[str], beta: float = 0.5, align_weight: float = 0.0,
+                 uniform_weight: float = 0.0, uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
         self.beta = float(beta)
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return hard_negative_clip_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, self.beta, row_offset)
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: object) -> torch.Tensor:
+        return hard_negative_clip_rows_loss(*rows.local, *rows.columns, logit_scale, self.beta, rows.offset,
+                                            reduction="sum")
 
 
 @register_loss("cwcl")
-class CwclObjective(PairwiseVariantObjective):
-    """CWCL with soft targets from a frozen tower: forward needs ``frozen_features={weights_from: B x D_q tensor}``.
+class CwclObjective(PairwiseObjective):
+    """CWCL with soft targets from a frozen tower: needs ``output.frozen_features[weights_from]`` (B x D_q).
 
     ``weights_from`` (default: the first modality) names the modality whose frozen tower's features q give the
     weights :func:`cwcl_weights`; they are computed once per batch without gradient (q gathered without gradient
-    across ranks) and used for every pair of modalities.
+    across ranks) and used for every pair of modalities (restricted to the pair's complete rows).
     """
 
-    def __init__(self, modalities: list[str], weights_from: str | None = None, **regularisers: float):
-        super().__init__(modalities, **regularisers)
+    def __init__(self, modalities: list[str], weights_from: str | None = None, align_weight: float = 0.0,
+                 uniform_weight: float = 0.0, uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
         self.weights_from = weights_from if weights_from is not None else self.modalities[0]
         if self.weights_from not in self.modalities:
             raise ConfigError(f"cwcl: weights_from={self.weights_from!r} is not one of the modalities {self.modalities}")
-        self.needs_features = (self.weights_from,)
+        self.requirements = replace(type(self).requirements, features=(self.weights_from,))
 
-    def batch_state(
-        self, embeddings: dict[str, torch.Tensor], frozen_features: dict[str, torch.Tensor] | None = None, **_
-    ) -> torch.Tensor:
-        if not frozen_features or self.weights_from not in frozen_features:
+    def batch_state(self, output: AlignmentOutput) -> torch.Tensor:
+        features = output.frozen_features
+        if self.weights_from not in features:
             raise ConfigError(
                 f"loss 'cwcl' needs frozen_features={{{self.weights_from!r}: features of its frozen tower}}, got "
-                f"{sorted(frozen_features) if frozen_features else None}"
+                f"{sorted(features) if features else None}"
             )
-        q = frozen_features[self.weights_from].detach()
-        n_local = embeddings[self.modalities[0]].shape[0]
+        q = features[self.weights_from].detach()
+        n_local = output.embeddings[self.modalities[0]].shape[0]
         if q.shape[0] != n_local:
             raise ValueError(f"cwcl: frozen features have {q.shape[0]} rows, embeddings {n_local}")
         return cwcl_weights(q, columns=gather_no_grad(q))
@@ -469,6 +289,7 @@ class CwclObjective(PairwiseVariantObjective):
         pos = positive_mask(*state.shape, row_offset, device=state.device)
         return {"cwcl_positive_mass": (state[pos] / state.sum(dim=-1)).mean()}
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: torch.Tensor) -> torch.Tensor:
+        weights = state if rows.keep is None else state[rows.keep][:, rows.keep_all]
         # The weights are symmetric, so the local rows of w^T are the local rows of w.
-        return cwcl_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, state, state)
+        return cwcl_rows_loss(*rows.local, *rows.columns, logit_scale, weights, weights, reduction="sum")
