@@ -28,12 +28,14 @@ sysdeps:
 demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)
 
-# Every test, as CI runs it (.ci/run).
+# Every test, as CI runs it (.ci/run), after the import layers (pyproject.toml, tool.importlinter).
 test: $(STAMP) sysdeps
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The unit tier while developing: no end-to-end runs (slow) and no torchrun (distributed); under 2 minutes.
 test-fast: $(STAMP) sysdeps
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow and not distributed"
 
 bench: $(STAMP)
