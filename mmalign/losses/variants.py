@@ -80,17 +80,40 @@ def _both_directions(
 # ------------------------------------------------------------------------------------------ CWCL and label smoothing
 
 
-def cwcl_weights(q: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """CWCL soft targets w = 1/2 q_n q_n^T + 1/2 from a frozen tower's features (Srinivasa et al. 2023).
+def cwcl_weights(
+    q: torch.Tensor, columns: torch.Tensor | None = None, *, center: bool = False, sharpness: float = 1.0
+) -> torch.Tensor:
+    """CWCL soft targets from a frozen tower's features (Srinivasa et al. 2023), optionally conditioned.
 
-    ``q`` (B x D_q) is L2-normalised inside and detached, so the weights carry no gradient; w_ij lies in [0, 1] and
-    w_ii = 1. ``columns``: the (gathered) features of all columns, for a ``rows x N`` block of local rows; default
-    ``q`` itself (B x B).
+        w_ij = ((1 + c_ij) / 2) ** gamma,   c_ij = cos(q_i - mu, q_j - mu)
+
+    With the defaults (``center=False``: mu = 0; ``sharpness`` gamma = 1) this is the paper's w = 1/2 q_n q_n^T + 1/2.
+    The conditioning is for anisotropic frozen towers (e.g. MiniLM, whose unrelated captions sit at cosine ~0.3, so
+    every w_ij is ~0.65 and the own pair holds ~1/B of a row's target):
+
+    - ``center=True``: mu = the mean of the column features, so the direction all features share is removed before
+      the cosine and unrelated items sit near c = 0 (Mu & Viswanath 2018, "All-but-the-Top");
+    - ``sharpness`` gamma > 1 raises the weights to a power, a temperature on the frozen similarities: near c = 1,
+      w = exp(gamma log((1 + c) / 2)) ~ exp(-gamma (1 - c) / 2), so gamma = 2 / tau for a temperature tau. Similar
+      items keep most of their weight while unrelated ones fall to 2^-gamma (centred) and the targets tend to CLIP's
+      identity as gamma grows.
+
+    ``q`` (B x D_q) is detached, so the weights carry no gradient; w_ij lies in [0, 1] and w_ii = 1 (unless centring
+    puts q_i exactly at the mean). ``columns``: the (gathered) features of all columns, for a ``rows x N`` block of local rows;
+    default ``q`` itself (B x B). The mean mu always comes from the columns, so a block of rows equals the same rows
+    of the full matrix.
     """
+    if sharpness <= 0:
+        raise ValueError(f"cwcl sharpness must be > 0, got {sharpness}")
     with torch.no_grad():
-        q_n = F.normalize(q.detach(), dim=-1)
-        c_n = q_n if columns is None else F.normalize(columns.detach(), dim=-1)
-        return (0.5 * q_n @ c_n.T + 0.5).clamp_(0.0, 1.0)
+        q = q.detach()
+        cols = q if columns is None else columns.detach()
+        if center:
+            mu = cols.mean(dim=0, keepdim=True)
+            q, cols = q - mu, cols - mu
+        cos = F.normalize(q, dim=-1) @ F.normalize(cols, dim=-1).T
+        w = (0.5 * cos + 0.5).clamp_(0.0, 1.0)
+        return w if sharpness == 1 else w.pow_(sharpness)
 
 
 def cwcl_rows_loss(
@@ -439,15 +462,23 @@ class CwclObjective(PairwiseVariantObjective):
 
     ``weights_from`` (default: the first modality) names the modality whose frozen tower's features q give the
     weights :func:`cwcl_weights`; they are computed once per batch without gradient (q gathered without gradient
-    across ranks) and used for every pair of modalities.
+    across ranks) and used for every pair of modalities. ``center`` and ``sharpness`` condition the weights (see
+    :func:`cwcl_weights`; the defaults are the paper's weights).
     """
 
-    def __init__(self, modalities: list[str], weights_from: str | None = None, **regularisers: float):
+    def __init__(
+        self, modalities: list[str], weights_from: str | None = None, center: bool = False, sharpness: float = 1.0,
+        **regularisers: float,
+    ):
         super().__init__(modalities, **regularisers)
         self.weights_from = weights_from if weights_from is not None else self.modalities[0]
         if self.weights_from not in self.modalities:
             raise ConfigError(f"cwcl: weights_from={self.weights_from!r} is not one of the modalities {self.modalities}")
+        if not sharpness > 0:
+            raise ConfigError(f"cwcl: sharpness must be > 0, got {sharpness}")
         self.needs_features = (self.weights_from,)
+        self.center = bool(center)
+        self.sharpness = float(sharpness)
 
     def batch_state(
         self, embeddings: dict[str, torch.Tensor], frozen_features: dict[str, torch.Tensor] | None = None, **_
@@ -461,7 +492,7 @@ class CwclObjective(PairwiseVariantObjective):
         n_local = embeddings[self.modalities[0]].shape[0]
         if q.shape[0] != n_local:
             raise ValueError(f"cwcl: frozen features have {q.shape[0]} rows, embeddings {n_local}")
-        return cwcl_weights(q, columns=gather_no_grad(q))
+        return cwcl_weights(q, columns=gather_no_grad(q), center=self.center, sharpness=self.sharpness)
 
     def batch_metrics(self, state: torch.Tensor, row_offset: int) -> dict[str, torch.Tensor]:
         """``cwcl_positive_mass``: mean share of a row's normalised soft targets on its own pair, w_ii / sum_j w_ij
