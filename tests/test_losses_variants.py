@@ -351,15 +351,17 @@ def test_variant_objectives_equal_their_functions():
     q = torch.randn(12, 7, dtype=F64, requires_grad=True)
     emb, s = {"image": a, "text": b}, torch.tensor(10.0, dtype=F64)
     cases = {
-        "dcl": ({}, dcl_loss(a, b, s)),
-        "clip_hard_negatives": ({"beta": 0.3}, hard_negative_clip_loss(a, b, s, 0.3)),
-        "cwcl": ({"weights_from": "text"}, cwcl_loss(a, b, s, cwcl_weights(q))),
-        "cwcl_conditioned": ({"weights_from": "text", "center": True, "sharpness": 4.0},
+        "dcl": ("dcl", {}, dcl_loss(a, b, s)),
+        "dcl_w": ("dcl", {"weight_sigma": 0.5}, dcl_loss(a, b, s, weight_sigma=0.5)),
+        "hcl": ("clip_hard_negatives", {"beta": 0.3, "tau_plus": 0.05}, hard_negative_clip_loss(a, b, s, 0.3, 0.05)),
+        "hcl_defaults": ("clip_hard_negatives", {}, hard_negative_clip_loss(a, b, s, beta=1.0, tau_plus=0.1)),
+        "cwcl": ("cwcl", {"weights_from": "text"}, cwcl_loss(a, b, s, cwcl_weights(q))),
+        "cwcl_conditioned": ("cwcl", {"weights_from": "text", "center": True, "sharpness": 4.0},
                              cwcl_loss(a, b, s, cwcl_weights(q, center=True, sharpness=4.0))),
     }
-    for name, (kwargs, expected) in cases.items():
-        out = build_loss(name.removesuffix("_conditioned"), ["image", "text"], **kwargs)(emb, logit_scale=s, frozen_features={"text": q})
-        torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=1e-12, msg=name)
+    for label, (name, kwargs, expected) in cases.items():
+        out = build_loss(name, ["image", "text"], **kwargs)(emb, logit_scale=s, frozen_features={"text": q})
+        torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=1e-12, msg=label)
     out = build_loss("cwcl", ["image", "text"])(emb, logit_scale=s, frozen_features={"image": q})
     assert torch.autograd.grad(out["loss"], (a, q), allow_unused=True)[1] is None
 
@@ -390,6 +392,10 @@ def test_cwcl_objective_errors():
         build_loss("cwcl", ["image", "text"], weights_from="audio")
     with pytest.raises(ConfigError, match="sharpness"):
         build_loss("cwcl", ["image", "text"], sharpness=-1)
+    with pytest.raises(ConfigError, match="weight_sigma"):
+        build_loss("dcl", ["image", "text"], weight_sigma=0)
+    with pytest.raises(ConfigError, match="tau_plus"):
+        build_loss("clip_hard_negatives", ["image", "text"], tau_plus=1.0)
     with pytest.raises(ConfigError, match="label_smoothing"):
         build_loss("clip_plus", ["image", "text"], label_smoothing=1.0)
 
@@ -402,6 +408,7 @@ DIST_CONFIGS = [
     ["clip_hard_negatives", "clip_hard_negatives", {"beta": 0.3}],
     ["clip_plus", "clip_plus", {"label_smoothing": 0.1, "align_weight": 0.5, "uniform_weight": 0.2}],
     ["cwcl_regularised", "cwcl", {"align_weight": 0.3, "uniform_weight": 0.1}],
+    ["dcl_w", "dcl", {"weight_sigma": 0.5}],
     ["cwcl_conditioned", "cwcl", {"weights_from": "image", "center": True, "sharpness": 4.0}],
 ]
 

@@ -175,25 +175,41 @@ def dcl_rows_loss(
     b_all: torch.Tensor,
     logit_scale: Scale,
     row_offset: int = 0,
+    weight_sigma: float | None = None,
 ) -> torch.Tensor:
     """Decoupled contrastive loss (Yeh et al. 2022), symmetric: the positive is removed from each denominator.
 
-    l_i = -s a_i . b_i + log sum_{j != i} exp(s a_i . b_j); L = 1/2 (mean_i l_i^{A->B} + mean_i l_i^{B->A}).
-    Equals CLIP + mean_i log(1 - p_ii) per direction (p = the CLIP softmax); needs N >= 2 columns.
+    l_i = -w_i s a_i . b_i + log sum_{j != i} exp(s a_i . b_j); L = 1/2 (mean_i l_i^{A->B} + mean_i l_i^{B->A}).
+    DCL has w_i = 1: then L = CLIP + mean_i log(1 - p_ii) per direction (p = the CLIP softmax); needs N >= 2 columns.
+    ``weight_sigma`` sigma gives DCL-W, the paper's von Mises-Fisher weighting of the positive term over all N pairs
+    of the (gathered) batch: w_i = 2 - N exp(a_i . b_i / sigma) / sum_k exp(a_k . b_k / sigma) (sigma = 0.5 in the
+    paper; cosines, not logits; with gradient, as in the authors' code), so easy positives (high cosine) weigh
+    less than 1 and hard ones more, with mean 1.
     """
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
     drop_positive = torch.zeros_like(z_ab).masked_fill_(
         positive_mask(*z_ab.shape, row_offset, device=z_ab.device), float("-inf")
     )
-    return 0.5 * (
+    loss = 0.5 * (
         infonce_rows(z_ab, row_offset, log_weights=drop_positive)
         + infonce_rows(z_ba, row_offset, log_weights=drop_positive)
     )
+    if weight_sigma is None:
+        return loss
+    if weight_sigma <= 0:
+        raise ValueError(f"dcl weight_sigma must be > 0, got {weight_sigma}")
+    positives = (a_all * b_all).sum(-1)
+    w = 2.0 - positives.shape[0] * torch.softmax(positives / weight_sigma, dim=0)
+    w_rows = w[row_offset: row_offset + a_rows.shape[0]]
+    # both directions' positive logit is s a_i . b_i: replace its weight 1 by w_i
+    return loss - ((w_rows - 1.0) * logit_scale * (a_rows * b_rows).sum(-1)).mean()
 
 
-def dcl_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale) -> torch.Tensor:
-    """Decoupled contrastive loss over the full batch (see :func:`dcl_rows_loss`)."""
-    return dcl_rows_loss(a, b, a, b, logit_scale)
+def dcl_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, weight_sigma: float | None = None
+) -> torch.Tensor:
+    """Decoupled contrastive loss over the full batch; DCL-W with ``weight_sigma`` (see :func:`dcl_rows_loss`)."""
+    return dcl_rows_loss(a, b, a, b, logit_scale, weight_sigma=weight_sigma)
 
 
 def hard_negative_log_weights(logits: torch.Tensor, beta: float, row_offset: int = 0) -> torch.Tensor:
@@ -209,6 +225,37 @@ def hard_negative_log_weights(logits: torch.Tensor, beta: float, row_offset: int
     return log_w.masked_fill(pos, 0.0)
 
 
+def hcl_rows(
+    logits: torch.Tensor, beta: float, tau_plus: float, logit_scale: Scale, row_offset: int = 0
+) -> torch.Tensor:
+    """One direction of HCL (Robinson et al. 2021) for a ``rows x N`` logits block; mean over rows.
+
+    l_i = -z_ii + log(exp(z_ii) + Ng_i) with the debiased, reweighted estimate of the negatives' mass
+
+        Ng_i = max( (sum_{j != i} w_ij exp(z_ij) - tau_plus (N - 1) exp(z_ii)) / (1 - tau_plus),  (N - 1) e^{-s} )
+
+    w from :func:`hard_negative_log_weights`, tau_plus the class prior of false negatives (Chuang et al. 2020) and
+    (N - 1) e^{-s} the estimate's least possible value (every cosine -1), the clamp of the paper's code. tau_plus = 0
+    is the reweighting alone (no clamp needed: a weighted mean of exp(z) >= e^{-s}); tau_plus = beta = 0 is CLIP.
+    """
+    n_rows, n_cols = logits.shape
+    idx = torch.arange(n_rows, device=logits.device)
+    z_pos = logits[idx, idx + row_offset]
+    log_w = hard_negative_log_weights(logits, beta, row_offset)
+    pos = positive_mask(n_rows, n_cols, row_offset, device=logits.device)
+    log_neg = torch.logsumexp((logits + log_w).masked_fill(pos, float("-inf")), dim=-1)
+    if tau_plus:
+        n_neg = n_cols - 1
+        # Ng = exp(log_neg) (1 - r) / (1 - tau_plus), r = tau_plus (N - 1) exp(z_ii) / sum_j w_ij exp(z_ij)
+        r = tau_plus * n_neg * torch.exp(z_pos - log_neg)
+        positive_estimate = r < 1
+        debiased = log_neg + torch.log1p(-torch.where(positive_estimate, r, 0.0)) - math.log1p(-tau_plus)
+        floor = math.log(n_neg) - logit_scale
+        floor = torch.as_tensor(floor, dtype=logits.dtype, device=logits.device).expand_as(debiased)
+        log_neg = torch.where(positive_estimate, torch.maximum(debiased, floor), floor)
+    return (torch.logaddexp(z_pos, log_neg) - z_pos).mean()
+
+
 def hard_negative_clip_rows_loss(
     a_rows: torch.Tensor,
     b_rows: torch.Tensor,
@@ -217,21 +264,25 @@ def hard_negative_clip_rows_loss(
     logit_scale: Scale,
     beta: float,
     row_offset: int = 0,
+    tau_plus: float = 0.0,
 ) -> torch.Tensor:
-    """Symmetric CLIP whose negatives are reweighted by :func:`hard_negative_log_weights` (HCL without debiasing).
+    """Symmetric HCL: 1/2 [HCL(s A_r B^T) + HCL(s B_r A^T)], each direction :func:`hcl_rows`.
 
-    l_i = -z_ii + log(exp(z_ii) + sum_{j != i} w_ij exp(z_ij)); beta = 0 is CLIP, beta > 0 upweights hard negatives.
+    beta = tau_plus = 0 is CLIP; beta > 0 upweights hard negatives; tau_plus > 0 debiases the negatives for false
+    negatives. HCL's defaults are beta = 1, tau_plus = 0.1 (the registered objective's defaults).
     """
+    if not 0.0 <= tau_plus < 1.0:
+        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
-    return 0.5 * (
-        infonce_rows(z_ab, row_offset, log_weights=hard_negative_log_weights(z_ab, beta, row_offset))
-        + infonce_rows(z_ba, row_offset, log_weights=hard_negative_log_weights(z_ba, beta, row_offset))
-    )
+    return 0.5 * (hcl_rows(z_ab, beta, tau_plus, logit_scale, row_offset)
+                  + hcl_rows(z_ba, beta, tau_plus, logit_scale, row_offset))
 
 
-def hard_negative_clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, beta: float) -> torch.Tensor:
-    """Hard-negative-reweighted CLIP over the full batch (see :func:`hard_negative_clip_rows_loss`)."""
-    return hard_negative_clip_rows_loss(a, b, a, b, logit_scale, beta)
+def hard_negative_clip_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, beta: float, tau_plus: float = 0.0
+) -> torch.Tensor:
+    """HCL over the full batch (see :func:`hard_negative_clip_rows_loss`)."""
+    return hard_negative_clip_rows_loss(a, b, a, b, logit_scale, beta, tau_plus=tau_plus)
 
 
 # ------------------------------------------------------------------------------- alignment / uniformity (regularisers)
@@ -438,22 +489,36 @@ class ClipPlusObjective(PairwiseVariantObjective):
 
 @register_loss("dcl")
 class DclObjective(PairwiseVariantObjective):
-    """Decoupled contrastive loss (positive removed from the denominators); mean over pairs of modalities."""
+    """Decoupled contrastive loss (positive removed from the denominators); mean over pairs of modalities.
+    ``weight_sigma`` (e.g. the paper's 0.5) turns it into DCL-W (see :func:`dcl_rows_loss`)."""
+
+    def __init__(self, modalities: list[str], weight_sigma: float | None = None, **regularisers: float):
+        super().__init__(modalities, **regularisers)
+        if weight_sigma is not None and not weight_sigma > 0:
+            raise ConfigError(f"dcl: weight_sigma must be > 0 (or null for plain DCL), got {weight_sigma}")
+        self.weight_sigma = None if weight_sigma is None else float(weight_sigma)
 
     def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return dcl_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, row_offset)
+        return dcl_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, row_offset, self.weight_sigma)
 
 
 @register_loss("clip_hard_negatives")
 class HardNegativeClipObjective(PairwiseVariantObjective):
-    """CLIP with HCL hard-negative reweighting of strength ``beta`` (0 = CLIP)."""
+    """HCL (Robinson et al. 2021): hard-negative reweighting of strength ``beta`` and false-negative debiasing with
+    class prior ``tau_plus``; the defaults are the paper's code's (beta = 1, tau_plus = 0.1), beta = tau_plus = 0 is
+    CLIP. See :func:`hcl_rows`."""
 
-    def __init__(self, modalities: list[str], beta: float = 0.5, **regularisers: float):
+    def __init__(self, modalities: list[str], beta: float = 1.0, tau_plus: float = 0.1, **regularisers: float):
         super().__init__(modalities, **regularisers)
+        if beta < 0 or not 0.0 <= tau_plus < 1.0:
+            raise ConfigError(f"clip_hard_negatives: beta must be >= 0 and tau_plus in [0, 1), got beta={beta}, "
+                              f"tau_plus={tau_plus}")
         self.beta = float(beta)
+        self.tau_plus = float(tau_plus)
 
     def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return hard_negative_clip_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, self.beta, row_offset)
+        return hard_negative_clip_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, self.beta, row_offset,
+                                            self.tau_plus)
 
 
 @register_loss("cwcl")
