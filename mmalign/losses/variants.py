@@ -8,9 +8,10 @@ positive is column ``row_offset + i``,
 
 and returns the mean over rows. t are the targets (one-hot positives unless given: CWCL passes its soft targets),
 eps is label smoothing, and w are weights on the terms of the denominator, given as log w (-inf drops a term: DCL;
-exp(beta z) on negatives: HCL). With t one-hot, eps = 0 and w = 1 it is ``F.cross_entropy(z, arange + row_offset)``,
-i.e. one direction of CLIP. The ``*_rows_loss`` functions compute both directions for a block of local rows against
-all (gathered) columns, as in :mod:`.pairwise`; the plain functions are the same with every row local.
+exp(beta z) on negatives: HCL; only HCL's debiasing, which subtracts the positive's mass, is computed beside it).
+With t one-hot, eps = 0 and w = 1 it is ``F.cross_entropy(z, arange + row_offset)``, i.e. one direction of CLIP. The
+``*_rows_loss`` functions compute both directions for a block of local rows against all (gathered) columns, as in
+:mod:`.pairwise`; the plain functions are the same with every row local.
 
 The registered objectives at the end of the module (``cwcl``, ``dcl``, ``clip_hard_negatives``, ``clip_plus``) share
 one forward (:class:`PairwiseVariantObjective`) that gathers columns with gradient, evaluates the variant on the local
@@ -99,9 +100,9 @@ def cwcl_weights(
       identity as gamma grows.
 
     ``q`` (B x D_q) is detached, so the weights carry no gradient; w_ij lies in [0, 1] and w_ii = 1 (unless centring
-    puts q_i exactly at the mean). ``columns``: the (gathered) features of all columns, for a ``rows x N`` block of local rows;
-    default ``q`` itself (B x B). The mean mu always comes from the columns, so a block of rows equals the same rows
-    of the full matrix.
+    puts q_i exactly at the mean). ``columns``: the (gathered) features of all columns, for a ``rows x N`` block of
+    local rows; default ``q`` itself (B x B). The mean mu always comes from the columns, so a block of rows equals
+    the same rows of the full matrix.
     """
     if sharpness <= 0:
         raise ValueError(f"cwcl sharpness must be > 0, got {sharpness}")
@@ -238,21 +239,21 @@ def hcl_rows(
     (N - 1) e^{-s} the estimate's least possible value (every cosine -1), the clamp of the paper's code. tau_plus = 0
     is the reweighting alone (no clamp needed: a weighted mean of exp(z) >= e^{-s}); tau_plus = beta = 0 is CLIP.
     """
+    log_w = hard_negative_log_weights(logits, beta, row_offset)
+    if not tau_plus:
+        return infonce_rows(logits, row_offset, log_weights=log_w)
+    # The debiased estimate subtracts the positive's mass, which no log-weight can express: computed in log space.
     n_rows, n_cols = logits.shape
     idx = torch.arange(n_rows, device=logits.device)
     z_pos = logits[idx, idx + row_offset]
-    log_w = hard_negative_log_weights(logits, beta, row_offset)
     pos = positive_mask(n_rows, n_cols, row_offset, device=logits.device)
     log_neg = torch.logsumexp((logits + log_w).masked_fill(pos, float("-inf")), dim=-1)
-    if tau_plus:
-        n_neg = n_cols - 1
-        # Ng = exp(log_neg) (1 - r) / (1 - tau_plus), r = tau_plus (N - 1) exp(z_ii) / sum_j w_ij exp(z_ij)
-        r = tau_plus * n_neg * torch.exp(z_pos - log_neg)
-        positive_estimate = r < 1
-        debiased = log_neg + torch.log1p(-torch.where(positive_estimate, r, 0.0)) - math.log1p(-tau_plus)
-        floor = math.log(n_neg) - logit_scale
-        floor = torch.as_tensor(floor, dtype=logits.dtype, device=logits.device).expand_as(debiased)
-        log_neg = torch.where(positive_estimate, torch.maximum(debiased, floor), floor)
+    # Ng = exp(log_neg) (1 - r) / (1 - tau_plus), r = tau_plus (N - 1) exp(z_ii) / sum_j w_ij exp(z_ij)
+    r = tau_plus * (n_cols - 1) * torch.exp(z_pos - log_neg)
+    positive_estimate = r < 1
+    debiased = log_neg + torch.log1p(-torch.where(positive_estimate, r, 0.0)) - math.log1p(-tau_plus)
+    floor = torch.as_tensor(math.log(n_cols - 1) - logit_scale, dtype=logits.dtype, device=logits.device)
+    log_neg = torch.where(positive_estimate, torch.maximum(debiased, floor), floor.expand_as(debiased))
     return (torch.logaddexp(z_pos, log_neg) - z_pos).mean()
 
 
