@@ -76,6 +76,8 @@ def test_java_tokenizer_gives_the_recorded_tokens_and_the_port_agrees():
     assert tokenizer == TOKENIZER_JAVA
     assert tokens[:len(PTB_CASES)] == [t.split(" ") for _, t in PTB_CASES]
     assert tokens == [tokenize_caption(s) for s in sentences]
+    # one caption per line whatever it holds: empty captions and line breaks do not shift the others
+    assert coco_tokenize(["", "a\u2028b c\r\nd", "...", "the end"])[0] == [[], ["a", "b", "c", "d"], [], ["the", "end"]]
     # the same as pycocoevalcap's own wrapper (which runs the jar on a temporary file), split on whitespace as its
     # scorers split it ("3 1/2" comes out joined by a no-break space)
     theirs = PTBTokenizer().tokenize({i: [{"caption": s}] for i, s in enumerate(sentences)})

@@ -104,12 +104,13 @@ def coco_tokenize(captions: Sequence[str]) -> tuple[list[list[str]], str]:
     """Tokenise captions as coco-caption does: ``(tokens per caption, tokenizer name)``.
 
     With Java and ``pycocoevalcap`` installed, one run of its Stanford PTB tokenizer (``-preserveLines -lowerCase``,
-    line breaks inside a caption become spaces) and coco-caption's punctuation filter: ``TOKENIZER_JAVA``.
+    line breaks inside a caption become spaces; an empty caption gives no tokens) and coco-caption's punctuation
+    filter: ``TOKENIZER_JAVA``.
     Otherwise, or if that run fails, :func:`tokenize_caption` (``TOKENIZER_PYTHON``).
     """
     jar = _coco_jar("tokenizer/stanford-corenlp-3.4.1.jar")
     if jar is not None and captions:
-        lines = [re.sub(r"[\r\n]", " ", c) for c in captions]
+        lines = [re.sub(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", " ", c) for c in captions]  # one caption per line
         try:
             run = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
                                   "-lowerCase"], input="\n".join(lines).encode(), capture_output=True, check=True,
