@@ -13,14 +13,16 @@ install: $(STAMP)
 # for matching torch releases).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,coco]"
 	touch $(STAMP)
 
 # Debian packages, installed only when missing: espeak-ng (the demos synthesise speech with it), chromium
-# (a test renders the HTML run report headless), emoji glyphs and names (the CWCL demo's images and captions).
+# (a test renders the HTML run report headless), a Java runtime (coco-caption's PTB tokenizer and METEOR, shipped
+# by pycocoevalcap), emoji glyphs and names (the CWCL demo's images and captions).
 SYSDEPS := espeak-ng chromium
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	command -v java >/dev/null || missing="$$missing default-jre-headless"; \
 	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf -a -f /usr/share/unicode/emoji/emoji-test.txt || \
 		(apt-get update -q && apt-get install -y -q fonts-noto-color-emoji unicode-data)
