@@ -1,4 +1,4 @@
-"""The loss benchmark's quick mode runs in-process on tiny sizes and writes well-formed results sections."""
+"""The benchmarks' quick modes run on tiny sizes and write well-formed results sections."""
 import json
 
 from benchmarks import bench_losses
@@ -18,7 +18,9 @@ def test_quick_bench_writes_results(tmp_path):
         assert r["status"] == "ok" and r["time_s"] > 0 and r["peak_mb"] is not None
         assert r["time_vs_open_clip"] > 0
     md = (tmp_path / "results.md").read_text()
-    assert "## losses_cpu_quick" in md and "| B | method | time (s)" in md and "chunked_clip_loss" in md
+    assert {r["block"] for r in meas if "chunked" in r["method"]} == {64, 128}  # one block at these sizes
+    assert "## losses_cpu_quick" in md and "| B | method | block | time (s)" in md
+    assert "chunked_clip_loss" in md and "chunked_siglip_loss" in md
 
 
 def test_update_results_keeps_other_sections(tmp_path):
