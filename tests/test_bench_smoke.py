@@ -45,12 +45,18 @@ def test_quick_data_bench_compares_both_loaders(tmp_path):
     section, md = _section(tmp_path, "data_cpu_quick")
     rows = section["rows"]
     passes = [r for r in rows if r["kind"] == "pass"]
-    assert {r["method"] for r in passes} == set(bench_data.METHODS) and len(passes) == 4
-    assert all(r["samples"] == 128 and r["skipped"] == 0 and r["samples_per_s"] > 0 for r in passes)
-    summary = {r["method"]: r for r in rows if r["kind"] == "summary"}
-    assert all(s["samples_per_s"] > 0 and s["samples_per_cpu_s"] > 0 for s in summary.values())
-    assert next(r for r in rows if r["kind"] == "ratio")["ratio"] > 0
+    assert {r["method"] for r in passes} == set(bench_data.METHODS) and len(passes) == 4 * len(bench_data.DATASETS)
+    quick_samples = {name: spec["samples"][1] for name, spec in bench_data.DATASETS.items()}
+    assert all(r["samples"] == quick_samples[r["dataset"]] and r["skipped"] == 0 and r["samples_per_s"] > 0
+               for r in passes)
+    summary = [r for r in rows if r["kind"] == "summary"]
+    assert len(summary) == 2 * len(bench_data.DATASETS)
+    assert all(s["samples_per_s"] > 0 and s["samples_per_cpu_s"] > 0 for s in summary)
+    ratios = {r["dataset"]: r for r in rows if r["kind"] == "ratio"}
+    assert set(ratios) == set(bench_data.DATASETS) and all(r["ratio"] > 0 and r["cpu_ratio"] > 0
+                                                           for r in ratios.values())
     assert "## data_cpu_quick" in md and "| mmalign |" in md and "| webdataset |" in md
+    assert "jpeg: 32 JPEGs of 256-512 px" in md
 
 
 def test_quick_train_step_bench_times_both_loops(tmp_path):
