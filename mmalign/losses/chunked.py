@@ -186,6 +186,14 @@ def _softmax_stats(
     return row_lse, col_lse, t_row, t_col
 
 
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` for the first term of a blockwise sum (no zero fill), ``out += a @ b`` for the others."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
 def _softmax_grads(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -198,8 +206,8 @@ def _softmax_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(G @ k, G^T @ q) for G = (P - T_r) + col_ratio (Q - T_c), recomputing each block of z = scale q k^T."""
     n_rows, n_cols = q.shape[0], k.shape[0]
-    grad_q = torch.zeros_like(q)
-    grad_k = torch.zeros_like(k)
+    grad_q = torch.empty_like(q)
+    grad_k = torch.empty_like(k)
     size = min(chunk, n_rows) * min(chunk, n_cols)
     buf_z, buf_g = q.new_empty(size), q.new_empty(size)
     for i0, i1 in _blocks(n_rows, chunk):
@@ -211,8 +219,8 @@ def _softmax_grads(
             z = torch.mm(qs_i, k_j.T, out=buf_z[: shape[0] * shape[1]].view(shape))
             g = _block_grad(z, buf_g[: shape[0] * shape[1]].view(shape), row_lse[i0:i1],
                             None if col_lse is None else col_lse[j0:j1], col_ratio, targets, i0, j0)
-            grad_q[i0:i1].addmm_(g, k_j)
-            grad_k[j0:j1].addmm_(g.T, q_i)
+            _accumulate_mm(grad_q[i0:i1], g, k_j, first=j0 == 0)
+            _accumulate_mm(grad_k[j0:j1], g.T, q_i, first=i0 == 0)
     return grad_q, grad_k
 
 
@@ -315,7 +323,7 @@ class _ChunkedSigmoid(torch.autograd.Function):
         n_rows, n_cols = q.shape[0], k.shape[0]
         total = q32.new_zeros(())
         if want_grads:
-            g_q, g_k, g_bias = torch.zeros_like(q32), torch.zeros_like(k32), q32.new_zeros(())
+            g_q, g_k, g_bias = torch.empty_like(q32), torch.empty_like(k32), q32.new_zeros(())
         buf = q32.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
         for i0, i1 in _blocks(n_rows, chunk):
             q_i = q32[i0:i1]
@@ -323,7 +331,7 @@ class _ChunkedSigmoid(torch.autograd.Function):
             for j0, j1 in _blocks(n_cols, chunk):
                 k_j = k32[j0:j1]
                 shape = (i1 - i0, j1 - j0)
-                z = torch.mm(qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape)).add_(bias)
+                z = torch.addmm(bias, qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape))
                 t = targets.dot(z, i0, j0)
                 if t is not None:
                     total -= t[0]
@@ -332,8 +340,8 @@ class _ChunkedSigmoid(torch.autograd.Function):
                     g = z.sigmoid_()
                     targets.subtract_(g, i0, j0, 1.0, 0.0)
                     g_bias += g.sum()
-                    g_q[i0:i1].addmm_(g, k_j)
-                    g_k[j0:j1].addmm_(g.T, q_i)
+                    _accumulate_mm(g_q[i0:i1], g, k_j, first=j0 == 0)
+                    _accumulate_mm(g_k[j0:j1], g.T, q_i, first=i0 == 0)
         if want_grads:
             ctx.save_for_backward(q32, s, g_q, g_k, g_bias)
         ctx.n_rows, ctx.scale_shape, ctx.bias_shape = n_rows, logit_scale.shape, logit_bias.shape
