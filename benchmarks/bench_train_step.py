@@ -118,6 +118,7 @@ class TimedLoader:
 def run_mmalign(data: dict, batch_size: int, steps: int, run_dir: Path, clock: StepClock) -> dict:
     """``mmalign.train.train`` on the tiny open_clip towers (its batch stream timed); returns parameter counts."""
     import mmalign.train
+    from mmalign.build import build_model
     from mmalign.config import load_config
 
     cfg = load_config(base={
@@ -136,7 +137,7 @@ def run_mmalign(data: dict, batch_size: int, steps: int, run_dir: Path, clock: S
     with mock.patch.object(mmalign.train, "batch_stream", lambda *a, **kw: clock.timed(original(*a, **kw))), \
             clock.recording():
         mmalign.train.train(cfg)
-    return param_counts(mmalign.train.build_model(cfg))
+    return param_counts(build_model(cfg))
 
 
 def param_counts(model) -> dict:

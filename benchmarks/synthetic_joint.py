@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmalign.losses import build_loss, gram_volume
+from mmalign.losses import AlignmentOutput, build_loss, gram_volume
 
 log = logging.getLogger("benchmarks.synthetic_joint")
 
@@ -144,7 +144,7 @@ def train_and_eval(objective: str, settings: Settings, seed: int) -> dict[str, f
     loss = torch.tensor(float("nan"))
     for _ in range(settings.steps):
         inputs, _bits = data.sample(settings.batch_size)
-        loss = loss_fn(model(inputs), logit_scale=model.logit_scale())["loss"]
+        loss = loss_fn(AlignmentOutput(model(inputs)), logit_scale=model.logit_scale())["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -12,29 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, MMAlignError
+from .errors import MMAlignError
 
 log = logging.getLogger("mmalign")
-
-
-def resolve_model_dir(path: str) -> Path:
-    """A saved model folder, a run directory (its ``model/``), or a run's newest checkpoint."""
-    p = Path(path)
-    for candidate in (p, p / "model"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    from .train import checkpoint_dirs
-
-    checkpoints = checkpoint_dirs(p)
-    if checkpoints:
-        return checkpoints[-1] / "model"
-    raise ConfigError(f"no model found at {path} (expected a saved model, a run directory or its checkpoints)")
-
-
-def load_model(path: str):
-    from .model import AlignmentModel
-
-    return AlignmentModel.from_pretrained(resolve_model_dir(path))
 
 
 def emit(result: dict) -> None:
@@ -55,6 +35,7 @@ def cmd_train(args) -> dict:
 
 def cmd_eval(args) -> dict:
     from .eval.runner import evaluate_retrieval, evaluate_zeroshot
+    from .rundir import load_model
 
     model = load_model(args.model)
     if args.what == "zeroshot":
@@ -66,6 +47,7 @@ def cmd_eval(args) -> dict:
 def cmd_caption(args) -> dict:
     from .config import GenerationConfig, validate_generation
     from .eval.runner import evaluate_captions
+    from .rundir import load_model
 
     gen = GenerationConfig(
         strategy=args.strategy, num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
@@ -84,6 +66,7 @@ def cmd_data(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .export import export_model
+    from .rundir import load_model
 
     return export_model(load_model(args.model), args.to, args.format)
 

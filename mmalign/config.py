@@ -1,8 +1,8 @@
 """Typed configuration: dataclasses loaded from a recipe YAML plus ``--set key=value`` overrides.
 
 Unknown keys are rejected with the closest valid key suggested; required keys that are missing are named.
-Modality sections are typed per modality kind (``ImageConfig``, ``TextConfig``, ...), registered by the modality
-files through ``register_modality_config``.
+Modality sections are typed per modality kind (``ImageConfig``, ``TextConfig``, ...), the dataclasses of
+``modality_config``: plain data, so loading a recipe imports no modality code.
 """
 from __future__ import annotations
 
@@ -17,48 +17,9 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from .errors import ConfigError, closest
+from .modality_config import MODALITY_CONFIGS, ModalityConfig
 
 MISSING_REQUIRED = "???"  # marker default for keys a recipe must set
-
-
-@dataclass
-class LoraConfig:
-    """LoRA (Hu et al. 2021) on a tower via ``peft``: W x + (alpha / r) B A x, with the tower's own weights frozen."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    # module names (suffixes, as peft matches them) or one regex; default: every linear layer and multi-head
-    # attention inside the tower's block stack (attention and MLP)
-    target_modules: Optional[Union[list, str]] = None
-
-
-@dataclass
-class ModalityConfig:
-    """What every modality section has: which tower, how it is projected, whether it trains."""
-
-    kind: str = ""  # modality kind (registry key); defaults to the section name when that is a known kind
-    tower: str = ""  # tower builder within the kind, e.g. "small_cnn", "open_clip", "timm", "hf"
-    model: Optional[str] = None  # architecture name, hub name or local folder (tower-specific)
-    pretrained: Optional[str] = None  # checkpoint: open_clip tag, local file; None = from scratch (or hub weights for hf)
-    init: str = "pretrained"  # "pretrained" loads weights where the tower has them, "scratch" builds the architecture only
-    tower_kwargs: dict = field(default_factory=dict)
-    proj: str = "linear"  # "linear" | "mlp" | "none"
-    proj_hidden: Optional[int] = None
-    lock: bool = False  # LiT: freeze the tower
-    unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
-    unlock_norms: bool = False  # with lock: keep normalisation layers trainable
-    cache_frozen: bool = False  # cache a fully locked tower's features per distinct input (e.g. repeated captions)
-    lora: Optional[LoraConfig] = None  # parameter-efficient fine-tuning: train LoRA adapters instead of the tower
-    trust_remote_code: bool = False
-    optional: bool = False  # samples may lack it: batches carry "<name>__present", the model a learned missing embedding
-
-
-MODALITY_CONFIGS: dict[str, type[ModalityConfig]] = {}
-
-
-def register_modality_config(kind: str, cls: type[ModalityConfig]) -> None:
-    MODALITY_CONFIGS[kind] = cls
 
 
 @dataclass
@@ -98,7 +59,7 @@ class ModelConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     embed_dim: int = 256
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
-    logit_bias: bool = False  # set automatically when the loss needs it
+    logit_bias: bool = False  # set for a run whose loss needs it (``build.resolve_model_config``)
     nway_score: Optional[str] = None  # how a tuple of modalities scores a candidate (mip | volume | cosine); from the loss
     caption: Optional[CaptionConfig] = None  # CoCa: contrastive + captioning
 
@@ -276,8 +237,6 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _modality_from_dict(value: Any, where: str) -> ModalityConfig:
-    from . import modalities  # noqa: F401  (registers the modality kinds and their configs)
-
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     section = where.rsplit(".", 1)[-1]
@@ -287,8 +246,7 @@ def _modality_from_dict(value: Any, where: str) -> ModalityConfig:
             f"{where}: unknown modality kind {kind!r}{closest(kind, MODALITY_CONFIGS)}; "
             f"set 'kind' to one of: {', '.join(sorted(MODALITY_CONFIGS))}"
         )
-    cfg = from_dict(MODALITY_CONFIGS[kind], {**value, "kind": kind}, where)
-    return cfg
+    return from_dict(MODALITY_CONFIGS[kind], {**value, "kind": kind}, where)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -381,12 +339,6 @@ def validate(cfg: Config, source: str = "config") -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
-    if cfg.model.nway_score is not None:
-        from .eval.nway import NWAY_SCORES
-
-        if cfg.model.nway_score not in NWAY_SCORES:
-            raise ConfigError(f"{source}: model.nway_score must be one of {', '.join(sorted(NWAY_SCORES))}"
-                              f"{closest(cfg.model.nway_score, NWAY_SCORES)}")
     for name, m in cfg.model.modalities.items():
         if m.proj not in ("linear", "mlp", "none"):
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")

@@ -56,13 +56,6 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def local_rows(global_batch: int, local_batch: int) -> slice:
-    """Rows of the gathered batch that belong to this rank (ranks gather in rank order)."""
-    start = rank() * local_batch
-    assert start + local_batch <= global_batch, "local batch does not fit in the gathered batch"
-    return slice(start, start + local_batch)
-
-
 def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
     """Element-wise sums of ``values`` over all ranks (``values`` itself on one process); every rank must call it."""
     if not is_distributed():

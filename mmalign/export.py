@@ -48,8 +48,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .io import atomic_dir, write_json
-from .modalities.audio import HFAudioTower
-from .modalities.hf import HFDualEncoderTower
+from .modalities import TOWERS
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ EXPORT_INFO = "mmalign_export.json"
 HEADS_NAME = "heads.safetensors"
 ACTIVATIONS = {"GELU": "gelu", "GELUActivation": "gelu", "ReLU": "relu", "SiLU": "silu", "Tanh": "tanh",
                "QuickGELUActivation": "quick_gelu"}
-AUDIO_POOLING = {"ast": "pooler_output", "clap": "audio_embeds"}  # HFAudioTower family -> output; others: "mean"
 
 
 def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
@@ -130,13 +128,20 @@ def export_hf(model, out: Path) -> dict:
     return {"layout": "dual", "class": type(dual).__name__, "modalities": preprocessing}
 
 
+def writers(model, fmt: str) -> dict:
+    """Modality name -> its tower spec's writer for ``fmt`` (modalities whose tower has one)."""
+    specs = {name: model.modalities[name].spec for name in model.adapters}
+    return {name: spec.export[fmt] for name, spec in specs.items() if fmt in spec.export}
+
+
 def dual_encoder(model):
     """The HF dual-encoder model equal to ``model``, or the reason there is none (a string)."""
     from transformers import AutoModel
 
-    towers = {name: a.tower for name, a in model.adapters.items()}
-    if not all(isinstance(t, HFDualEncoderTower) for t in towers.values()):
+    parts = writers(model, "hf_dual")
+    if len(parts) != len(model.adapters):
         return "not every tower is hf_clip"
+    towers = {name: write(model.adapters[name].tower) for name, write in parts.items()}
     first = next(iter(towers.values()))
     if len({architecture(t.model.config) for t in towers.values()}) > 1:
         return "the hf_clip towers come from different checkpoints"
@@ -183,43 +188,30 @@ def architecture(config) -> str:
 
 
 def export_hf_towers(model, out: Path) -> dict:
-    from transformers import PreTrainedModel
-    import transformers
-
-    from .modalities.text import HFTextTower
-
     tensors: dict[str, torch.Tensor] = {}
     modalities: dict[str, Any] = {}
+    hf = writers(model, "hf")
     for name, adapter in model.adapters.items():
-        tower, head = adapter.tower, head_layers(adapter.proj)
-        if isinstance(tower, HFDualEncoderTower):
-            encoder = getattr(tower.model, tower.encoder_name)
-            if isinstance(encoder, PreTrainedModel):
-                single = encoder
-            else:
-                cls_name = type(tower.sub_config).__name__.replace("Config", "Model")
-                single = getattr(transformers, cls_name)(tower.sub_config)
-                getattr(single, tower.encoder_name).load_state_dict(encoder.state_dict())
-            if tower.projection_name:
-                head = head_layers(getattr(tower.model, tower.projection_name)) + head
-            pooling = "pooler_output"
-        elif isinstance(tower, HFTextTower):
-            single, pooling = tower.model, tower.pooling
-        elif isinstance(tower, HFAudioTower):
-            single, pooling = tower.model, AUDIO_POOLING.get(tower.family, "mean")
-        else:
+        if name not in hf:
             cfg = model.config.modalities[name]
-            raise ConfigError(f"modality {name!r}: export hf writes HF towers (text hf/hf_clip, image hf_clip, "
-                              f"audio hf/hf_clip), not the {cfg.kind} tower {cfg.tower!r} "
-                              "(open_clip towers: --format open_clip)")
-        single.save_pretrained(out / name)
-        modalities[name] = {"folder": name, "class": type(single).__name__, "module": module_of(single),
-                            "pooling": pooling, "head": describe_head(name, head, tensors)}
+            raise ConfigError(f"modality {name!r}: export hf writes HF towers ({towers_with('hf')}), not the "
+                              f"{cfg.kind} tower {cfg.tower!r} (open_clip towers: --format open_clip)")
+        part = hf[name](adapter.tower)
+        head = [layer for module in part.head for layer in head_layers(module)] + head_layers(adapter.proj)
+        part.model.save_pretrained(out / name)
+        modalities[name] = {"folder": name, "class": type(part.model).__name__, "module": module_of(part.model),
+                            "pooling": part.pooling, "head": describe_head(name, head, tensors)}
     preprocessing = save_preprocessors(model, out, list(model.adapters), per_modality=True)
     for name in modalities:
         modalities[name].update(preprocessing[name])
     save_file(tensors, str(out / HEADS_NAME))
     return {"layout": "towers", "heads": HEADS_NAME, "modalities": modalities}
+
+
+def towers_with(fmt: str) -> str:
+    """The registered towers a format exports, by kind: "text hf/hf_clip, image hf_clip, ..."."""
+    kinds = {kind: "/".join(n for n, spec in towers.items() if fmt in spec.export) for kind, towers in TOWERS.items()}
+    return ", ".join(f"{kind} {names}" for kind, names in kinds.items() if names)
 
 
 def module_of(net: nn.Module) -> str:
@@ -235,34 +227,8 @@ def save_preprocessors(model, out: Path, names: list[str], per_modality: bool = 
     info = {}
     for name in names:
         m = model.modalities[name]
-        folder = out / name if per_modality else out
-        info[name] = {"kind": m.kind}
-        if m.kind == "text":
-            m.tokenizer.save_pretrained(folder)
-            info[name].update(max_length=m.max_length, padding=m.cfg.padding, long_text=m.cfg.long_text,
-                              window_overlap=m.cfg.window_overlap)
-        elif m.kind == "image":
-            image_processor(m.cfg).save_pretrained(folder)
-            info[name].update(image_size=m.cfg.image_size, mean=m.cfg.mean, std=m.cfg.std,
-                              resize_mode=m.cfg.resize_mode, interpolation=m.cfg.interpolation)
-        elif m.kind == "audio":  # only HF audio towers export, and they all come with a feature extractor
-            m.features.extractor.save_pretrained(folder)
-            info[name].update(sample_rate=m.rate, clip_seconds=m.cfg.clip_seconds, eval_crop=m.cfg.eval_crop,
-                              eval_windows=m.cfg.eval_windows)
+        info[name] = {"kind": m.kind, **m.save_hf_preprocessor(out / name if per_modality else out)}
     return info
-
-
-def image_processor(cfg):
-    """An HF image processor doing what the image modality's eval transform does."""
-    from transformers import CLIPImageProcessor
-
-    size, resample = cfg.image_size, {"nearest": 0, "bilinear": 2, "bicubic": 3}[cfg.interpolation]
-    common = {"image_mean": list(cfg.mean), "image_std": list(cfg.std), "resample": resample}
-    if cfg.resize_mode == "squash":
-        return CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False, **common)
-    if cfg.resize_mode == "longest":
-        log.warning("HF image processors cannot letterbox (resize_mode longest): the exported one centre-crops")
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **common)
 
 
 # ------------------------------------------------------------------------------------------------ open_clip
@@ -298,24 +264,19 @@ def fold_into(state: dict, key: str, head: nn.Module) -> None:
 def export_open_clip(model, out: Path) -> dict:
     import open_clip
 
-    from .modalities.image import OpenClipVisual
-    from .modalities.text import OpenClipText
-
-    images = [n for n, a in model.adapters.items() if isinstance(a.tower, OpenClipVisual)]
-    texts = [n for n, a in model.adapters.items() if isinstance(a.tower, OpenClipText)]
+    parts = {name: write(model.adapters[name].tower) for name, write in writers(model, "open_clip").items()}
+    images = [n for n, p in parts.items() if p.part == "image"]
+    texts = [n for n, p in parts.items() if p.part == "text"]
     if len(images) != 1 or len(texts) != 1 or len(model.adapters) != 2:
         raise ConfigError("export open_clip needs exactly one open_clip image tower and one open_clip text tower")
-    image, text = model.adapters[images[0]], model.adapters[texts[0]]
-    if image.tower.model_name != text.tower.model_name:
+    image, text = parts[images[0]], parts[texts[0]]
+    if image.model_name != text.model_name:
         raise ConfigError(f"export open_clip: the towers are different architectures "
-                          f"({image.tower.model_name} vs {text.tower.model_name})")
-    model_cfg = copy.deepcopy(open_clip_model_cfg(image.tower.model_name))
-    state = {f"visual.{k}": v for k, v in image.tower.visual.state_dict().items()}
-    state.update(text.tower.model.state_dict())
-    visual_proj = "visual.proj" if "visual.proj" in state else (
-        "visual.attnpool.c_proj" if "visual.attnpool.c_proj.weight" in state else "visual.head.proj")
-    fold_into(state, visual_proj, image.proj)
-    fold_into(state, "text_projection", text.proj)
+                          f"({image.model_name} vs {text.model_name})")
+    model_cfg = copy.deepcopy(open_clip_model_cfg(image.model_name))
+    state = {**image.state, **text.state}
+    fold_into(state, image.projection, model.adapters[images[0]].proj)
+    fold_into(state, text.projection, model.adapters[texts[0]].proj)
     model_cfg["embed_dim"] = model.config.embed_dim
     state["logit_scale"] = model.log_logit_scale.detach().reshape(state["logit_scale"].shape).clone()
     if "logit_bias" in state and model.logit_bias is not None:

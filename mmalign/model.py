@@ -19,10 +19,10 @@ from torch import nn
 from .config import GenerationConfig, ModelConfig, from_dict, to_dict
 from .errors import ConfigError
 from .heads.generation import generate
-from .losses.caption import caption_inputs
 from .io import atomic_dir, write_json
-from .modalities import Modality, ModalityAdapter, build_modality
-from .modalities.base import merge_lora
+from .losses.caption import caption_targets
+from .losses.contract import AlignmentOutput
+from .modalities import Modality, ModalityAdapter, build_modality, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -70,38 +70,34 @@ class AlignmentModel(nn.Module):
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(self.adapters)}")
         return self.adapters[name](inputs, present=present)
 
-    def forward(self, batch: dict[str, Any], loss_inputs: bool = False, features: Collection[str] = ()):
-        """Normalised embeddings for every modality of the model that the batch carries.
+    def forward(self, batch: dict[str, Any], features: Collection[str] = ()) -> AlignmentOutput:
+        """Normalised embeddings for every modality of the model that the batch carries, as one ``AlignmentOutput``.
 
-        With ``loss_inputs``: ``(embeddings, keyword arguments for the objective)``; for a captioning model whose
-        batch carries both the captioned modality and the text, these are the caption logits, labels and pad id
-        (``losses.caption.caption_inputs``), and both embeddings come from the same passes as the logits. The
-        towers of the modalities named in ``features`` also give their outputs before projection, from the same
-        pass, as ``frozen_features`` (e.g. a frozen text tower's features for CWCL's soft targets; a locked tower
-        computes them without gradient, from its cache when enabled). Presence masks in the batch
-        (``<name>__present``) give absent items the modality's learned missing embedding.
+        Presence masks in the batch (``<name>__present``) give absent items the modality's learned missing
+        embedding; the output carries the masks of the optional modalities. The towers of the modalities named in
+        ``features`` also give their outputs before projection, from the same pass, as ``frozen_features`` (e.g. a
+        frozen text tower's features for CWCL's soft targets; a locked tower computes them without gradient, from
+        its cache when enabled). For a captioning model whose batch carries both the captioned modality and the
+        text, both embeddings come from the passes that give the caption logits and targets (``caption``).
         """
         cap = self.config.caption
-        captioning = loss_inputs and cap is not None and cap.context in batch and cap.text in batch
-        pair = (cap.context, cap.text) if captioning else ()
-        with_features = [name for name in features if name in batch] if loss_inputs else []
-        out = {name: adapter(batch[name], present=batch.get(f"{name}__present"))
-               for name, adapter in self.adapters.items()
-               if name in batch and name not in pair and name not in with_features}
-        if not loss_inputs:
-            return out
-        extras: dict[str, Any] = {}
-        if with_features:
-            extras["frozen_features"] = {}
-            for name in with_features:
-                out[name], extras["frozen_features"][name] = self.adapters[name](
-                    batch[name], return_features=True, present=batch.get(f"{name}__present"))
-        if captioning:
-            out[cap.context], context = self.adapters[cap.context].embed_with_context(batch[cap.context])
+        pair = (cap.context, cap.text) if cap is not None and cap.context in batch and cap.text in batch else ()
+        embeddings, frozen = {}, {}
+        for name, adapter in self.adapters.items():
+            if name not in batch or name in pair:
+                continue
+            present = batch.get(f"{name}__present")
+            if name in features:
+                embeddings[name], frozen[name] = adapter(batch[name], return_features=True, present=present)
+            else:
+                embeddings[name] = adapter(batch[name], present=present)
+        caption = None
+        if pair:
+            embeddings[cap.context], context = self.adapters[cap.context].embed_with_context(batch[cap.context])
             text = batch[cap.text]
-            out[cap.text], logits = self.adapters[cap.text].caption(text, context)
-            extras.update(caption_inputs(logits, text["input_ids"], text["attention_mask"]))
-        return out, extras
+            embeddings[cap.text], logits = self.adapters[cap.text].caption(text, context)
+            caption = caption_targets(logits, text["input_ids"], text["attention_mask"])
+        return AlignmentOutput(embeddings, self.presence(batch), frozen, caption)
 
     @torch.no_grad()
     def generate_captions(self, inputs: Any, generation: GenerationConfig | None = None,
@@ -133,7 +129,7 @@ class AlignmentModel(nn.Module):
         return tok.decode(ids)
 
     def presence(self, batch: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """The batch's presence masks of the optional modalities (what the objectives take as ``present=``).
+        """The batch's presence masks of the optional modalities (``AlignmentOutput.present``).
 
         None when no modality is optional; which masks are returned depends only on the model, never on the
         batch, so every process makes the same collective calls in the loss.

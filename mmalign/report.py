@@ -1,8 +1,9 @@
-"""``report.html``: one self-contained page per run (plots and thumbnails inlined), next to ``report.md``.
+"""The end of a run: its evaluations (``evaluate_run``), plots, ``report.md`` and ``report.html``.
 
-It shows the headline numbers (and CLIP_benchmark's keys), every plot of the run (loss and logit-scale curves,
-zero-shot confusion matrix, retrieval recall@k, similarity matrix, ...) and, for a few queries in each retrieval
-direction, the top retrieved items with the correct ones marked. Items are drawn by a renderer chosen per modality
+``report.html`` is one self-contained page per run (plots and thumbnails inlined), next to ``report.md``. It shows
+the headline numbers (and CLIP_benchmark's keys), every plot of the run (loss and logit-scale curves, zero-shot
+confusion matrix, retrieval recall@k, similarity matrix, ...) and, for a few queries in each retrieval direction,
+the top retrieved items with the correct ones marked. Items are drawn by a renderer chosen per modality
 kind (``RENDERERS``: thumbnails for images, the text for captions); kinds without one fall back to a trace plot
 when the decoded item holds a numeric array (audio waveforms, ECG leads) and to a short description otherwise.
 """
@@ -21,7 +22,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .plots import flat_results, plt
+from .config import Config, load_config
+from .data.pipeline import expand_urls, find_member
+from .errors import ConfigError, DataError
+from .eval.runner import (
+    evaluate_captions, evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot, merge_results,
+)
+from .plots import flat_results, plot_run, plt
+from .rundir import RUN_CONFIG, load_model
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +121,6 @@ def render_item(kind: str, item: Any) -> str:
 def read_items(data: str, modalities: dict, keys: set[str]) -> dict[str, dict[str, Any]]:
     """Decoded (untransformed) items of the samples named in ``keys``: ``{key: {modality name: item}}``."""
     import webdataset as wds
-
-    from .data.pipeline import expand_urls, find_member
-    from .errors import DataError
 
     found: dict[str, dict[str, Any]] = {}
     pipeline = wds.DataPipeline(wds.SimpleShardList(expand_urls(data)), wds.tarfile_to_samples())
@@ -260,17 +265,47 @@ Modalities: {html.escape(", ".join(f"{n} ({model.modalities[n].kind}, {model.con
     return path
 
 
+def evaluate_run(cfg: Config, model, run_dir: Path) -> dict:
+    """The recipe's evaluations at the end of training, plus plots, report.md and report.html in the run directory."""
+    results: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+
+    def absorb(what: str, out: dict) -> None:
+        """One evaluation's output: skip counts as ``<what>_skipped``, ``_`` keys for the plots and the report."""
+        if skipped := out.pop("skipped", None):
+            results[f"{what}_skipped"] = skipped
+        extras.update({k: v for k, v in out.items() if k.startswith("_")})
+        merge_results(results, {k: v for k, v in out.items() if not k.startswith("_")})
+
+    zs, rt, cap = cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.caption
+    if zs.data and zs.classes:
+        absorb("zeroshot", evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text,
+                                             cfg.eval.batch_size))
+    if rt.data:
+        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size))
+    if cap.data:
+        out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
+        out["_captions"] = out.pop("_examples")
+        absorb("caption", out)
+    diagnostics_data = cfg.eval.diagnostics.data or rt.data or zs.data
+    if diagnostics_data is None:
+        log.info("no eval data: embedding diagnostics on the first training samples (seen in training)")
+    try:
+        absorb("diagnostics", evaluate_diagnostics(model, diagnostics_data or cfg.data.train, cfg.eval.batch_size,
+                                                   cfg.eval.diagnostics.max_samples))
+    except DataError as e:  # e.g. eval data without every modality of the model: the run itself stands
+        log.warning("no embedding diagnostics: %s", e)
+    plot_run(run_dir, results, extras)
+    write_html_report(run_dir, results, extras, model, cfg.eval.report_examples)
+    return results
+
+
 def report_run(run_dir: Path, n_examples: int | None = None) -> dict:
     """``mmalign report RUN``: evaluate the run's model on its recipe's eval data again and write the reports
     (``n_examples`` queries per direction; default: the recipe's ``eval.report_examples``)."""
-    from .cli import load_model
-    from .config import load_config
-    from .errors import ConfigError
-    from .train import evaluate_run
-
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.json)")
-    saved = json.loads((run_dir / "config.json").read_text())
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
+    saved = json.loads((run_dir / RUN_CONFIG).read_text())
     cfg = load_config(None, [f"eval.report_examples={n_examples}"] if n_examples is not None else [], base=saved)
-    results = evaluate_run(cfg, load_model(str(run_dir)), run_dir)
+    results = evaluate_run(cfg, load_model(run_dir), run_dir)
     return {**results, "report": str(run_dir / REPORT_NAME), "report_md": str(run_dir / "report.md")}

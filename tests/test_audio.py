@@ -166,8 +166,7 @@ def test_caption_decoder_reads_audio_frames():
     batch = {"audio": audio_mod.collate(clips), "text": text_mod.collate(["a low tone", "a high tone"])}
     tokens, mask = model.adapters["audio"].tower.forward_tokens(batch["audio"])
     assert tokens.shape[-1] == 16 and mask.sum(1).tolist() == [3, 7]  # 0.2 s and 0.5 s of signal in 7 frames
-    embeddings, extras = model(batch, loss_inputs=True)
-    out = build_loss("coca", model.names)(embeddings, logit_scale=model.logit_scale(), logit_bias=None, **extras)
+    out = build_loss("coca", model.names)(model(batch), logit_scale=model.logit_scale())
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.adapters["audio"].tower.stem[0].weight.grad is not None
     model.eval()

@@ -1,10 +1,13 @@
 """The benchmarks' quick modes run on tiny sizes and write well-formed results sections."""
 import json
 
+import pytest
+
 from benchmarks import bench_losses
 from benchmarks._results import update_results
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_results(tmp_path):
     argv = ["--quick", "--sizes", "64", "128", "--dim", "64", "--no-gpu", "--out-dir", str(tmp_path)]
     assert bench_losses.main(argv) == 0
@@ -38,6 +41,7 @@ def _section(out_dir, name: str) -> tuple[dict, str]:
     return data["sections"][name], (out_dir / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_quick_data_bench_compares_both_loaders(tmp_path):
     from benchmarks import bench_data
 
@@ -59,6 +63,7 @@ def test_quick_data_bench_compares_both_loaders(tmp_path):
     assert "jpeg: 32 JPEGs of 256-512 px" in md
 
 
+@pytest.mark.slow
 def test_quick_train_step_bench_times_both_loops(tmp_path):
     from benchmarks import bench_train_step
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmalign.losses import build_loss, caption_loss, clip_loss
+from mmalign.losses import AlignmentOutput, CaptionTargets, build_loss, caption_loss, clip_loss
 from mmalign.losses.caption import next_token_targets
 
 
@@ -67,15 +67,14 @@ def test_coca_objective_combines_clip_and_caption():
     b = F.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
     logits, labels = _batch(B=6, pad_id=3)
     obj = build_loss("coca", ["image", "text"])
-    out = obj({"image": a, "text": b}, torch.tensor(7.0, dtype=torch.float64),
-              caption_logits=logits, caption_labels=labels, pad_id=3)
+    output = AlignmentOutput({"image": a, "text": b}, caption=CaptionTargets(logits, labels, 3))
+    out = obj(output, torch.tensor(7.0, dtype=torch.float64))
     con, cap = clip_loss(a, b, 7.0), caption_loss(logits, labels, 3)
     torch.testing.assert_close(out["loss_contrastive"], con)
     torch.testing.assert_close(out["loss_caption"], cap)
     torch.testing.assert_close(out["loss"], con + 2 * cap)
     out2 = build_loss("coca", ["image", "text"], lambda_con=0.5, lambda_cap=1.0)(
-        {"image": a, "text": b}, torch.tensor(7.0, dtype=torch.float64),
-        caption_logits=logits, caption_labels=labels, pad_id=3)
+        output, torch.tensor(7.0, dtype=torch.float64))
     torch.testing.assert_close(out2["loss"], 0.5 * con + cap)
 
 
@@ -90,8 +89,8 @@ def test_coca_two_processes_equal_one(torchrun):
     labels = torch.randint(0, V, (B, T))
     labels[: B // 2, 2:] = PAD
     out = build_loss("coca", ["image", "text"])(
-        {"image": a, "text": b}, logit_scale=torch.tensor(10.0, dtype=torch.float64),
-        caption_logits=logits, caption_labels=labels, pad_id=PAD)
+        AlignmentOutput({"image": a, "text": b}, caption=CaptionTargets(logits, labels, PAD)),
+        logit_scale=torch.tensor(10.0, dtype=torch.float64))
     grad, = torch.autograd.grad(out["loss"], logits)
     assert sum(r["loss"] for r in results) / len(results) == pytest.approx(out["loss"].item(), rel=1e-12)
     # DDP averages gradients over ranks: each rank's local gradient / world must equal the full-batch gradient rows

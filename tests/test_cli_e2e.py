@@ -71,8 +71,9 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, shards, tiny
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("case", ["missing_key", "unknown_modality", "missing_image", "empty_shards"])
-def test_bad_input_is_one_clear_line(tmp_path, case, shapes_dataset, tiny_text_model):
+@pytest.mark.parametrize("case", ["missing_key", "unknown_modality", "misspelt_loss_option", "missing_image",
+                                  "empty_shards"])
+def test_bad_input_is_one_clear_line(tmp_path, case, shards, tiny_text_model):
     if case == "missing_key":
         recipe = tmp_path / "r.yaml"
         recipe.write_text("run_dir: x\nmodel:\n  modalities:\n    image: {}\n")
@@ -80,9 +81,13 @@ def test_bad_input_is_one_clear_line(tmp_path, case, shapes_dataset, tiny_text_m
         expected = "missing required key 'data.train'"
     elif case == "unknown_modality":
         recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "run", "x.tar", tiny_text_model)
-        recipe.write_text(recipe.read_text().replace("    image: {", "    imagee: {"))
-        proc = run_cli("train", str(recipe), check=False)
-        expected = "unknown modality kind 'imagee'"
+        proc = run_cli("train", str(recipe), "--set", "model.modalities.imagee={tower: small_cnn}", check=False)
+        expected = "unknown modality kind 'imagee' (did you mean 'image'?)"
+    elif case == "misspelt_loss_option":
+        recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "run", shards, tiny_text_model)
+        proc = run_cli("train", str(recipe), "--set", "loss={name: cwcl, kwargs: {weight_from: text}}", check=False)
+        expected = "loss 'cwcl' takes no option 'weight_from' (did you mean 'weights_from'?)"
+        assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
     elif case == "missing_image":
         csv = tmp_path / "pairs.csv"
         csv.write_text("image,text\nnot_there.png,a red square\n")

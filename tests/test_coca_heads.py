@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.heads import AttentionalPooler, CocaHead, CocaTextDecoder, generate, open_clip_coca
-from mmalign.losses import build_loss
+from mmalign.losses import AlignmentOutput, CaptionTargets, build_loss
 from mmalign.losses.caption import next_token_targets
 
 V, PAD, BOS, EOS = 12, 3, 1, 2  # a non-zero pad id on purpose
@@ -88,6 +88,7 @@ def test_head_shapes_and_config_errors():
         _decoder()(torch.zeros(1, 11, dtype=torch.long), torch.randn(1, 2, 24))
 
 
+@pytest.mark.slow
 def test_tiny_coca_overfits_four_captions():
     torch.manual_seed(0)
     captions = torch.tensor([
@@ -107,8 +108,8 @@ def test_tiny_coca_overfits_four_captions():
         h = head(tower_tokens)
         d = dec(captions, h["context"])
         logits, labels = next_token_targets(d["logits"], captions)
-        out = objective({"image": F.normalize(h["embedding"], dim=-1), "text": F.normalize(d["text_embedding"], dim=-1)},
-                        torch.tensor(10.0), caption_logits=logits, caption_labels=labels, pad_id=PAD)
+        embeddings = {"image": F.normalize(h["embedding"], dim=-1), "text": F.normalize(d["text_embedding"], dim=-1)}
+        out = objective(AlignmentOutput(embeddings, caption=CaptionTargets(logits, labels, PAD)), torch.tensor(10.0))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -133,6 +134,7 @@ TINY_OPEN_CLIP = dict(
 )
 
 
+@pytest.mark.slow
 def test_open_clip_coca_builds_from_scratch():
     coca = open_clip_coca("coca_ViT-B-32").eval()
     assert (coca.pad_id, coca.bos_id, coca.eos_id) == (0, 49406, 49407)

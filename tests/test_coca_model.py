@@ -8,7 +8,8 @@ import torch
 from conftest import last_json, run_cli
 from mmalign.config import GenerationConfig, ModelConfig, from_dict, load_config
 from mmalign.errors import ConfigError, DataError
-from mmalign.losses.caption import caption_inputs
+from mmalign.eval.captioning import TOKENIZER_JAVA, TOKENIZER_PYTHON, coco_toolkit_available
+from mmalign.losses.caption import caption_targets
 from mmalign.model import AlignmentModel
 from mmalign.modalities.text import CaptionTokenizer
 
@@ -46,6 +47,7 @@ def trained(shards, shapes_dataset, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_tiny_coca_trains_and_evaluates(trained):
     run_dir, result = trained
     assert result["steps"] == 6
@@ -57,12 +59,14 @@ def test_tiny_coca_trains_and_evaluates(trained):
     assert "retrieval_i2t_R@1" in result
     # captions of every held-out image, scored against the references and the class word
     assert result["caption_n"] == 48
-    assert {"caption_BLEU-4", "caption_CIDEr", "caption_exact_match"} <= set(result)
+    assert {"caption_BLEU-4", "caption_CIDEr", "caption_ROUGE-L", "caption_exact_match"} <= set(result)
+    assert result["caption_tokenizer"] in (TOKENIZER_JAVA, TOKENIZER_PYTHON)
     rows = [json.loads(line) for line in (run_dir / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {"key", "caption", "references", "label"} <= set(rows[0])
     assert "## Generated captions" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_gives_identical_captions(trained, shapes_dataset):
     from PIL import Image
 
@@ -90,12 +94,17 @@ def test_caption_cli_writes_jsonl(trained, shards, shapes_dataset, tmp_path):
     head = last_json(run_cli("caption", "--model", str(run_dir), "--data", shards, "--out", str(out),
                              "--strategy", "beam", "--num-beams", "2", "--max-length", "5"))
     assert head["caption_n"] == 48 and head["captions"] == str(out)
-    assert {"caption_BLEU-4", "caption_CIDEr", "caption_exact_match"} <= set(head)
+    # the COCO caption metrics, METEOR and coco-caption's own tokenizer where Java and pycocoevalcap are installed
+    assert {"caption_BLEU-4", "caption_CIDEr", "caption_ROUGE-L", "caption_exact_match"} <= set(head)
+    assert ("caption_METEOR" in head) == coco_toolkit_available()
+    assert head["caption_tokenizer"] == (TOKENIZER_JAVA if coco_toolkit_available() else TOKENIZER_PYTHON)
+    assert 0 <= head.get("caption_METEOR", 0) <= 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 48
     assert all(isinstance(r["caption"], str) and r["references"] and r["label"] for r in rows)
 
 
+@pytest.mark.slow
 def test_captions_of_image_files(trained, shapes_dataset, tmp_path):
     """Files (a folder, a glob) have no references: captions only, no scores; other files are a clear error."""
     from mmalign.eval.runner import evaluate_captions
@@ -126,7 +135,7 @@ def test_config_errors_are_clear(tmp_path):
         _model({"image": IMAGE, "text": TEXT}, caption=None)
     base = {"run_dir": str(tmp_path), "data": {"train": "x.tar"},
             "model": {"modalities": {"image": IMAGE, "text": TEXT}}}
-    from mmalign.train import build_model
+    from mmalign.build import build_model
 
     with pytest.raises(ConfigError, match="loss 'coca' needs model.caption"):
         build_model(load_config(base={**base, "loss": {"name": "coca"}}))
@@ -151,7 +160,7 @@ def test_hf_tokenizer_and_labels_keep_eos(tiny_text_model):
     # a tokenizer that pads with its EOS id: labels still keep the real EOS and ignore only the padding
     eos = 7
     tokens = torch.tensor([[1, 5, eos, eos, eos]])
-    labels = caption_inputs(torch.zeros(1, 5, 9), tokens, torch.tensor([[1, 1, 1, 0, 0]]))["caption_labels"]
+    labels = caption_targets(torch.zeros(1, 5, 9), tokens, torch.tensor([[1, 1, 1, 0, 0]])).labels
     assert labels.tolist() == [[5, eos, -100, -100]]
 
 
@@ -165,10 +174,10 @@ def test_open_clip_vit_tokens_feed_the_caption_head():
     model = _model({"image": {"tower": "open_clip", "model": "mmalign-coca-test-vit", "image_size": 32},
                     "text": TEXT})
     tokens = model.modalities["text"].tokenize(["a red square", "a blue circle"])
-    embeddings, extras = model({"image": torch.randn(2, 3, 32, 32), "text": tokens}, loss_inputs=True)
+    out = model({"image": torch.randn(2, 3, 32, 32), "text": tokens})
     assert model.adapters["image"].tower.token_dim == 32
-    assert embeddings["image"].shape == embeddings["text"].shape == (2, 8)
-    assert extras["caption_logits"].shape[:2] == extras["caption_labels"].shape == (2, tokens["input_ids"].shape[1] - 1)
+    assert out.embeddings["image"].shape == out.embeddings["text"].shape == (2, 8)
+    assert out.caption.logits.shape[:2] == out.caption.labels.shape == (2, tokens["input_ids"].shape[1] - 1)
 
 
 def test_open_clip_coca_from_a_recipe_equals_open_clip(tmp_path):
@@ -192,10 +201,11 @@ def test_open_clip_coca_from_a_recipe_equals_open_clip(tmp_path):
     assert torch.equal(tokens["input_ids"], reference.tokenizer(["a dog", "two cats on a sofa"]))
     with torch.no_grad():
         expected = reference(images, tokens["input_ids"])
-        embeddings, extras = model({"image": images, "text": tokens}, loss_inputs=True)
+        out = model({"image": images, "text": tokens})
+        embeddings = out.embeddings
         torch.testing.assert_close(embeddings["image"], torch.nn.functional.normalize(expected["image_embedding"]))
         torch.testing.assert_close(embeddings["text"], torch.nn.functional.normalize(expected["text_embedding"]))
-        torch.testing.assert_close(extras["caption_logits"], expected["logits"][:, :-1])
+        torch.testing.assert_close(out.caption.logits, expected["logits"][:, :-1])
         torch.testing.assert_close(model.encode("text", tokens), embeddings["text"])
     ours = model.generate_captions(images, GenerationConfig(max_length=4))
     context = reference.encode_image(images)[1]

@@ -15,7 +15,9 @@ from mmalign.errors import MMAlignError
 from mmalign.io import remove_stale_temps
 from mmalign.losses.objectives import ClipObjective
 from mmalign.losses.registry import LOSSES
-from mmalign.train import checkpoint_dirs, train, truncate_metrics
+from mmalign.metrics_logger import truncate_metrics
+from mmalign.rundir import checkpoint_dirs
+from mmalign.train import train
 
 PER_EPOCH_SKIPS = {"bad image": 1, "missing text": 1, "bad text": 1}
 
@@ -58,6 +60,7 @@ def names(run_dir: Path) -> list[str]:
     return [p.name for p in checkpoint_dirs(run_dir)]
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, shards, tiny_text_model, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     straight = train(config(tmp_path, "straight", shards, tiny_text_model))
@@ -107,11 +110,11 @@ class NonFiniteAt(ClipObjective):
         super().__init__(modalities)
         self.bad_calls, self.grad_only, self.calls = set(bad_calls), grad_only, 0
 
-    def forward(self, embeddings, logit_scale, **kw):
-        out = super().forward(embeddings, logit_scale, **kw)
+    def forward(self, output, logit_scale, logit_bias=None):
+        out = super().forward(output, logit_scale, logit_bias)
         self.calls += 1
         if self.calls in self.bad_calls:
-            x = embeddings["image"]
+            x = output.embeddings["image"]
             # d/dx sqrt(0 * x) is inf * 0 = nan, while the value stays finite
             out["loss"] = out["loss"] + 0 * torch.sqrt(0 * x.sum()) if self.grad_only else out["loss"] * float("nan")
         return out
@@ -124,6 +127,7 @@ def nonfinite_loss():
     del LOSSES["test_nonfinite"]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_only_in_a_row(tmp_path, shards, tiny_text_model,
                                                                     nonfinite_loss):
     cfg = config(tmp_path, "some", shards, tiny_text_model, "train.steps=5", "data.num_workers=0",

@@ -83,6 +83,7 @@ def _config(tmp_path, shards, text_model, *overrides):
     return load_config(recipe, ["model.modalities.image.tower_kwargs={width: 4, depth: 2}", *overrides])
 
 
+@pytest.mark.slow
 def test_training_on_bad_shards_completes_with_exact_skip_counts(tmp_path, bad_shards, tiny_text_model):
     # 32 good samples = 4 batches of 8 per epoch; 8 steps = 2 whole epochs, each counting every fault once
     results = train(_config(tmp_path, bad_shards["spec"], tiny_text_model, "train.steps=8",

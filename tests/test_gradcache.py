@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.gradcache import gradcache_step, split_batch
-from mmalign.losses import clip_loss
+from mmalign.losses import AlignmentOutput, clip_loss
 
 
 class Towers(nn.Module):
@@ -21,6 +21,10 @@ class Towers(nn.Module):
 
     def encode(self, name):
         return lambda x: F.normalize(getattr(self, name)(x), dim=-1)
+
+    def forward(self, batch):
+        """The model's forward: every modality of the batch, in order."""
+        return AlignmentOutput({m: self.encode(m)(x) for m, x in batch.items()})
 
     def loss(self, emb):
         return {"loss": clip_loss(emb["image"], emb["text"], self.log_scale.exp()), "scale": self.log_scale.exp()}
@@ -36,15 +40,15 @@ def _setup(seed=0):
 
 
 def _plain_step(model, batch, chunk):
-    """Reference: the full graph, encoders run chunk by chunk in the same order (the same dropout draws)."""
-    emb = {m: torch.cat([model.encode(m)(c) for c in split_batch(x, chunk)]) for m, x in batch.items()}
-    loss = model.loss(emb)["loss"]
+    """Reference: the full graph, the forward run chunk by chunk in the same order (the same dropout draws)."""
+    parts = [model(c).embeddings for c in split_batch(batch, chunk)]
+    loss = model.loss({m: torch.cat([p[m] for p in parts]) for m in batch})["loss"]
     loss.backward()
     return loss.detach()
 
 
 def _gradcache_step(model, batch, chunk):
-    return gradcache_step({m: model.encode(m) for m in batch}, batch, model.loss, chunk_size=chunk)
+    return gradcache_step(model, batch, lambda out: model.loss(out.embeddings), chunk_size=chunk)
 
 
 @pytest.mark.parametrize("chunk", [5, 22])
@@ -80,29 +84,27 @@ def test_dropout_matters_so_the_rng_replay_is_tested():
     assert diff > 1e-4
 
 
-def test_prechunked_inputs_dict_batches_and_no_sync():
-    """Lists are taken as chunks; dict batches are split per key; no_sync wraps every backward but the last."""
+def test_nested_batches_are_split_by_rows_and_the_loss_sees_the_whole_output():
+    """A modality's inputs may be a dict (e.g. token ids and masks): each tensor in it is split by rows; the loss gets
+    the whole batch's output (presence masks included), concatenated from the chunks."""
     model, batch = _setup()
     ref_model = copy.deepcopy(model)
-    calls = []
+    present = torch.arange(22) % 3 > 0
+    nested = {"image": batch["image"], "text": {"x": batch["text"], "w": torch.ones(22, dtype=torch.float64)},
+              "text__present": present}
 
-    class NoSync:
-        def __enter__(self):
-            calls.append("no_sync")
+    def forward(chunk):
+        return AlignmentOutput({"image": model.encode("image")(chunk["image"]),
+                                "text": model.encode("text")(chunk["text"]["x"] * chunk["text"]["w"][:, None])},
+                               present={"text": chunk["text__present"]})
 
-        def __exit__(self, *exc):
-            return False
+    def loss(out):
+        assert torch.equal(out.present["text"], present) and out.embeddings["text"].shape == (22, 8)
+        return model.loss(out.embeddings)
 
-    encode_text = model.encode("text")
-    fns = {"image": model.encode("image"), "text": lambda d: encode_text(d["x"] * d["w"][:, None])}
-    inputs = {"image": list(batch["image"].split(7)),
-              "text": {"x": batch["text"], "w": torch.ones(22, dtype=torch.float64)}}
     torch.manual_seed(5)
-    gradcache_step(fns, inputs, model.loss, chunk_size=6, no_sync=NoSync)
-    assert len(calls) == 4 + 4 - 1  # 4 image chunks (7, 7, 7, 1) + 4 text chunks (6, 6, 6, 4), the last synced
+    gradcache_step(forward, nested, loss, chunk_size=6)
     torch.manual_seed(5)
-    emb = {"image": torch.cat([ref_model.encode("image")(c) for c in batch["image"].split(7)]),
-           "text": torch.cat([ref_model.encode("text")(c) for c in batch["text"].split(6)])}
-    ref_model.loss(emb)["loss"].backward()
+    _plain_step(ref_model, batch, 6)
     for p, p_ref in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-12)

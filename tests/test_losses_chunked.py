@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.errors import ConfigError
-from mmalign.losses import build_loss, chunked_clip_loss, chunked_siglip_loss, clip_loss, siglip_loss
+from mmalign.losses import AlignmentOutput, build_loss, chunked_clip_loss, chunked_siglip_loss, clip_loss, siglip_loss
 from mmalign.losses.chunked import MIN_BLOCK, block_size, chunked_clip_rows_loss, chunked_siglip_rows_loss
 from mmalign.losses.pairwise import clip_rows_loss, siglip_rows_loss
 
@@ -209,7 +209,7 @@ def test_objectives_equal_plain_objectives(name, plain):
 
     def run(loss_name, **kw):
         return lambda x, y, s, c: build_loss(loss_name, ["image", "text"], **kw)(
-            {"image": x, "text": y}, logit_scale=s, logit_bias=c
+            AlignmentOutput({"image": x, "text": y}), logit_scale=s, logit_bias=c
         )["loss"]
 
     ref = run(plain)(*inputs)
@@ -224,8 +224,9 @@ def test_three_modalities_mean_of_pairs():
     a, b = _feats(12, seed=7)
     c, _ = _feats(12, seed=8)
     feats = {"x": a, "y": b, "z": c}
-    out = build_loss("chunked_clip", ["x", "y", "z"], chunk_size=5)(feats, logit_scale=torch.tensor(5.0))
-    ref = build_loss("clip", ["x", "y", "z"])(feats, logit_scale=torch.tensor(5.0))
+    out = build_loss("chunked_clip", ["x", "y", "z"], chunk_size=5)(AlignmentOutput(feats),
+                                                                   logit_scale=torch.tensor(5.0))
+    ref = build_loss("clip", ["x", "y", "z"])(AlignmentOutput(feats), logit_scale=torch.tensor(5.0))
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-10, atol=1e-10)
 
 
@@ -240,7 +241,8 @@ def test_two_processes_equal_one(torchrun):
         a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
         scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
         bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
-        out = build_loss(plain, ["image", "text"])({"image": a, "text": b}, logit_scale=scale, logit_bias=bias)
+        out = build_loss(plain, ["image", "text"])(AlignmentOutput({"image": a, "text": b}), logit_scale=scale,
+                                                   logit_bias=bias)
         wrt = (a, b, scale, bias) if plain == "siglip" else (a, b, scale)
         grads = torch.autograd.grad(out["loss"], wrt)
         per_rank = [r[name] for r in results]

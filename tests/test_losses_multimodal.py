@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.errors import ConfigError
-from mmalign.losses import build_loss, clip_loss, gram_loss, gram_volume, symile_loss
+from mmalign.losses import AlignmentOutput, build_loss, clip_loss, gram_loss, gram_volume, symile_loss
+from mmalign.losses.multimodal import text_anchor
 from tests.scripts.dist_multimodal import CASES, batch
 
 
@@ -123,6 +124,51 @@ def test_gram_finite_for_identical_and_collinear_vectors(dtype, k):
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_gram_volume_is_float32_under_autocast(half):
+    """Well-aligned tuples have small volumes from inner products near 1: in bf16/fp16 they come out wrong by
+    5% (bf16) and 0.4% (fp16) here; GRAM computes them in float32 (its code: ``torch.det(G.float())``)."""
+    g = torch.Generator().manual_seed(11)
+    B, D = 16, 256
+    anchor = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    others = [F.normalize(anchor + 0.3 * torch.randn(B, D, generator=g) / D**0.5, dim=-1) for _ in range(2)]
+    exact = gram_volume(anchor.double(), [o.double() for o in others])
+    assert exact.diagonal().max() < 0.1  # the positives are well aligned (cosines ~0.96)
+    with torch.autocast("cpu", dtype=half):
+        vol = gram_volume(anchor, others)
+        loss = gram_loss([anchor, *others], 10.0, label_smoothing=0.1)
+    assert vol.dtype == torch.float32
+    torch.testing.assert_close(vol.double(), exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss.double(), gram_loss([anchor.double(), *(o.double() for o in others)], 10.0, 0.1),
+                               rtol=1e-4, atol=0)
+
+
+def test_gram_anchor_defaults_to_text():
+    assert build_loss("gram", ["image", "glyph", "text"]).modalities == ["text", "image", "glyph"]
+    assert build_loss("gram", ["image", "glyph", "text"], anchor="glyph").modalities == ["glyph", "image", "text"]
+    assert build_loss("gram", ["image", "audio", "video"]).modalities == ["image", "audio", "video"]
+    # a text modality under another name: the caller that knows the kinds picks it
+    kinds = {"image": "image", "caption": "text", "audio": "audio"}
+    assert text_anchor(["image", "caption", "audio"], kinds) == "caption"
+    assert text_anchor(["image", "audio"], {"image": "image", "audio": "audio"}) is None
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        build_loss("gram", ["image", "text"], label_smoothing=1.5)
+
+
+def test_a_recipe_anchors_gram_on_the_modality_of_kind_text():
+    from mmalign.build import build_objective
+    from mmalign.config import load_config
+
+    sections = {"image": {"tower": "small_cnn"}, "caption": {"kind": "text", "model": "x"},
+                "audio": {"tower": "mel_cnn"}}
+    cfg = load_config(base={"run_dir": "r", "data": {"train": "x.tar"}, "loss": {"name": "gram"},
+                            "model": {"modalities": sections}})
+    assert build_objective(cfg).modalities == ["caption", "image", "audio"]
+    cfg = load_config(base={**dict(run_dir="r", data={"train": "x.tar"}, model={"modalities": sections}),
+                            "loss": {"name": "gram", "kwargs": {"anchor": "audio"}}})
+    assert build_objective(cfg).modalities == ["audio", "image", "caption"]
+
+
 def test_gram_loss_label_smoothing_matches_cross_entropy():
     feats = _feats(3, B=6, D=8, seed=4, grad=True)
     s = torch.tensor(7.0, dtype=torch.float64)
@@ -142,7 +188,7 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
     emb = dict(zip("xyz", feats))
     s = torch.tensor(6.0, dtype=torch.float64)
     obj = build_loss(name, ["x", "y", "z"])
-    torch.testing.assert_close(obj(emb, logit_scale=s)["loss"], fn(feats, s), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(obj(AlignmentOutput(emb), logit_scale=s)["loss"], fn(feats, s), rtol=1e-12, atol=1e-12)
 
     present = {"y": torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool),
                "z": torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)}
@@ -150,7 +196,7 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
     # garbage in the missing rows must not matter
     garbage = {m: torch.where(present.get(m, torch.ones(8, dtype=torch.bool))[:, None], x, torch.nan)
                for m, x in emb.items()}
-    out = obj(garbage, logit_scale=s, present=present)
+    out = obj(AlignmentOutput(garbage, present), logit_scale=s)
     torch.testing.assert_close(out["loss"], fn([x[keep] for x in feats], s), rtol=1e-12, atol=1e-12)
     assert out["complete_rows"].item() == keep.sum().item()
 
@@ -158,7 +204,8 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
 def test_objective_with_no_complete_row_is_zero_and_differentiable():
     x, y, z = _feats(3, B=4, D=6, grad=True)
     out = build_loss("gram", ["x", "y", "z"])(
-        {"x": x, "y": y, "z": z}, logit_scale=torch.tensor(5.0), present={"x": torch.zeros(4, dtype=torch.bool)}
+        AlignmentOutput({"x": x, "y": y, "z": z}, {"x": torch.zeros(4, dtype=torch.bool)}),
+        logit_scale=torch.tensor(5.0)
     )
     assert out["loss"].item() == 0.0
     out["loss"].backward()
@@ -179,7 +226,7 @@ def test_two_processes_equal_one(torchrun):
     for case, (name, kwargs, masked) in CASES.items():
         full = {m: f.clone().requires_grad_(True) for m, f in feats.items()}
         out = build_loss(name, list(feats), **kwargs)(
-            full, logit_scale=torch.tensor(8.0, dtype=torch.float64), present=present if masked else None
+            AlignmentOutput(full, present if masked else None), logit_scale=torch.tensor(8.0, dtype=torch.float64)
         )
         grads = torch.autograd.grad(out["loss"], list(full.values()))
         mean_loss = sum(r[case]["loss"] for r in results) / len(results)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmalign.losses import build_loss, clip_loss, siglip_loss
+from mmalign.losses import AlignmentOutput, build_loss, clip_loss, siglip_loss
 from mmalign.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ def test_sanity_values():
 def test_clip_over_three_modalities_is_mean_of_pairs():
     a, b = _feats(seed=1)
     c, _ = _feats(seed=2)
-    out = build_loss("clip", ["x", "y", "z"])({"x": a, "y": b, "z": c}, logit_scale=torch.tensor(5.0))
+    out = build_loss("clip", ["x", "y", "z"])(AlignmentOutput({"x": a, "y": b, "z": c}), logit_scale=torch.tensor(5.0))
     expected = (clip_loss(a, b, 5.0) + clip_loss(a, c, 5.0) + clip_loss(b, c, 5.0)) / 3
     torch.testing.assert_close(out["loss"], expected)
 
@@ -72,7 +72,7 @@ def test_two_processes_equal_one(torchrun, name):
     a = F.normalize(torch.randn(B, D, dtype=torch.float64), dim=-1).requires_grad_(True)
     b = F.normalize(torch.randn(B, D, dtype=torch.float64), dim=-1).requires_grad_(True)
     out = build_loss(name, ["image", "text"])(
-        {"image": a, "text": b}, logit_scale=torch.tensor(10.0, dtype=torch.float64),
+        AlignmentOutput({"image": a, "text": b}), logit_scale=torch.tensor(10.0, dtype=torch.float64),
         logit_bias=torch.tensor(-5.0, dtype=torch.float64),
     )
     ga, gb = torch.autograd.grad(out["loss"], (a, b))

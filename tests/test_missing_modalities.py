@@ -14,9 +14,12 @@ from data_tools.common import write_samples
 from mmalign.config import ModelConfig, from_dict, load_config
 from mmalign.data import expand_urls, iterate_batches
 from mmalign.errors import ConfigError
-from mmalign.losses import build_loss, clip_loss, symile_loss
+from mmalign.build import build_model
+from mmalign.losses import (
+    AlignmentOutput, alignment_loss, build_loss, clip_loss, cwcl_loss, cwcl_weights, dcl_loss, hard_negative_clip_loss,
+    label_smoothed_clip_loss, symile_loss, uniformity_loss,
+)
 from mmalign.model import AlignmentModel
-from mmalign.train import build_model
 from tests.conftest import COLOURS, SHAPES, draw_shape, last_json, run_cli
 
 N = 24
@@ -100,23 +103,25 @@ def test_missing_embedding_fills_absent_rows_and_trains_with_learned(model, thre
     present = batch["sketch__present"]
     assert 0 < present.sum() < len(present)
     model.eval()  # batch norm in eval mode: a subset of rows embeds as it does inside the full batch
-    emb = model(batch)
+    output = model(batch)
+    emb = output.embeddings
     adapter = model.adapters["sketch"]
     missing = F.normalize(adapter.missing, dim=0)
     torch.testing.assert_close(emb["sketch"][~present], missing.expand(int((~present).sum()), -1))
     torch.testing.assert_close(emb["sketch"][present], adapter(batch["sketch"][present]), rtol=1e-5, atol=1e-6)
-    assert model.presence(batch).keys() == {"sketch"}
+    assert model.presence(batch).keys() == {"sketch"} and output.present.keys() == {"sketch"}
 
     scale = torch.tensor(5.0)
     names = ["image", "sketch", "text"]
-    learned = build_loss("symile", names, missing="learned")(emb, logit_scale=scale, present=model.presence(batch))
+    learned = build_loss("symile", names, missing="learned")(output, logit_scale=scale)
     torch.testing.assert_close(learned["loss"], symile_loss([emb[m] for m in names], scale))
     learned["loss"].backward()
     assert adapter.missing.grad is not None and adapter.missing.grad.abs().sum() > 0
 
     model.zero_grad()
-    emb = model(batch)
-    dropped = build_loss("symile", names)(emb, logit_scale=scale, present=model.presence(batch))
+    output = model(batch)
+    emb = output.embeddings
+    dropped = build_loss("symile", names)(output, logit_scale=scale)
     torch.testing.assert_close(dropped["loss"], symile_loss([emb[m][present] for m in names], scale))
     dropped["loss"].backward()
     assert (adapter.missing.grad == 0).all()  # in the graph (DDP needs that), but dropped rows give no gradient
@@ -135,7 +140,7 @@ def _real_item(kind: str, modality):
         buf = io.BytesIO()
         sf.write(buf, 0.3 * np.sin(np.arange(8000) / 16000 * 2 * np.pi * 440).astype(np.float32), 16000, format="WAV")
         return modality.decode(buf.getvalue(), "wav")
-    from mmalign.modalities.timeseries import Signal
+    from mmalign.modalities.signals import Signal
 
     return Signal(np.random.default_rng(0).normal(size=(2, 200)), 50.0)
 
@@ -174,16 +179,46 @@ def test_clip_objective_uses_rows_where_both_members_of_a_pair_are_present():
     present = {"y": torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)}
     garbage = {"x": x, "y": torch.where(present["y"][:, None], y, torch.nan), "z": z}  # absent rows must not matter
     s = torch.tensor(7.0, dtype=torch.float64)
-    out = build_loss("clip", ["x", "y", "z"])(garbage, logit_scale=s, present=present)
+    out = build_loss("clip", ["x", "y", "z"])(AlignmentOutput(garbage, present), logit_scale=s)
     keep = present["y"]
     torch.testing.assert_close(out["loss_x_y"], clip_loss(x[keep], y[keep], s))
     torch.testing.assert_close(out["loss_x_z"], clip_loss(x, z, s))
     torch.testing.assert_close(out["loss_y_z"], clip_loss(y[keep], z[keep], s))
     torch.testing.assert_close(out["loss"], (out["loss_x_y"] + out["loss_x_z"] + out["loss_y_z"]) / 3)
-    all_present = build_loss("clip", ["x", "y", "z"])({"x": x, "y": y, "z": z}, logit_scale=s,
-                                                     present={"y": torch.ones(8, dtype=torch.bool)})
-    plain = build_loss("clip", ["x", "y", "z"])({"x": x, "y": y, "z": z}, logit_scale=s)
+    all_present = build_loss("clip", ["x", "y", "z"])(
+        AlignmentOutput({"x": x, "y": y, "z": z}, {"y": torch.ones(8, dtype=torch.bool)}), logit_scale=s)
+    plain = build_loss("clip", ["x", "y", "z"])(AlignmentOutput({"x": x, "y": y, "z": z}), logit_scale=s)
     torch.testing.assert_close(all_present["loss"], plain["loss"], rtol=1e-14, atol=0)
+
+
+PAIRWISE = {
+    "dcl": ({}, lambda a, b, s, q: dcl_loss(a, b, s)),
+    "clip_hard_negatives": ({"beta": 0.3}, lambda a, b, s, q: hard_negative_clip_loss(a, b, s, 0.3)),
+    "clip_plus": ({"label_smoothing": 0.1}, lambda a, b, s, q: label_smoothed_clip_loss(a, b, s, 0.1)),
+    "cwcl": ({"weights_from": "x"}, lambda a, b, s, q: cwcl_loss(a, b, s, cwcl_weights(q))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRWISE))
+def test_every_pairwise_variant_uses_the_rows_where_both_members_of_a_pair_are_present(name):
+    kwargs, loss = PAIRWISE[name]
+    g = torch.Generator().manual_seed(2)
+    x, y, z = (F.normalize(torch.randn(8, 5, generator=g, dtype=torch.float64), dim=-1) for _ in range(3))
+    q = torch.randn(8, 4, generator=g, dtype=torch.float64)  # frozen features of x, for CWCL's soft targets
+    keep = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    garbage = {"x": x, "y": torch.where(keep[:, None], y, torch.nan), "z": z}  # absent rows must not matter
+    s = torch.tensor(7.0, dtype=torch.float64)
+    objective = build_loss(name, ["x", "y", "z"], **kwargs, align_weight=0.5, uniform_weight=0.2)
+    out = objective(AlignmentOutput(garbage, {"y": keep}, {"x": q}), logit_scale=s)
+    torch.testing.assert_close(out["loss_x_y"], loss(x[keep], y[keep], s, q[keep]))
+    torch.testing.assert_close(out["loss_x_z"], loss(x, z, s, q))
+    torch.testing.assert_close(out["loss_y_z"], loss(y[keep], z[keep], s, q[keep]))
+    align = (alignment_loss(x[keep], y[keep]) + alignment_loss(x, z) + alignment_loss(y[keep], z[keep])) / 3
+    uniform = (uniformity_loss(x) + uniformity_loss(y[keep]) + uniformity_loss(z)) / 3
+    torch.testing.assert_close(out["align"], align)
+    torch.testing.assert_close(out["uniform"], uniform)
+    pairs = (out["loss_x_y"] + out["loss_x_z"] + out["loss_y_z"]) / 3
+    torch.testing.assert_close(out["loss"], pairs + 0.5 * align + 0.2 * uniform)
 
 
 def test_saved_model_keeps_the_missing_embedding(model, tmp_path):

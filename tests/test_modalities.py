@@ -7,7 +7,7 @@ import torch
 
 from mmalign.config import ModelConfig, from_dict
 from mmalign.model import AlignmentModel
-from mmalign.modalities.base import lock_tower
+from mmalign.modalities.tuning import lock_tower
 
 
 TINY_CLIP = {"embed_dim": 16,
@@ -39,7 +39,7 @@ def test_open_clip_towers_save_and_reload(tiny_open_clip, tmp_path):
     images = torch.randn(3, 3, 32, 32)
     tokens = model.modalities["text"].tokenize(["a red square", "a blue circle", "a green cross"])
     assert tokens["input_ids"].shape == (3, 16)
-    out = model({"image": images, "text": tokens})
+    out = model({"image": images, "text": tokens}).embeddings
     assert out["image"].shape == (3, 8) and torch.allclose(out["text"].norm(dim=-1), torch.ones(3))
     # LiT with the last block unlocked: only that block of the text transformer trains.
     text_tower = model.adapters["text"].tower
@@ -136,6 +136,39 @@ def test_open_clip_architecture_with_an_hf_tokenizer(tmp_path):
     assert batch["input_ids"][0, 3:].tolist() == [1, 1, 1]
     assert text.truncated == 1 and text.seen == 3
     assert model.encode("text", batch).shape == (3, 8)
+
+
+@pytest.mark.parametrize("case", ["named", "forced_size", "local_dir", "coca_kwargs", "local_file"])
+def test_open_clip_preprocessing_read_from_the_checkpoint_equals_the_built_model(case, tiny_open_clip, tmp_path):
+    """What the open_clip towers' specs read without building (image size, mean/std, resize mode, interpolation;
+    text positions) is what open_clip sets on the model it builds from the same name, weights and kwargs."""
+    import open_clip
+
+    from mmalign.modalities.openclip import open_clip_context_length, open_clip_image_defaults
+
+    kwargs, pretrained, name = {}, None, tiny_open_clip
+    if case == "forced_size":
+        kwargs = {"force_image_size": 48, "force_context_length": 12}
+    elif case == "local_dir":
+        (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {
+            "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "interpolation": "bilinear", "resize_mode": "squash"}}))
+        name = f"local-dir:{tmp_path}"
+    elif case == "coca_kwargs":
+        from tests.test_coca_heads import TINY_OPEN_CLIP
+
+        name, kwargs = "coca_ViT-B-32", TINY_OPEN_CLIP
+    elif case == "local_file":
+        pretrained = str(tmp_path / "ckpt.pt")
+        torch.save(open_clip.create_model(name).state_dict(), pretrained)
+    cfg = from_dict(ModelConfig, {"modalities": {"image": {"tower": "open_clip", "model": name, "pretrained": pretrained,
+                                                          "tower_kwargs": kwargs}}}).modalities["image"]
+    built = open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    expected = open_clip.get_model_preprocess_cfg(built)
+    size = expected["size"][0] if isinstance(expected["size"], tuple) else expected["size"]
+    assert open_clip_image_defaults(cfg) == {
+        "image_size": size, "mean": tuple(expected["mean"]), "std": tuple(expected["std"]),
+        "resize_mode": expected["resize_mode"], "interpolation": expected["interpolation"]}
+    assert open_clip_context_length(cfg) == built.context_length
 
 
 def test_lock_without_block_list_is_a_clear_error():

@@ -58,6 +58,7 @@ def test_hf_clip_towers_are_the_checkpoint(tiny_hf_clip, tmp_path):
         assert _max_diff(again.encode("text", again.modalities["text"].tokenize(CAPTIONS)), expected_text) < 1e-5
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_adapters_merges_and_exports_as_clip_model(tiny_hf_clip, shapes_shards, tmp_path):
     """LoRA on both towers of a CLIP checkpoint: only LoRA weights, heads and the logit scale change; merging gives
     the same embeddings; `mmalign export --format hf` writes a CLIPModel that plain transformers reloads to the
@@ -187,6 +188,7 @@ def test_export_hf_audio_tower_reloads_with_its_feature_extractor(kind, tiny_tex
     assert _max_diff(_exported_embedding(tmp_path / "out", "audio", inputs), expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_open_clip_checkpoint_fine_tunes_and_exports(shapes_shards, tmp_path):
     """An open_clip architecture from a local checkpoint (with its preprocessing), one training step, then export to
     open_clip: open_clip.create_model('local-dir:...') gives the same embeddings, and mmalign loads it back."""
@@ -246,11 +248,11 @@ def test_long_captions_as_averaged_windows(tiny_text_model):
     text = model.modalities["text"]
     long_caption = "a very long caption that goes on and on about a red square next to a blue circle"
     batch = text.tokenize(["short one", long_caption])
-    owner = batch["window_owner"]
+    owner = batch["owner"]
     assert owner[0] == 0 and (owner == 1).sum() >= 3 and text.truncated == 1
     with torch.no_grad():
         tower = model.adapters["text"].tower
-        rows = tower({k: v for k, v in batch.items() if k != "window_owner"})
+        rows = tower({k: v for k, v in batch.items() if k != "owner"})
         expected = F.normalize(torch.stack([rows[owner == 0].mean(0), rows[owner == 1].mean(0)]), dim=-1)
         assert _max_diff(model.encode("text", batch), expected) < 1e-6
 

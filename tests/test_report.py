@@ -40,6 +40,7 @@ def screenshot(page, png, tmp_path) -> list[str]:
     return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
 
 
+@pytest.mark.slow
 def test_results_carry_clip_benchmark_keys(run_dir):
     _, result = run_dir
     cb = result["clip_benchmark"]
@@ -51,6 +52,7 @@ def test_results_carry_clip_benchmark_keys(run_dir):
     assert json.loads((run_dir[0] / "results.json").read_text())["clip_benchmark"] == cb
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it: apt-get install -y "
                                               "chromium); the report page cannot be checked in a browser")
 def test_report_page_renders_in_headless_chromium(run_dir, tmp_path, capsys):
@@ -94,7 +96,7 @@ def test_example_renderers_dispatch_per_kind():
     # kinds without a renderer: a numeric signal (audio waveform, ECG leads) becomes a trace plot ...
     assert 'class="trace"' in render_item("audio", {"waveform": np.sin(np.linspace(0, 20, 400)), "sr": 16000})
     assert 'class="trace"' in render_item("ecg", torch.randn(12, 500))
-    from mmalign.modalities.timeseries import Signal
+    from mmalign.modalities.signals import Signal
 
     assert 'class="trace"' in render_item("timeseries", Signal(np.random.randn(3, 250), 250.0))
     # ... anything else a short description

@@ -17,9 +17,10 @@ from mmalign.errors import ConfigError, DataError
 from mmalign.model import AlignmentModel
 from mmalign.modalities.image import ImageConfig
 from mmalign.modalities.text import TextConfig, hf_text
-from mmalign.train import (
-    TrainState, checkpoint_dirs, load_checkpoint, process_record, resume_record, save_checkpoint, train,
+from mmalign.rundir import (
+    TrainState, checkpoint_dirs, load_checkpoint, process_record, resume_record, save_checkpoint,
 )
+from mmalign.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "lit_image_text.yaml"
@@ -34,7 +35,7 @@ def test_checkpoints_hold_no_pickles_and_restore_weights_rng_and_position(tmp_pa
     model = _tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 1, 10)
-    model(({"image": torch.randn(2, 3, 8, 8)}))["image"].sum().backward()
+    model({"image": torch.randn(2, 3, 8, 8)}).embeddings["image"].sum().backward()
     optimizer.step()
     scheduler.step()
     for step in (1, 2, 3):

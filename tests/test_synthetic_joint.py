@@ -16,6 +16,8 @@ import pytest
 
 from benchmarks.synthetic_joint import CHANCE, Settings, run
 
+pytestmark = pytest.mark.slow  # trains two objectives on two seeds
+
 
 @pytest.fixture(scope="module")
 def result():

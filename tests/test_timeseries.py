@@ -17,7 +17,8 @@ from mmalign.data.pipeline import seeded
 from mmalign.errors import ConfigError, DataError
 from mmalign.losses import clip_loss
 from mmalign.modalities import ModalityAdapter
-from mmalign.modalities.timeseries import TimeseriesConfig, TimeseriesModality, make_signal, read_signal_file
+from mmalign.modalities.signals import make_signal, read_signal_file
+from mmalign.modalities.timeseries import TimeseriesConfig, TimeseriesModality
 
 LEADS12 = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 CLASSES = {"slow": 50, "medium": 80, "fast": 130}
@@ -81,6 +82,7 @@ def shard_samples(pattern: str) -> dict[str, dict]:
     return samples
 
 
+@pytest.mark.slow
 def test_wfdb_npy_csv_round_trip_through_shards(signal_corpus):
     import wfdb
 

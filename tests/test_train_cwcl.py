@@ -42,14 +42,14 @@ def test_forward_returns_tower_features_from_the_same_pass(tiny_text_model):
     calls = _count_calls(model.adapters["text"].tower)
     captions = ["a caption only this test uses", "another one", "a caption only this test uses"]
     batch = {"image": torch.randn(3, 3, 16, 16), "text": model.modalities["text"].tokenize(captions)}
-    embeddings, loss_inputs = model(batch, loss_inputs=True, features=["text"])
-    features = loss_inputs["frozen_features"]
+    out = model(batch, features=["text"])
+    embeddings, features = out.embeddings, out.frozen_features
     assert set(features) == {"text"} and features["text"].shape == (3, 32)
     assert not features["text"].requires_grad  # locked tower: computed without gradient
     assert len(calls) == 1  # one tower pass for both outputs (and the repeated caption came from the cache)
     expected = torch.nn.functional.normalize(model.adapters["text"].proj(features["text"]), dim=-1)
     torch.testing.assert_close(embeddings["text"], expected)
-    torch.testing.assert_close(model(batch)["image"], embeddings["image"])
+    torch.testing.assert_close(model(batch).embeddings["image"], embeddings["image"])
 
 
 def test_frozen_cache_is_shared_by_identical_towers_only(tiny_text_model):
@@ -64,6 +64,7 @@ def test_frozen_cache_is_shared_by_identical_towers_only(tiny_text_model):
     assert calls == {"same": [], "changed": [1]}
 
 
+@pytest.mark.slow
 def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shards, shapes_dataset, tiny_text_model):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model, shapes_dataset["classes"],
@@ -88,6 +89,7 @@ def test_cwcl_training_with_fixed_temperature_writes_diagnostics(tmp_path, shard
     assert "embedding_pca.png" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text_model):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model)
@@ -107,6 +109,7 @@ def test_scheduled_temperature_is_what_the_loss_used(tmp_path, shards, tiny_text
     assert (run_dir / "embedding_pca.png").is_file()
 
 
+@pytest.mark.slow
 def test_cwcl_with_gradcache_gets_frozen_features_and_the_schedule(tmp_path, shards, tiny_text_model):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", run_dir, shards, tiny_text_model,

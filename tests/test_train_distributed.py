@@ -1,5 +1,5 @@
 """Two processes (torchrun, gloo) train to the same losses and weights as one process on the whole batch,
-with the plain loss and with GradCache."""
+with the plain loss, with GradCache, and with an optional modality (presence masks in a pairwise variant)."""
 import csv
 import json
 import os
@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, _free_port, last_json, run_cli, tiny_recipe, write_pairs_csv
+from conftest import (
+    REPO, _free_port, last_json, run_cli, shape_png, shape_sample, tiny_recipe, write_pairs_csv, write_shard,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -29,26 +31,25 @@ def two_shards(shapes_dataset, tmp_path_factory):
     return summary["shards"]
 
 
-def _recipe(tmp_path, name, shards, text_model, batch_size, gradcache=None):
-    # GroupNorm and a locked (eval-mode, dropout-free) text tower: nothing depends on how rows are split. Adam's
-    # first step moves a weight by lr * g / (|g| + eps): near g = 0 that multiplies the gradient's roundoff (which
-    # differs between 1 and 2 processes) by lr / eps, 1e4 with the default eps; eps 1e-3 makes it 10.
-    extra = "\ntrain: {steps: 3, lr: 0.01, eps: 1.0e-3, warmup_steps: 0, checkpoint_every: 3, log_every: 1" + (
-        f", gradcache_chunk: {gradcache}}}" if gradcache else "}")
+def _recipe(tmp_path, name, shards, text_model, batch_size, *overrides):
+    """The tiny recipe and the overrides that make 2 processes train like 1: ``(recipe, --set arguments)``.
+
+    GroupNorm and a locked (eval-mode, dropout-free) text tower: nothing depends on how rows are split. Adam's
+    first step moves a weight by lr * g / (|g| + eps): near g = 0 that multiplies the gradient's roundoff (which
+    differs between 1 and 2 processes) by lr / eps, 1e4 with the default eps; eps 1e-3 makes it 10.
+    """
     recipe = tiny_recipe(tmp_path / f"{name}.yaml", tmp_path / name, shards, text_model)
-    text = recipe.read_text().replace("depth: 2}", "depth: 2, norm: group}").replace(
-        "unlocked_layers: 0}", "lock: true}").replace("batch_size: 8", f"batch_size: {batch_size}")
-    text = text.replace("shuffle_buffer: 16", "shuffle_buffer: 0")
-    text = "\n".join(line for line in text.splitlines() if not line.startswith("train:")) + extra + "\n"
-    recipe.write_text(text)
-    return recipe
+    sets = ["model.modalities.image.tower_kwargs.norm=group", "model.modalities.text.lock=true",
+            f"data.batch_size={batch_size}", "data.shuffle_buffer=0", "train.device=cpu",
+            "train={steps: 3, lr: 0.01, eps: 1.0e-3, warmup_steps: 0, checkpoint_every: 3, log_every: 1}", *overrides]
+    return recipe, [arg for s in sets for arg in ("--set", s)]
 
 
-def _torchrun(recipe):
+def _torchrun(recipe, sets):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mmalign", "train", str(recipe), "--set", "train.device=cpu"]
+           "--master_port", str(_free_port()), "-m", "mmalign", "train", str(recipe), *sets]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -61,17 +62,50 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def one_process_run(two_shards, tiny_text_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one-process")
-    run_cli("train", str(_recipe(tmp, "one", two_shards, tiny_text_model, batch_size=8)), "--set", "train.device=cpu")
+    recipe, sets = _recipe(tmp, "one", two_shards, tiny_text_model, 8)
+    run_cli("train", str(recipe), *sets)
     return tmp / "one"
 
 
 @pytest.mark.parametrize("gradcache", [None, 2])
 def test_two_processes_train_like_one(tmp_path, two_shards, tiny_text_model, one_process_run, gradcache):
-    two = _recipe(tmp_path, "two", two_shards, tiny_text_model, batch_size=4, gradcache=gradcache)
-    proc = _torchrun(two)
+    two, sets = _recipe(tmp_path, "two", two_shards, tiny_text_model, 4,
+                        *([f"train.gradcache_chunk={gradcache}"] if gradcache else []))
+    proc = _torchrun(two, sets)
     assert "x 2 process(es)" in proc.stderr
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(one_process_run), rel=1e-5)
-    a = load_file(one_process_run / "model" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    _assert_same_training(tmp_path / "two", one_process_run)
+
+
+def _assert_same_training(run, reference):
+    assert _losses(run) == pytest.approx(_losses(reference), rel=1e-5)
+    a = load_file(reference / "model" / "model.safetensors")
+    b = load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def shards_with_gaps(tmp_path_factory):
+    """Two shards of 4 samples (one per process, the whole data set in one batch); some lack the sketch."""
+    root = tmp_path_factory.mktemp("gaps")
+    samples = [shape_sample(i) for i in range(8)]
+    for i, sample in enumerate(samples):
+        if i not in (1, 5, 6):
+            sample["sketch.png"] = shape_png(i + 5)
+    return "::".join(write_shard(root / f"s{k}.tar", samples[4 * k: 4 * k + 4]) for k in range(2))
+
+
+def test_pairwise_variant_with_an_optional_modality_trains_like_one_process(tmp_path, shards_with_gaps,
+                                                                            tiny_text_model):
+    """CWCL over image, an optional sketch and text (its soft targets from the locked text tower): each pair uses
+    its complete rows and the matching block of the weights; 2 processes (1 and 2 sketches missing) train like 1."""
+    sketch = ("model.modalities.sketch={kind: image, optional: true, tower: small_cnn, image_size: 16, "
+              "tower_kwargs: {width: 8, depth: 2, norm: group}, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}")
+    loss = "loss={name: cwcl, kwargs: {weights_from: text, missing: drop}}"
+    one, sets = _recipe(tmp_path, "one", shards_with_gaps, tiny_text_model, 8, sketch, loss)
+    result = last_json(run_cli("train", str(one), *sets))
+    assert result["final_loss_image_sketch"] > 0 and 0 < result["final_cwcl_positive_mass"] <= 1
+    two, sets = _recipe(tmp_path, "two", shards_with_gaps, tiny_text_model, 4, sketch, loss)
+    _torchrun(two, sets)
+    _assert_same_training(tmp_path / "two", tmp_path / "one")

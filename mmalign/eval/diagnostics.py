@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..losses.variants import alignment_loss, uniformity_loss
+from ..losses import alignment_loss, uniformity_loss
 
 
 @torch.no_grad()

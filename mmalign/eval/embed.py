@@ -5,7 +5,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import expand_urls, iterate_batches
-from ..modalities.base import inputs_to
+from ..modalities import inputs_to
 
 
 @torch.no_grad()

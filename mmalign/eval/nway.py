@@ -2,7 +2,7 @@
 
 Pure functions of L2-normalised embeddings. ``given[m]`` is Q x D (row q of every given modality belongs to query
 tuple q), ``candidates`` is C x D; every score function returns Q x C, higher = better match. Each objective trains
-one of these scores (``Objective.nway_score``), which a trained model records as ``model.config.nway_score``:
+one of these scores (``Requirements.nway_score``), which a trained model records as ``model.config.nway_score``:
 
 - ``mip`` (Symile): multilinear inner product sum_d g1_d g2_d ... c_d, i.e. (g1 * g2 * ...) . c.
 - ``volume`` (GRAM): minus the volume of the parallelotope spanned by (g1, g2, ..., c), sqrt(det(X X^T) + eps).

@@ -21,8 +21,7 @@ from ..data import expand_urls
 from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
-from ..modalities import Modality
-from ..modalities.base import inputs_to
+from ..modalities import Modality, inputs_to
 from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
@@ -274,8 +273,10 @@ def evaluate_captions(model, data: str, out: str | Path, generation: GenerationC
     """Caption every item of ``data`` (see ``caption_items``) with a CoCa model, write ``out`` as JSONL, score.
 
     Each JSONL row holds ``key`` and ``caption``, plus ``references`` and ``label`` where the data has them.
-    Returns ``caption_n``, ``captions`` (the path), ``caption_BLEU-1..4`` and ``caption_CIDEr`` over the items
-    with references, and ``caption_exact_match`` (the class word appears in the caption) over those with labels.
+    Returns ``caption_n``, ``captions`` (the path), the COCO caption metrics of :func:`caption_metrics` over the
+    items with references (``caption_BLEU-1..4``, ``caption_CIDEr``, ``caption_ROUGE-L``, ``caption_METEOR`` where
+    Java runs, and ``caption_tokenizer``, which tokenizer produced them), and ``caption_exact_match`` (the class
+    word appears in the caption) over those with labels.
     """
     cap = model.config.caption
     if cap is None:

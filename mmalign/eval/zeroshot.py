@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from ..modalities.base import inputs_to
+from ..modalities import inputs_to
 
 DEFAULT_TEMPLATES = ("{}", "a photo of a {}.", "an example of {}.")
 

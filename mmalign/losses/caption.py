@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..distributed import is_distributed, world_size
-from .objectives import ClipObjective, Objective
+from ..errors import ConfigError
+from .contract import AlignmentOutput, CaptionTargets, Requirements
+from .objectives import ClipObjective, Objective, Scale
 from .registry import register_loss
 
 
@@ -23,18 +25,17 @@ def next_token_targets(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torc
     return logits[:, :-1], tokens[:, 1:]
 
 
-def caption_inputs(
+def caption_targets(
     logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor, ignore_id: int = -100
-) -> dict[str, torch.Tensor | int]:
-    """The caption keyword arguments of the ``coca`` objective from a decoder's logits over ``tokens`` (B x T).
+) -> CaptionTargets:
+    """What the ``coca`` objective's caption term reads, from a decoder's logits over ``tokens`` (B x T).
 
     Targets are ``tokens[:, 1:]``; those at padded positions (``attention_mask`` 0) become ``ignore_id``, which is
     passed as ``pad_id``. Marking padding by the mask rather than by the tokenizer's pad id keeps every EOS target,
     even for tokenizers that pad with their EOS id.
     """
     logits, labels = next_token_targets(logits, tokens)
-    labels = labels.masked_fill(attention_mask[:, 1:] == 0, ignore_id)
-    return {"caption_logits": logits, "caption_labels": labels, "pad_id": ignore_id}
+    return CaptionTargets(logits, labels.masked_fill(attention_mask[:, 1:] == 0, ignore_id), ignore_id)
 
 
 def _caption_ce_sum(
@@ -79,16 +80,15 @@ def caption_loss(
 class CocaObjective(Objective):
     """CoCa: ``lambda_con * CLIP(embeddings) + lambda_cap * caption CE`` (defaults 1 and 2, as in the CoCa paper).
 
-    The contrastive term is the registered CLIP objective over ``modalities`` (with M > 2, the mean over pairs).
-    ``forward`` takes the L2-normalised embeddings dict (the text embedding is the decoder's CLS output), the
-    logit scale, and ``caption_logits`` B x T x V, ``caption_labels`` B x T (aligned: see ``next_token_targets``)
-    and ``pad_id`` (``AlignmentModel.forward(batch, loss_inputs=True)`` returns them; see ``caption_inputs``).
-    Under ``torch.distributed`` the caption term is each rank's token-loss sum divided by the
-    global number of non-pad tokens, times the world size, so the mean over ranks equals the single-process
-    token mean on the concatenated batch even when ranks hold different numbers of tokens.
+    The contrastive term is the registered CLIP objective over ``modalities`` (with M > 2, the mean over pairs) on
+    the output's embeddings (the text embedding is the decoder's CLS output); the caption term reads
+    ``output.caption`` (logits B x T x V and labels B x T, aligned: see ``caption_targets``). Under
+    ``torch.distributed`` the caption term is each rank's token-loss sum divided by the global number of non-pad
+    tokens, times the world size, so the mean over ranks equals the single-process token mean on the concatenated
+    batch even when ranks hold different numbers of tokens.
     """
 
-    needs_captions = True  # the model must have a caption decoder (``model.caption``)
+    requirements = Requirements(captions=True)  # the model must have a caption decoder (``model.caption``)
 
     def __init__(
         self, modalities: list[str], lambda_con: float = 1.0, lambda_cap: float = 2.0, label_smoothing: float = 0.0
@@ -100,18 +100,15 @@ class CocaObjective(Objective):
         self.label_smoothing = float(label_smoothing)
 
     def forward(
-        self,
-        embeddings: dict[str, torch.Tensor],
-        logit_scale: torch.Tensor,
-        *,
-        caption_logits: torch.Tensor,
-        caption_labels: torch.Tensor,
-        pad_id: int,
-        **_,
+        self, output: AlignmentOutput, logit_scale: Scale, logit_bias: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        out = self.contrastive(embeddings, logit_scale)
+        cap = output.caption
+        if cap is None:
+            raise ConfigError("loss 'coca' needs caption targets: a captioning model (model.caption) and batches "
+                              "that carry both the captioned modality and the text")
+        out = self.contrastive(output, logit_scale)
         contrastive = out.pop("loss")
-        total, count = _caption_ce_sum(caption_logits, caption_labels, pad_id, self.label_smoothing)
+        total, count = _caption_ce_sum(cap.logits, cap.labels, cap.pad_id, self.label_smoothing)
         if is_distributed():
             count = count.clone()
             dist.all_reduce(count)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ..distributed import gather_with_grad, rank, world_size
 from ..errors import ConfigError
-from .objectives import Objective, SigLipObjective
+from .contract import AlignmentOutput
+from .objectives import Objective, Scale, SigLipObjective
 from .registry import register_loss
 
 # Memory (MiB) the blocks of logits may take beyond the features and their gradients, unless told otherwise. It holds
@@ -457,7 +458,10 @@ class ChunkedClipObjective(Objective):
         super().__init__(modalities)
         self.blocks = block_options(chunk_size, block_memory_mb)
 
-    def forward(self, embeddings: dict[str, torch.Tensor], logit_scale: torch.Tensor, **_) -> dict[str, torch.Tensor]:
+    def forward(
+        self, output: AlignmentOutput, logit_scale: Scale, logit_bias: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        embeddings = output.embeddings
         out: dict[str, torch.Tensor] = {}
         if world_size() == 1:
             for m1, m2 in combinations(self.modalities, 2):

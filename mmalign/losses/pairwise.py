@@ -11,6 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
+def positive_mask(n_rows: int, n_cols: int, row_offset: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean ``n_rows x n_cols`` mask, True at (i, row_offset + i): where each local row's positive sits."""
+    rows = torch.arange(n_rows, device=device)
+    cols = torch.arange(n_cols, device=device)
+    return cols[None, :] == (rows[:, None] + row_offset)
+
+
 def clip_rows_loss(
     a_rows: torch.Tensor,
     b_rows: torch.Tensor,

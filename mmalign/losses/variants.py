@@ -1,5 +1,4 @@
-"""Contrastive-loss variants from the literature: CWCL soft targets, label smoothing, DCL, hard negatives (HCL),
-the alignment/uniformity regularisers, and temperature schedules.
+"""Contrastive-loss variants from the literature: CWCL soft targets, label smoothing, DCL, hard negatives (HCL).
 
 One core serves every InfoNCE variant: :func:`infonce_rows` computes, for each query row i of a logits block z whose
 positive is column ``row_offset + i``,
@@ -8,39 +7,32 @@ positive is column ``row_offset + i``,
 
 and returns the mean over rows. t are the targets (one-hot positives unless given: CWCL passes its soft targets),
 eps is label smoothing, and w are weights on the terms of the denominator, given as log w (-inf drops a term: DCL;
-exp(beta z) on negatives: HCL). With t one-hot, eps = 0 and w = 1 it is ``F.cross_entropy(z, arange + row_offset)``,
-i.e. one direction of CLIP. The ``*_rows_loss`` functions compute both directions for a block of local rows against
-all (gathered) columns, as in :mod:`.pairwise`; the plain functions are the same with every row local.
+exp(beta z) on negatives: HCL; only HCL's debiasing, which subtracts the positive's mass, is computed beside it).
+With t one-hot, eps = 0 and w = 1 it is ``F.cross_entropy(z, arange + row_offset)``, i.e. one direction of CLIP. The
+``*_rows_loss`` functions compute both directions for a block of local rows against all (gathered) columns, as in
+:mod:`.pairwise`; the plain functions are the same with every row local.
 
-The registered objectives at the end of the module (``cwcl``, ``dcl``, ``clip_hard_negatives``, ``clip_plus``) share
-one forward (:class:`PairwiseVariantObjective`) that gathers columns with gradient, evaluates the variant on the local
-rows of every pair of modalities, and adds the optional ``align_weight``/``uniform_weight`` regularisers.
+The registered objectives at the end of the module (``cwcl``, ``dcl``, ``clip_hard_negatives``, ``clip_plus``) are
+:class:`~.objectives.PairwiseObjective` s, as ``clip`` is: each defines its ``pair_loss`` and shares the forward that
+handles presence masks and the optional ``align_weight``/``uniform_weight`` regularisers.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from itertools import combinations
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from ..distributed import gather_no_grad, gather_with_grad, rank
+from ..distributed import gather_no_grad
 from ..errors import ConfigError
-from .objectives import Objective
+from .contract import AlignmentOutput
+from .objectives import PairwiseObjective, Rows, Scale
+from .pairwise import positive_mask
 from .registry import register_loss
-
-Scale = torch.Tensor | float
 
 
 # --------------------------------------------------------------------------------------------------- the one core
-
-
-def positive_mask(n_rows: int, n_cols: int, row_offset: int = 0, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean ``n_rows x n_cols`` mask, True at (i, row_offset + i): where each local row's positive sits."""
-    rows = torch.arange(n_rows, device=device)
-    cols = torch.arange(n_cols, device=device)
-    return cols[None, :] == (rows[:, None] + row_offset)
 
 
 def infonce_rows(
@@ -50,8 +42,10 @@ def infonce_rows(
     targets: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     log_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Generalised InfoNCE of a ``rows x N`` logits block (see the module docstring for the formula); mean over rows.
+    """Generalised InfoNCE of a ``rows x N`` logits block (see the module docstring for the formula); mean over rows
+    (``reduction="sum"``: the sum, for masked distributed use).
 
     ``targets``: non-negative ``rows x N`` soft targets, each row normalised by its sum inside (default: one-hot at
     column ``row_offset + i``). ``label_smoothing``: mixes the normalised targets with the uniform distribution over
@@ -67,7 +61,8 @@ def infonce_rows(
     if label_smoothing:
         target_term = (1.0 - label_smoothing) * target_term + label_smoothing * logits.mean(dim=-1)
     denominator = torch.logsumexp(logits if log_weights is None else logits + log_weights, dim=-1)
-    return (denominator - target_term).mean()
+    per_row = denominator - target_term
+    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
 def _both_directions(
@@ -80,17 +75,40 @@ def _both_directions(
 # ------------------------------------------------------------------------------------------ CWCL and label smoothing
 
 
-def cwcl_weights(q: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-    """CWCL soft targets w = 1/2 q_n q_n^T + 1/2 from a frozen tower's features (Srinivasa et al. 2023).
+def cwcl_weights(
+    q: torch.Tensor, columns: torch.Tensor | None = None, *, center: bool = False, sharpness: float = 1.0
+) -> torch.Tensor:
+    """CWCL soft targets from a frozen tower's features (Srinivasa et al. 2023), optionally conditioned.
 
-    ``q`` (B x D_q) is L2-normalised inside and detached, so the weights carry no gradient; w_ij lies in [0, 1] and
-    w_ii = 1. ``columns``: the (gathered) features of all columns, for a ``rows x N`` block of local rows; default
-    ``q`` itself (B x B).
+        w_ij = ((1 + c_ij) / 2) ** gamma,   c_ij = cos(q_i - mu, q_j - mu)
+
+    With the defaults (``center=False``: mu = 0; ``sharpness`` gamma = 1) this is the paper's w = 1/2 q_n q_n^T + 1/2.
+    The conditioning is for anisotropic frozen towers (e.g. MiniLM, whose unrelated captions sit at cosine ~0.3, so
+    every w_ij is ~0.65 and the own pair holds ~1/B of a row's target):
+
+    - ``center=True``: mu = the mean of the column features, so the direction all features share is removed before
+      the cosine and unrelated items sit near c = 0 (Mu & Viswanath 2018, "All-but-the-Top");
+    - ``sharpness`` gamma > 1 raises the weights to a power, a temperature on the frozen similarities: near c = 1,
+      w = exp(gamma log((1 + c) / 2)) ~ exp(-gamma (1 - c) / 2), so gamma = 2 / tau for a temperature tau. Similar
+      items keep most of their weight while unrelated ones fall to 2^-gamma (centred) and the targets tend to CLIP's
+      identity as gamma grows.
+
+    ``q`` (B x D_q) is detached, so the weights carry no gradient; w_ij lies in [0, 1] and w_ii = 1 (unless centring
+    puts q_i exactly at the mean). ``columns``: the (gathered) features of all columns, for a ``rows x N`` block of
+    local rows; default ``q`` itself (B x B). The mean mu always comes from the columns, so a block of rows equals
+    the same rows of the full matrix.
     """
+    if sharpness <= 0:
+        raise ValueError(f"cwcl sharpness must be > 0, got {sharpness}")
     with torch.no_grad():
-        q_n = F.normalize(q.detach(), dim=-1)
-        c_n = q_n if columns is None else F.normalize(columns.detach(), dim=-1)
-        return (0.5 * q_n @ c_n.T + 0.5).clamp_(0.0, 1.0)
+        q = q.detach()
+        cols = q if columns is None else columns.detach()
+        if center:
+            mu = cols.mean(dim=0, keepdim=True)
+            q, cols = q - mu, cols - mu
+        cos = F.normalize(q, dim=-1) @ F.normalize(cols, dim=-1).T
+        w = (0.5 * cos + 0.5).clamp_(0.0, 1.0)
+        return w if sharpness == 1 else w.pow_(sharpness)
 
 
 def cwcl_rows_loss(
@@ -101,6 +119,7 @@ def cwcl_rows_loss(
     logit_scale: Scale,
     weights_ab: torch.Tensor,
     weights_ba: torch.Tensor,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Symmetric soft-target InfoNCE of local rows against all columns.
 
@@ -109,7 +128,8 @@ def cwcl_rows_loss(
     weights such as :func:`cwcl_weights`' they are the same tensor.
     """
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
-    return 0.5 * (infonce_rows(z_ab, targets=weights_ab) + infonce_rows(z_ba, targets=weights_ba))
+    return 0.5 * (infonce_rows(z_ab, targets=weights_ab, reduction=reduction)
+                  + infonce_rows(z_ba, targets=weights_ba, reduction=reduction))
 
 
 def cwcl_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, weights: torch.Tensor) -> torch.Tensor:
@@ -125,13 +145,14 @@ def label_smoothed_clip_rows_loss(
     logit_scale: Scale,
     label_smoothing: float,
     row_offset: int = 0,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """CLIP with label smoothing: 1/2 [CE_eps(s A_r B^T, y) + CE_eps(s B_r A^T, y)] (Szegedy et al. 2016), where
     CE_eps is ``F.cross_entropy(..., label_smoothing=eps)``: targets (1 - eps) one-hot + eps / N over all N columns."""
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
     return 0.5 * (
-        infonce_rows(z_ab, row_offset, label_smoothing=label_smoothing)
-        + infonce_rows(z_ba, row_offset, label_smoothing=label_smoothing)
+        infonce_rows(z_ab, row_offset, label_smoothing=label_smoothing, reduction=reduction)
+        + infonce_rows(z_ba, row_offset, label_smoothing=label_smoothing, reduction=reduction)
     )
 
 
@@ -152,25 +173,43 @@ def dcl_rows_loss(
     b_all: torch.Tensor,
     logit_scale: Scale,
     row_offset: int = 0,
+    reduction: str = "mean",
+    weight_sigma: float | None = None,
 ) -> torch.Tensor:
     """Decoupled contrastive loss (Yeh et al. 2022), symmetric: the positive is removed from each denominator.
 
-    l_i = -s a_i . b_i + log sum_{j != i} exp(s a_i . b_j); L = 1/2 (mean_i l_i^{A->B} + mean_i l_i^{B->A}).
-    Equals CLIP + mean_i log(1 - p_ii) per direction (p = the CLIP softmax); needs N >= 2 columns.
+    l_i = -w_i s a_i . b_i + log sum_{j != i} exp(s a_i . b_j); L = 1/2 (mean_i l_i^{A->B} + mean_i l_i^{B->A}).
+    DCL has w_i = 1: then L = CLIP + mean_i log(1 - p_ii) per direction (p = the CLIP softmax); needs N >= 2 columns.
+    ``weight_sigma`` sigma gives DCL-W, the paper's von Mises-Fisher weighting of the positive term over all N pairs
+    of the (gathered) batch: w_i = 2 - N exp(a_i . b_i / sigma) / sum_k exp(a_k . b_k / sigma) (sigma = 0.5 in the
+    paper; cosines, not logits; with gradient, as in the authors' code), so easy positives (high cosine) weigh
+    less than 1 and hard ones more, with mean 1.
     """
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
     drop_positive = torch.zeros_like(z_ab).masked_fill_(
         positive_mask(*z_ab.shape, row_offset, device=z_ab.device), float("-inf")
     )
-    return 0.5 * (
-        infonce_rows(z_ab, row_offset, log_weights=drop_positive)
-        + infonce_rows(z_ba, row_offset, log_weights=drop_positive)
+    loss = 0.5 * (
+        infonce_rows(z_ab, row_offset, log_weights=drop_positive, reduction=reduction)
+        + infonce_rows(z_ba, row_offset, log_weights=drop_positive, reduction=reduction)
     )
+    if weight_sigma is None:
+        return loss
+    if weight_sigma <= 0:
+        raise ValueError(f"dcl weight_sigma must be > 0, got {weight_sigma}")
+    positives = (a_all * b_all).sum(-1)
+    w = 2.0 - positives.shape[0] * torch.softmax(positives / weight_sigma, dim=0)
+    w_rows = w[row_offset: row_offset + a_rows.shape[0]]
+    # both directions' positive logit is s a_i . b_i: replace its weight 1 by w_i
+    correction = (w_rows - 1.0) * logit_scale * (a_rows * b_rows).sum(-1)
+    return loss - (correction.sum() if reduction == "sum" else correction.mean())
 
 
-def dcl_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale) -> torch.Tensor:
-    """Decoupled contrastive loss over the full batch (see :func:`dcl_rows_loss`)."""
-    return dcl_rows_loss(a, b, a, b, logit_scale)
+def dcl_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, weight_sigma: float | None = None
+) -> torch.Tensor:
+    """Decoupled contrastive loss over the full batch; DCL-W with ``weight_sigma`` (see :func:`dcl_rows_loss`)."""
+    return dcl_rows_loss(a, b, a, b, logit_scale, weight_sigma=weight_sigma)
 
 
 def hard_negative_log_weights(logits: torch.Tensor, beta: float, row_offset: int = 0) -> torch.Tensor:
@@ -186,6 +225,40 @@ def hard_negative_log_weights(logits: torch.Tensor, beta: float, row_offset: int
     return log_w.masked_fill(pos, 0.0)
 
 
+def hcl_rows(
+    logits: torch.Tensor, beta: float, tau_plus: float, logit_scale: Scale, row_offset: int = 0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """One direction of HCL (Robinson et al. 2021) for a ``rows x N`` logits block; mean over rows
+    (``reduction="sum"``: the sum, for masked distributed use).
+
+    l_i = -z_ii + log(exp(z_ii) + Ng_i) with the debiased, reweighted estimate of the negatives' mass
+
+        Ng_i = max( (sum_{j != i} w_ij exp(z_ij) - tau_plus (N - 1) exp(z_ii)) / (1 - tau_plus),  (N - 1) e^{-s} )
+
+    w from :func:`hard_negative_log_weights`, tau_plus the class prior of false negatives (Chuang et al. 2020) and
+    (N - 1) e^{-s} the estimate's least possible value (every cosine -1), the clamp of the paper's code. tau_plus = 0
+    is the reweighting alone (no clamp needed: a weighted mean of exp(z) >= e^{-s}); tau_plus = beta = 0 is CLIP.
+    """
+    log_w = hard_negative_log_weights(logits, beta, row_offset)
+    if not tau_plus:
+        return infonce_rows(logits, row_offset, log_weights=log_w, reduction=reduction)
+    # The debiased estimate subtracts the positive's mass, which no log-weight can express: computed in log space.
+    n_rows, n_cols = logits.shape
+    idx = torch.arange(n_rows, device=logits.device)
+    z_pos = logits[idx, idx + row_offset]
+    pos = positive_mask(n_rows, n_cols, row_offset, device=logits.device)
+    log_neg = torch.logsumexp((logits + log_w).masked_fill(pos, float("-inf")), dim=-1)
+    # Ng = exp(log_neg) (1 - r) / (1 - tau_plus), r = tau_plus (N - 1) exp(z_ii) / sum_j w_ij exp(z_ij)
+    r = tau_plus * (n_cols - 1) * torch.exp(z_pos - log_neg)
+    positive_estimate = r < 1
+    debiased = log_neg + torch.log1p(-torch.where(positive_estimate, r, 0.0)) - math.log1p(-tau_plus)
+    floor = torch.as_tensor(math.log(n_cols - 1) - logit_scale, dtype=logits.dtype, device=logits.device)
+    log_neg = torch.where(positive_estimate, torch.maximum(debiased, floor), floor.expand_as(debiased))
+    per_row = torch.logaddexp(z_pos, log_neg) - z_pos
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
 def hard_negative_clip_rows_loss(
     a_rows: torch.Tensor,
     b_rows: torch.Tensor,
@@ -194,274 +267,119 @@ def hard_negative_clip_rows_loss(
     logit_scale: Scale,
     beta: float,
     row_offset: int = 0,
+    reduction: str = "mean",
+    tau_plus: float = 0.0,
 ) -> torch.Tensor:
-    """Symmetric CLIP whose negatives are reweighted by :func:`hard_negative_log_weights` (HCL without debiasing).
+    """Symmetric HCL: 1/2 [HCL(s A_r B^T) + HCL(s B_r A^T)], each direction :func:`hcl_rows`.
 
-    l_i = -z_ii + log(exp(z_ii) + sum_{j != i} w_ij exp(z_ij)); beta = 0 is CLIP, beta > 0 upweights hard negatives.
+    beta = tau_plus = 0 is CLIP; beta > 0 upweights hard negatives; tau_plus > 0 debiases the negatives for false
+    negatives. HCL's defaults are beta = 1, tau_plus = 0.1 (the registered objective's defaults).
     """
+    if not 0.0 <= tau_plus < 1.0:
+        raise ValueError(f"tau_plus must be in [0, 1), got {tau_plus}")
     z_ab, z_ba = _both_directions(a_rows, b_rows, a_all, b_all, logit_scale)
-    return 0.5 * (
-        infonce_rows(z_ab, row_offset, log_weights=hard_negative_log_weights(z_ab, beta, row_offset))
-        + infonce_rows(z_ba, row_offset, log_weights=hard_negative_log_weights(z_ba, beta, row_offset))
-    )
+    return 0.5 * (hcl_rows(z_ab, beta, tau_plus, logit_scale, row_offset, reduction)
+                  + hcl_rows(z_ba, beta, tau_plus, logit_scale, row_offset, reduction))
 
 
-def hard_negative_clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, beta: float) -> torch.Tensor:
-    """Hard-negative-reweighted CLIP over the full batch (see :func:`hard_negative_clip_rows_loss`)."""
-    return hard_negative_clip_rows_loss(a, b, a, b, logit_scale, beta)
-
-
-# ------------------------------------------------------------------------------- alignment / uniformity (regularisers)
-
-
-def alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
-    """Alignment (Wang & Isola 2020): mean_i ||a_i - b_i||^alpha over paired rows. A mean over rows, so the
-    distributed value is the mean of the local ones (no gathering needed)."""
-    return (a - b).norm(dim=-1).pow(alpha).mean()
-
-
-def uniformity_rows_lse(
-    x_rows: torch.Tensor, x_all: torch.Tensor, t: float = 2.0, row_offset: int = 0
+def hard_negative_clip_loss(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: Scale, beta: float, tau_plus: float = 0.0
 ) -> torch.Tensor:
-    """log sum_{i in rows, j != i} exp(-t ||x_i - x_j||^2): the local part of the uniformity sum, as a log-sum-exp.
-
-    Squared distances come from the Gram form (no sqrt, so identical points have a finite gradient). The global
-    uniformity is ``logsumexp`` of these parts over row blocks minus log(N (N - 1)).
-    """
-    sq = (x_rows.pow(2).sum(-1)[:, None] + x_all.pow(2).sum(-1)[None, :] - 2 * x_rows @ x_all.T).clamp_min(0.0)
-    off_diagonal = (-t * sq).masked_fill(positive_mask(*sq.shape, row_offset, device=sq.device), float("-inf"))
-    return torch.logsumexp(off_diagonal.flatten(), dim=0)
-
-
-def uniformity_loss(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Uniformity (Wang & Isola 2020): log mean_{i != j} exp(-t ||x_i - x_j||^2), for one modality's features."""
-    n = x.shape[0]
-    return uniformity_rows_lse(x, x, t) - math.log(n * (n - 1))
-
-
-def distributed_uniformity(x_local: torch.Tensor, t: float = 2.0) -> torch.Tensor:
-    """Uniformity of the features of all ranks, computed from local rows against gathered columns.
-
-    Every rank returns the global value; its gradient flows through the gathered columns and through the gathered
-    per-rank log-sum-exps, so the gradient semantics match the other distributed losses. On one process it is
-    :func:`uniformity_loss`.
-    """
-    x_all = gather_with_grad(x_local)
-    local = uniformity_rows_lse(x_local, x_all, t, rank() * x_local.shape[0])
-    n = x_all.shape[0]
-    return torch.logsumexp(gather_with_grad(local.reshape(1)), dim=0) - math.log(n * (n - 1))
-
-
-# ------------------------------------------------------------------------------------------------------ temperature
-
-_KINDS = ("cosine", "linear", "exponential", "constant")
-
-
-def scheduled_temperature(step: int, total_steps: int, start: float, end: float, kind: str = "cosine") -> float:
-    """Temperature tau at ``step`` going from ``start`` (step 0) to ``end`` (step >= ``total_steps``).
-
-    cosine: end + (start - end) (1 + cos(pi p)) / 2; linear: start + (end - start) p; exponential: start (end/start)^p
-    (linear in log tau); constant: start. p = clamp(step / total_steps, 0, 1).
-    """
-    if kind not in _KINDS:
-        raise ConfigError(f"unknown temperature schedule {kind!r}; known: {', '.join(_KINDS)}")
-    if total_steps <= 0 or start <= 0 or end <= 0:
-        raise ConfigError(f"temperature schedule needs total_steps > 0 and temperatures > 0, got "
-                          f"total_steps={total_steps}, start={start}, end={end}")
-    p = min(max(step / total_steps, 0.0), 1.0)
-    if kind == "cosine":
-        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
-    if kind == "linear":
-        return start + (end - start) * p
-    if kind == "exponential":
-        return start * (end / start) ** p
-    return start
-
-
-def scheduled_logit_scale(step: int, total_steps: int, start: float, end: float, kind: str = "cosine") -> float:
-    """Logit scale s = 1 / tau for :func:`scheduled_temperature` (``start``/``end`` are temperatures, e.g. 0.07)."""
-    return 1.0 / scheduled_temperature(step, total_steps, start, end, kind)
-
-
-@dataclass(frozen=True)
-class TemperatureSchedule:
-    """Where the loss's logit scale comes from at each step.
-
-    ``mode="learnable"``: the model's learnable scale (log-parametrised, init ln(1/0.07), clamped at 100 by the
-    model), passed through unchanged. ``"fixed"``: s = 1/tau_start. ``"scheduled"``: s = 1/tau(step) from
-    :func:`scheduled_temperature` (tau_start -> tau_end over total_steps, ``kind``). In the loop::
-
-        model.logit_scale.requires_grad_(schedule.learnable)
-        s = schedule.logit_scale(step, learned=model_logit_scale)   # already exp()-ed, as losses expect
-        out = loss_fn(embeddings, logit_scale=s, ...)
-    """
-
-    mode: str = "learnable"
-    tau_start: float = 0.07
-    tau_end: float = 0.01
-    total_steps: int = 1
-    kind: str = "cosine"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("learnable", "fixed", "scheduled"):
-            raise ConfigError(f"temperature mode must be learnable, fixed or scheduled, got {self.mode!r}")
-        if self.mode == "scheduled":
-            scheduled_temperature(0, self.total_steps, self.tau_start, self.tau_end, self.kind)  # validates
-        elif self.tau_start <= 0:
-            raise ConfigError(f"tau_start must be > 0, got {self.tau_start}")
-
-    @property
-    def learnable(self) -> bool:
-        """Whether the model's logit-scale parameter should receive gradients."""
-        return self.mode == "learnable"
-
-    def logit_scale(self, step: int, learned: torch.Tensor | None = None) -> torch.Tensor | float:
-        """The logit scale to pass to the loss at ``step`` (a tensor like ``learned`` when it is given)."""
-        if self.mode == "learnable":
-            if learned is None:
-                raise ValueError("learnable temperature: pass the model's logit scale as learned=")
-            return learned
-        if self.mode == "fixed":
-            s = 1.0 / self.tau_start
-        else:
-            s = scheduled_logit_scale(step, self.total_steps, self.tau_start, self.tau_end, self.kind)
-        return s if learned is None else torch.tensor(s, dtype=learned.dtype, device=learned.device)
+    """HCL over the full batch (see :func:`hard_negative_clip_rows_loss`)."""
+    return hard_negative_clip_rows_loss(a, b, a, b, logit_scale, beta, tau_plus=tau_plus)
 
 
 # ------------------------------------------------------------------------------------------- registered objectives
 
 
-class PairwiseVariantObjective(Objective):
-    """Shared forward of the pairwise variants, with optional regularisers added to any of them.
-
-    For every pair of modalities: the variant's loss of the local rows against gathered columns (``pair_loss``);
-    ``loss`` = mean over pairs + ``align_weight`` * mean over pairs of :func:`alignment_loss` + ``uniform_weight`` *
-    mean over modalities of the uniformity (global over ranks). Components are returned as ``loss_<m1>_<m2>``,
-    ``align`` and ``uniform`` (the last two only when their weight is non-zero), with any ``batch_metrics`` (logged,
-    not optimised).
-    """
-
-    def __init__(
-        self, modalities: list[str], align_weight: float = 0.0, uniform_weight: float = 0.0, uniform_t: float = 2.0
-    ):
-        super().__init__(modalities)
-        if align_weight < 0 or uniform_weight < 0:
-            raise ConfigError(f"align_weight and uniform_weight must be >= 0, got {align_weight}, {uniform_weight}")
-        self.align_weight = float(align_weight)
-        self.uniform_weight = float(uniform_weight)
-        self.uniform_t = float(uniform_t)
-
-    def batch_state(self, embeddings: dict[str, torch.Tensor], **extras) -> object:
-        """Per-batch state shared by all pairs (e.g. CWCL's weights); computed once per forward."""
-        return None
-
-    def batch_metrics(self, state: object, row_offset: int) -> dict[str, torch.Tensor]:
-        """Scalars about the batch state to log next to the loss (no gradient)."""
-        return {}
-
-    def pair_loss(
-        self,
-        a_rows: torch.Tensor,
-        b_rows: torch.Tensor,
-        a_all: torch.Tensor,
-        b_all: torch.Tensor,
-        logit_scale: Scale,
-        row_offset: int,
-        state: object,
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(
-        self, embeddings: dict[str, torch.Tensor], logit_scale: torch.Tensor, **extras
-    ) -> dict[str, torch.Tensor]:
-        state = self.batch_state(embeddings, **extras)
-        gathered = {m: gather_with_grad(embeddings[m]) for m in self.modalities}
-        offset = rank() * embeddings[self.modalities[0]].shape[0]
-        pairs = list(combinations(self.modalities, 2))
-        out: dict[str, torch.Tensor] = {}
-        for m1, m2 in pairs:
-            out[f"loss_{m1}_{m2}"] = self.pair_loss(
-                embeddings[m1], embeddings[m2], gathered[m1], gathered[m2], logit_scale, offset, state
-            )
-        loss = torch.stack(list(out.values())).mean()
-        if self.align_weight:
-            out["align"] = torch.stack([alignment_loss(embeddings[m1], embeddings[m2]) for m1, m2 in pairs]).mean()
-            loss = loss + self.align_weight * out["align"]
-        if self.uniform_weight:
-            out["uniform"] = torch.stack(
-                [distributed_uniformity(embeddings[m], self.uniform_t) for m in self.modalities]
-            ).mean()
-            loss = loss + self.uniform_weight * out["uniform"]
-        out.update(self.batch_metrics(state, offset))
-        out["loss"] = loss
-        return out
-
-
 @register_loss("clip_plus")
-class ClipPlusObjective(PairwiseVariantObjective):
+class ClipPlusObjective(PairwiseObjective):
     """CLIP with optional ``label_smoothing`` and alignment/uniformity regularisers; with the defaults it is ``clip``."""
 
-    def __init__(self, modalities: list[str], label_smoothing: float = 0.0, **regularisers: float):
-        super().__init__(modalities, **regularisers)
+    def __init__(self, modalities: list[str], label_smoothing: float = 0.0, align_weight: float = 0.0,
+                 uniform_weight: float = 0.0, uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return label_smoothed_clip_rows_loss(
-            a_rows, b_rows, a_all, b_all, logit_scale, self.label_smoothing, row_offset
-        )
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: object) -> torch.Tensor:
+        return label_smoothed_clip_rows_loss(*rows.local, *rows.columns, logit_scale, self.label_smoothing,
+                                             rows.offset, reduction="sum")
 
 
 @register_loss("dcl")
-class DclObjective(PairwiseVariantObjective):
-    """Decoupled contrastive loss (positive removed from the denominators); mean over pairs of modalities."""
+class DclObjective(PairwiseObjective):
+    """Decoupled contrastive loss (positive removed from the denominators); mean over pairs of modalities.
+    ``weight_sigma`` (e.g. the paper's 0.5) turns it into DCL-W (see :func:`dcl_rows_loss`)."""
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return dcl_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, row_offset)
+    def __init__(self, modalities: list[str], weight_sigma: float | None = None, align_weight: float = 0.0,
+                 uniform_weight: float = 0.0, uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
+        if weight_sigma is not None and not weight_sigma > 0:
+            raise ConfigError(f"dcl: weight_sigma must be > 0 (or null for plain DCL), got {weight_sigma}")
+        self.weight_sigma = None if weight_sigma is None else float(weight_sigma)
+
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: object) -> torch.Tensor:
+        return dcl_rows_loss(*rows.local, *rows.columns, logit_scale, rows.offset, reduction="sum",
+                             weight_sigma=self.weight_sigma)
 
 
 @register_loss("clip_hard_negatives")
-class HardNegativeClipObjective(PairwiseVariantObjective):
-    """CLIP with HCL hard-negative reweighting of strength ``beta`` (0 = CLIP)."""
+class HardNegativeClipObjective(PairwiseObjective):
+    """HCL (Robinson et al. 2021): hard-negative reweighting of strength ``beta`` and false-negative debiasing with
+    class prior ``tau_plus``; the defaults are the paper's code's (beta = 1, tau_plus = 0.1), beta = tau_plus = 0 is
+    CLIP. See :func:`hcl_rows`."""
 
-    def __init__(self, modalities: list[str], beta: float = 0.5, **regularisers: float):
-        super().__init__(modalities, **regularisers)
+    def __init__(self, modalities: list[str], beta: float = 1.0, tau_plus: float = 0.1, align_weight: float = 0.0,
+                 uniform_weight: float = 0.0, uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
+        if beta < 0 or not 0.0 <= tau_plus < 1.0:
+            raise ConfigError(f"clip_hard_negatives: beta must be >= 0 and tau_plus in [0, 1), got beta={beta}, "
+                              f"tau_plus={tau_plus}")
         self.beta = float(beta)
+        self.tau_plus = float(tau_plus)
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
-        return hard_negative_clip_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, self.beta, row_offset)
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: object) -> torch.Tensor:
+        return hard_negative_clip_rows_loss(*rows.local, *rows.columns, logit_scale, self.beta, rows.offset,
+                                            reduction="sum", tau_plus=self.tau_plus)
 
 
 @register_loss("cwcl")
-class CwclObjective(PairwiseVariantObjective):
-    """CWCL with soft targets from a frozen tower: forward needs ``frozen_features={weights_from: B x D_q tensor}``.
+class CwclObjective(PairwiseObjective):
+    """CWCL with soft targets from a frozen tower: needs ``output.frozen_features[weights_from]`` (B x D_q).
 
     ``weights_from`` (default: the first modality) names the modality whose frozen tower's features q give the
     weights :func:`cwcl_weights`; they are computed once per batch without gradient (q gathered without gradient
-    across ranks) and used for every pair of modalities.
+    across ranks) and used for every pair of modalities (restricted to the pair's complete rows). ``center`` and
+    ``sharpness`` condition the weights (see :func:`cwcl_weights`; the defaults are the paper's weights).
     """
 
-    def __init__(self, modalities: list[str], weights_from: str | None = None, **regularisers: float):
-        super().__init__(modalities, **regularisers)
+    def __init__(self, modalities: list[str], weights_from: str | None = None, center: bool = False,
+                 sharpness: float = 1.0, align_weight: float = 0.0, uniform_weight: float = 0.0,
+                 uniform_t: float = 2.0, missing: str = "drop"):
+        super().__init__(modalities, align_weight, uniform_weight, uniform_t, missing)
         self.weights_from = weights_from if weights_from is not None else self.modalities[0]
         if self.weights_from not in self.modalities:
             raise ConfigError(f"cwcl: weights_from={self.weights_from!r} is not one of the modalities {self.modalities}")
-        self.needs_features = (self.weights_from,)
+        if not sharpness > 0:
+            raise ConfigError(f"cwcl: sharpness must be > 0, got {sharpness}")
+        self.requirements = replace(type(self).requirements, features=(self.weights_from,))
+        self.center = bool(center)
+        self.sharpness = float(sharpness)
 
-    def batch_state(
-        self, embeddings: dict[str, torch.Tensor], frozen_features: dict[str, torch.Tensor] | None = None, **_
-    ) -> torch.Tensor:
-        if not frozen_features or self.weights_from not in frozen_features:
+    def batch_state(self, output: AlignmentOutput) -> torch.Tensor:
+        features = output.frozen_features
+        if self.weights_from not in features:
             raise ConfigError(
                 f"loss 'cwcl' needs frozen_features={{{self.weights_from!r}: features of its frozen tower}}, got "
-                f"{sorted(frozen_features) if frozen_features else None}"
+                f"{sorted(features) if features else None}"
             )
-        q = frozen_features[self.weights_from].detach()
-        n_local = embeddings[self.modalities[0]].shape[0]
+        q = features[self.weights_from].detach()
+        n_local = output.embeddings[self.modalities[0]].shape[0]
         if q.shape[0] != n_local:
             raise ValueError(f"cwcl: frozen features have {q.shape[0]} rows, embeddings {n_local}")
-        return cwcl_weights(q, columns=gather_no_grad(q))
+        return cwcl_weights(q, columns=gather_no_grad(q), center=self.center, sharpness=self.sharpness)
 
     def batch_metrics(self, state: torch.Tensor, row_offset: int) -> dict[str, torch.Tensor]:
         """``cwcl_positive_mass``: mean share of a row's normalised soft targets on its own pair, w_ii / sum_j w_ij
@@ -469,6 +387,7 @@ class CwclObjective(PairwiseVariantObjective):
         pos = positive_mask(*state.shape, row_offset, device=state.device)
         return {"cwcl_positive_mass": (state[pos] / state.sum(dim=-1)).mean()}
 
-    def pair_loss(self, a_rows, b_rows, a_all, b_all, logit_scale, row_offset, state):
+    def pair_loss(self, rows: Rows, logit_scale: Scale, state: torch.Tensor) -> torch.Tensor:
+        weights = state if rows.keep is None else state[rows.keep][:, rows.keep_all]
         # The weights are symmetric, so the local rows of w^T are the local rows of w.
-        return cwcl_rows_loss(a_rows, b_rows, a_all, b_all, logit_scale, state, state)
+        return cwcl_rows_loss(*rows.local, *rows.columns, logit_scale, weights, weights, reduction="sum")

@@ -7,12 +7,13 @@ only). Short clips are zero-padded and carry the fraction of each window that ho
 the towers build their time masks.
 
 An item is ``{"input": W x <features>, "valid": W}`` with W windows (1 when training). A batch stacks the windows
-as rows, ``{"input": N x <features>, "valid": N}``, plus ``window_owner`` when an item has several: the adapter then
+as rows, ``{"input": N x <features>, "valid": N}``, plus ``owner`` when an item has several: the adapter then
 averages the tower features of an item's windows (the "fusion of several windows" evaluation of long clips).
 
-Features: ``logmel`` (torchaudio ``MelSpectrogram``, log) or ``fbank`` (Kaldi filterbanks,
-``torchaudio.compliance.kaldi``) for the towers trained from scratch; HF towers use their own feature extractor
-(AST, Whisper, CLAP, wav2vec2/HuBERT/WavLM), loaded from the same hub name or folder as the model.
+Features (each tower's spec names them, ``AudioTowerSpec.features``): ``OwnFeatures``, ``logmel`` (torchaudio
+``MelSpectrogram``, log) or ``fbank`` (Kaldi filterbanks, ``torchaudio.compliance.kaldi``) for the towers trained from
+scratch; ``HFFeatures``, the model's own feature extractor (AST, Whisper, CLAP, wav2vec2/HuBERT/WavLM) loaded from the
+same hub name or folder as the model, whose sampling rate and fixed input length are the modality's defaults.
 
 Towers: ``mel_cnn`` (from scratch), ``hf`` (any of the HF encoders above; from a ``ClapModel`` checkpoint its audio
 half with the audio projection) and ``hf_clip`` (the audio part of an HF dual encoder such as ``ClapModel``, kept in
@@ -22,57 +23,36 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, register_modality, register_tower, sinusoidal_positions
-from .hf import HFDualEncoderTower, resolve_pretrained
+from ..modality_config import AudioAugmentConfig, AudioConfig
+from .hf import HFDualEncoderTower, HFExport, dual_tower_spec, load_hf_config, resolve_pretrained
+from .layers import sinusoidal_positions
+from .registry import OWNER, Modality, TowerSpec, named_errors, register_modality, register_tower
 
 AUDIO_RATES = (1_000, 768_000)  # sample rates (Hz) a file may declare
 MAX_RESAMPLE_PHASES = 4_000_000  # largest resampling filter (output x input phases) built for a file's rate
 
 EVAL_CROPS = ("start", "center", "windows")
 OWN_FEATURES = ("logmel", "fbank")
-HF_TOWERS = ("hf", "hf_clip")
+AUDIO_POOLING = {"ast": "pooler_output", "clap": "audio_embeds"}  # HF family -> exported output; others: "mean"
 
 
-@dataclass
-class AudioAugmentConfig:
-    """Training-time augmentation (off in evaluation). Ranges are drawn uniformly per sample."""
+@dataclass(frozen=True, kw_only=True)
+class AudioTowerSpec(TowerSpec):
+    """An audio tower's spec adds its features: resolved config -> an object turning a window of samples into the
+    tower's input (``__call__(window, signal) -> (features, valid fraction)``, ``fixed_samples()``, ``axes`` for
+    SpecAugment or None, ``save(directory) -> bool``): ``OwnFeatures`` or ``HFFeatures.from_config``."""
 
-    gain_db: tuple = (0.0, 0.0)  # e.g. [-6, 6]
-    noise_snr_db: Optional[tuple] = None  # e.g. [10, 40]: white noise at this signal-to-noise ratio
-    noise_p: float = 0.5  # probability of adding noise when noise_snr_db is set
-    shift_s: float = 0.0  # time shift up to this many seconds either way (drops samples or prepends silence)
-    freq_masks: int = 0  # SpecAugment (Park et al. 2019): number of frequency masks ...
-    freq_mask_width: int = 8  # ... each up to this many bins wide
-    time_masks: int = 0  # number of time masks ...
-    time_mask_width: int = 10  # ... each up to this many frames wide
-
-
-@dataclass
-class AudioConfig(ModalityConfig):
-    sample_rate: Optional[int] = None  # tower's rate; default: the HF feature extractor's, else 16 kHz
-    channel: Optional[int] = None  # None: mix down to mono; an index: use that channel only
-    clip_seconds: Optional[float] = None  # fixed window; default: the HF extractor's fixed input, else 10 s (CLAP)
-    eval_crop: str = "center"  # "start" | "center" | "windows" (mean of eval_windows evenly spaced windows)
-    eval_windows: int = 3
-    silence_threshold: float = 1e-4  # peak amplitude below which a clip is rejected as silent (0: keep all)
-    features: str = "auto"  # "logmel" | "fbank" for own towers; "auto": logmel, or the HF tower's extractor
-    n_mels: int = 64
-    n_fft: int = 400  # window length in samples (25 ms at 16 kHz)
-    hop_length: int = 160  # 10 ms at 16 kHz
-    f_min: float = 0.0
-    f_max: Optional[float] = None
-    augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
+    features: Callable[[AudioConfig], Any]
 
 
 # --------------------------------------------------------------------------------------------- pure functions
@@ -180,12 +160,17 @@ class OwnFeatures:
 
     axes = (-2, -1)
 
-    def __init__(self, cfg: AudioConfig, rate: int):
-        self.cfg, self.rate = cfg, rate
+    def __init__(self, cfg: AudioConfig):
+        if cfg.features not in OWN_FEATURES:
+            raise ConfigError(f"features must be logmel or fbank, got {cfg.features!r}")
+        self.cfg, self.rate = cfg, cfg.sample_rate
         self._mel = None
 
     def fixed_samples(self) -> int | None:
         return None
+
+    def save(self, directory: Path) -> bool:
+        return False
 
     def __call__(self, window: torch.Tensor, signal: int) -> tuple[torch.Tensor, float]:
         cfg = self.cfg
@@ -218,6 +203,27 @@ class HFFeatures:
         self.extractor, self.family = extractor, family
         self.axes = HF_SPECTROGRAM_AXES.get(family)
 
+    @classmethod
+    def from_config(cls, cfg: AudioConfig) -> "HFFeatures":
+        """The extractor of ``cfg.model``; the config must leave features to it and may only name its rate."""
+        if cfg.features != "auto":
+            raise ConfigError(f"{cfg.tower} towers use the model's feature extractor; leave 'features' unset")
+        extractor = load_feature_extractor(cfg.model, cfg.trust_remote_code)
+        if cfg.sample_rate not in (None, extractor.sampling_rate):
+            raise ConfigError(f"sample_rate={cfg.sample_rate} but {cfg.model!r} expects {extractor.sampling_rate} Hz "
+                              f"(leave sample_rate unset)")
+        return cls(extractor, hf_family(load_hf_config(cfg.model, cfg.trust_remote_code).model_type))
+
+    def defaults(self) -> dict[str, Any]:
+        """The extractor's rate, and its fixed input (spectrogram models) as the clip length."""
+        rate, fixed = int(self.extractor.sampling_rate), self.fixed_samples()
+        return {"sample_rate": rate, **({"clip_seconds": fixed / rate} if fixed else {})}
+
+    def save(self, directory: Path) -> bool:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.extractor.save_pretrained(directory)
+        return True
+
     def fixed_samples(self) -> int | None:
         fe = self.extractor
         if self.family == "ast":  # Kaldi frames of 25 ms every 10 ms, padded or cut to max_length frames
@@ -248,15 +254,6 @@ def load_feature_extractor(name: str, trust_remote_code: bool):
         raise ConfigError(f"cannot load the feature extractor of {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_hf_config(name: str, trust_remote_code: bool, **kwargs):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(resolve_pretrained(name), trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load HF audio model {name!r}: {str(e).splitlines()[0]}") from None
-
-
 # --------------------------------------------------------------------------------------------- the modality
 
 
@@ -265,38 +262,20 @@ class AudioModality(Modality):
     kind = "audio"
     extensions = ("flac", "wav", "mp3", "ogg", "opus")
     config_class = AudioConfig
-    towers = {}
+    spec_class = AudioTowerSpec
     default_tower = "mel_cnn"
+    defaults = {"sample_rate": 16000, "clip_seconds": 10.0}
 
     def __init__(self, name: str, cfg: AudioConfig):
         super().__init__(name, cfg)
         if cfg.eval_crop not in EVAL_CROPS:
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
-        if cfg.eval_windows < 1 or (cfg.clip_seconds is not None and cfg.clip_seconds <= 0) or (cfg.channel or 0) < 0:
+        if cfg.eval_windows < 1 or cfg.clip_seconds <= 0 or (cfg.channel or 0) < 0:
             raise ConfigError(f"modality {name!r}: eval_windows must be >= 1, clip_seconds > 0 and channel >= 0")
-        if cfg.tower in HF_TOWERS:
-            if not cfg.model:
-                raise ConfigError(f"modality {name!r}: audio tower {cfg.tower} needs 'model' (a hub name or folder)")
-            if cfg.features != "auto":
-                raise ConfigError(f"modality {name!r}: {cfg.tower} towers use the model's feature extractor; "
-                                  "leave 'features' unset")
-            extractor = load_feature_extractor(cfg.model, cfg.trust_remote_code)
-            family = hf_family(load_hf_config(cfg.model, cfg.trust_remote_code).model_type)
-            if cfg.sample_rate not in (None, extractor.sampling_rate):
-                raise ConfigError(f"modality {name!r}: sample_rate={cfg.sample_rate} but {cfg.model!r} expects "
-                                  f"{extractor.sampling_rate} Hz (leave sample_rate unset)")
-            self.rate = int(extractor.sampling_rate)
-            self.features = HFFeatures(extractor, family)
-        else:
-            if cfg.features == "auto":
-                cfg.features = "logmel"
-            if cfg.features not in OWN_FEATURES:
-                raise ConfigError(f"modality {name!r}: features must be logmel or fbank, got {cfg.features!r}")
-            self.rate = cfg.sample_rate or 16000
-            self.features = OwnFeatures(cfg, self.rate)
+        with named_errors(name):
+            self.features = self.spec.features(cfg)
+        self.rate = cfg.sample_rate
         fixed = self.features.fixed_samples()
-        if cfg.clip_seconds is None:
-            cfg.clip_seconds = fixed / self.rate if fixed else 10.0
         self.clip_samples = int(round(cfg.clip_seconds * self.rate))
         if fixed and self.clip_samples > fixed:
             raise ConfigError(f"modality {name!r}: clip_seconds={cfg.clip_seconds} is longer than the "
@@ -377,19 +356,25 @@ class AudioModality(Modality):
         return wave
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """Windows as rows; ``window_owner`` (row -> item) when an item has several, for the adapter to average."""
+        """Windows as rows; ``owner`` (row -> item) when an item has several, for the adapter to average."""
         batch = {k: torch.cat([item[k] for item in items]) for k in ("input", "valid")}
         counts = torch.tensor([item["valid"].shape[0] for item in items])
         if (counts > 1).any():
-            batch["window_owner"] = torch.repeat_interleave(torch.arange(len(items)), counts)
+            batch[OWNER] = torch.repeat_interleave(torch.arange(len(items)), counts)
         return batch
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
         """HF towers: the model config (the tower's ``save_config``) and the feature extractor."""
         updates = super().save_assets(tower, directory)
         if updates:
-            self.features.extractor.save_pretrained(directory)
+            self.features.save(directory)
         return updates
+
+    def save_hf_preprocessor(self, directory: Path) -> dict:
+        self.features.save(directory)
+        cfg = self.cfg
+        return {"sample_rate": self.rate, "clip_seconds": cfg.clip_seconds, "eval_crop": cfg.eval_crop,
+                "eval_windows": cfg.eval_windows}
 
 
 # --------------------------------------------------------------------------------------------- towers
@@ -434,9 +419,8 @@ class MelCNN(nn.Module):
         return torch.cat([masked_mean(h, mask), peak], dim=-1)
 
 
-@register_tower(AudioModality, "mel_cnn")
-def mel_cnn(cfg: AudioConfig) -> nn.Module:
-    return MelCNN(cfg.n_mels, **cfg.tower_kwargs)
+register_tower("audio", "mel_cnn", AudioTowerSpec(build=lambda cfg: MelCNN(cfg.n_mels, **cfg.tower_kwargs),
+                                                   defaults=lambda cfg: {"features": "logmel"}, features=OwnFeatures))
 
 
 class HFAudioTower(nn.Module):
@@ -499,10 +483,18 @@ class HFAudioTower(nn.Module):
     def save_config(self, directory: Path) -> None:
         self.model.config.save_pretrained(directory)
 
+    def hf_export(self) -> HFExport:
+        return HFExport(self.model, AUDIO_POOLING.get(self.family, "mean"))
 
-@register_tower(AudioModality, "hf")
-def hf_audio(cfg: AudioConfig) -> nn.Module:
-    return HFAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+
+def hf_audio_defaults(cfg: AudioConfig) -> dict[str, Any]:
+    return HFFeatures.from_config(cfg).defaults()
+
+
+register_tower("audio", "hf", AudioTowerSpec(
+    build=lambda cfg: HFAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs),
+    defaults=hf_audio_defaults, features=HFFeatures.from_config, model="a hub name or folder",
+    export={"hf": HFAudioTower.hf_export}))
 
 
 def clap_is_longer(audio_config, x: torch.Tensor) -> torch.Tensor:
@@ -514,14 +506,10 @@ def clap_is_longer(audio_config, x: torch.Tensor) -> torch.Tensor:
 class ClapDualAudioTower(HFDualEncoderTower):
     """``hf_clip`` for audio: ``ClapModel.get_audio_features`` on this modality's features."""
 
-    def __init__(self, name: str, from_scratch: bool, trust_remote_code: bool, **kwargs):
-        super().__init__(name, "audio", from_scratch, trust_remote_code, **kwargs)
-
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         x = inputs["input"]
         return super().forward({"input_features": x, "is_longer": clap_is_longer(self.sub_config, x)})
 
 
-@register_tower(AudioModality, "hf_clip")
-def hf_clip_audio(cfg: AudioConfig) -> nn.Module:
-    return ClapDualAudioTower(cfg.model, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+register_tower("audio", "hf_clip", dual_tower_spec("audio", AudioTowerSpec, ClapDualAudioTower,
+                                                   defaults=hf_audio_defaults, features=HFFeatures.from_config))

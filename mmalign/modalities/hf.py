@@ -7,21 +7,25 @@ so an image tower and a text tower built from the same checkpoint give exactly `
 ``get_text_features``. With ``proj: none`` (and ``embed_dim`` = the checkpoint's projection size) the adapters are
 the pretrained model; with ``proj: linear`` a new head is learned on top, and export folds it into the checkpoint's
 projection where the architecture allows.
+
+``dual_tower_spec`` registers that builder for one part with the checkpoint's preprocessing (``checkpoint_preprocess``)
+and its hf export (``HFExport``, the layout export writes for every HF tower).
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ModalityConfig
 from ..errors import ConfigError
-from .base import model_and_weights
+from ..modality_config import ModalityConfig
+from .registry import TowerSpec, model_and_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,11 @@ class HFDualEncoderTower(nn.Module):
 
     def __init__(self, name: str, part: str, from_scratch: bool, trust_remote_code: bool = False, **kwargs):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
 
         path = resolve_pretrained(name)
+        config = load_hf_config(name, trust_remote_code, **kwargs)
         try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
             if from_scratch:
                 model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
             else:
@@ -84,7 +88,6 @@ class HFDualEncoderTower(nn.Module):
         self.part = part
         self.sub_config = getattr(config, sub_name)
         self.out_dim = config.projection_dim if self.projection_name else self.sub_config.hidden_size
-        self.preprocess = checkpoint_preprocess(path, part, config)
 
     @property
     def projection_name(self) -> str | None:
@@ -105,6 +108,39 @@ class HFDualEncoderTower(nn.Module):
 
     def save_config(self, directory: Path) -> None:
         self.model.config.save_pretrained(directory)
+
+    def hf_export(self) -> "HFExport":
+        """This part alone as the transformers model of its sub-config, its projection (if any) as head."""
+        import transformers
+        from transformers import PreTrainedModel
+
+        encoder = getattr(self.model, self.encoder_name)
+        if isinstance(encoder, PreTrainedModel):
+            single = encoder
+        else:
+            single = getattr(transformers, type(self.sub_config).__name__.replace("Config", "Model"))(self.sub_config)
+            getattr(single, self.encoder_name).load_state_dict(encoder.state_dict())
+        head = [getattr(self.model, self.projection_name)] if self.projection_name else []
+        return HFExport(single, "pooler_output", head)
+
+
+@dataclass
+class HFExport:
+    """What ``mmalign export --format hf`` writes for one tower (a tower spec's ``export["hf"]`` gives it)."""
+
+    model: nn.Module  # a transformers ``PreTrainedModel``, saved alone in the modality's folder
+    pooling: str  # its output -> the tower's feature: pooler_output | audio_embeds | mean | cls
+    head: list[nn.Module] = field(default_factory=list)  # applied to that feature before mmalign's projection head
+
+
+def load_hf_config(name: str, trust_remote_code: bool, **kwargs):
+    """``AutoConfig`` of a hub name or local folder; ``kwargs`` override its fields."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_pretrained(name), trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load HF model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def checkpoint_preprocess(path: str, part: str, config) -> dict:
@@ -144,11 +180,22 @@ def checkpoint_preprocess(path: str, part: str, config) -> dict:
     return out
 
 
-def hf_dual_tower(part: str) -> Callable[[ModalityConfig], nn.Module]:
-    """The ``hf_clip`` tower builder for one part (``image``, ``text``, ``audio``), for ``register_tower``."""
+def dual_tower_spec(part: str, spec_class: type[TowerSpec] = TowerSpec, tower_class: type = HFDualEncoderTower,
+                    **extra) -> TowerSpec:
+    """The ``hf_clip`` tower of one part (``image``, ``text``, ``audio``): built by ``tower_class`` (an
+    ``HFDualEncoderTower``), preprocessing as the checkpoint's, exported as its part of the dual encoder. ``extra``:
+    the kind's own spec fields (``spec_class``), or fields replacing these."""
 
     def build(cfg: ModalityConfig) -> nn.Module:
-        name, _ = model_and_weights(cfg, "a dual-encoder hub name or local folder, e.g. openai/clip-vit-base-patch32")
-        return HFDualEncoderTower(name, part, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+        name, _ = model_and_weights(cfg)
+        return tower_class(name, part, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
 
-    return build
+    def defaults(cfg: ModalityConfig) -> dict:
+        config = load_hf_config(cfg.model, cfg.trust_remote_code, **cfg.tower_kwargs)
+        return checkpoint_preprocess(resolve_pretrained(cfg.model), part, config)
+
+    # "hf_dual": the part itself, for export to make the dual encoder again when every tower is a part of one
+    export = {"hf": tower_class.hf_export, "hf_dual": lambda tower: tower}
+    fields = {"build": build, "defaults": defaults, "export": export,
+              "model": "a dual-encoder hub name or local folder, e.g. openai/clip-vit-base-patch32"}
+    return spec_class(**{**fields, **extra})

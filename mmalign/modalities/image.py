@@ -2,33 +2,24 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
-from .hf import hf_dual_tower
+from ..modality_config import ImageConfig
+from .hf import dual_tower_spec
+from .openclip import OpenClipExport, create_open_clip, open_clip_image_defaults
+from .registry import Modality, TowerSpec, model_and_weights, register_modality, register_tower
+
+log = logging.getLogger(__name__)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class ImageConfig(ModalityConfig):
-    # Preprocessing left unset comes from the checkpoint (HF image processor, open_clip preprocess config),
-    # else 224 px with CLIP's mean/std, shortest-side resize + centre crop, bicubic.
-    image_size: Optional[int] = None
-    mean: Optional[tuple] = None
-    std: Optional[tuple] = None
-    resize_mode: Optional[str] = None  # open_clip: "shortest" | "longest" | "squash"
-    interpolation: Optional[str] = None  # "bicubic" | "bilinear" | "nearest"
-    augment: dict = field(default_factory=dict)  # open_clip AugmentationCfg keys, e.g. {scale: [0.8, 1.0]}
 
 
 @register_modality
@@ -36,7 +27,6 @@ class ImageModality(Modality):
     kind = "image"
     extensions = ("jpg", "jpeg", "png", "webp", "bmp")
     config_class = ImageConfig
-    towers = {}
     default_tower = "small_cnn"
     defaults = {"image_size": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD, "resize_mode": "shortest",
                 "interpolation": "bicubic"}
@@ -88,27 +78,43 @@ class ImageModality(Modality):
         training crop (open_clip's RandomResizedCrop; evaluation's resize and centre crop need less)."""
         scale = self.train_augment["scale"][0]
         ratio = self.train_augment.get("ratio", (3 / 4, 4 / 3))  # open_clip's (torchvision's) default
-        size = self.cfg.image_size or self.defaults["image_size"]
-        return math.ceil(size / math.sqrt(scale * min(ratio[0], 1 / ratio[1])))
+        return math.ceil(self.cfg.image_size / math.sqrt(scale * min(ratio[0], 1 / ratio[1])))
 
     def transform(self, item, train: bool) -> torch.Tensor:
         if train not in self._transforms:
             import open_clip
 
-            cfg = {k: getattr(self.cfg, k) if getattr(self.cfg, k) is not None else v for k, v in self.defaults.items()}
+            cfg = self.cfg
             self._transforms[train] = open_clip.image_transform(
-                cfg["image_size"], is_train=train, mean=cfg["mean"], std=cfg["std"], resize_mode=cfg["resize_mode"],
-                interpolation=cfg["interpolation"], aug_cfg=self.train_augment if train else None,
+                cfg.image_size, is_train=train, mean=cfg.mean, std=cfg.std, resize_mode=cfg.resize_mode,
+                interpolation=cfg.interpolation, aug_cfg=self.train_augment if train else None,
             )
         return self._transforms[train](item)
 
     def placeholder(self, train: bool) -> torch.Tensor:
         """A black image of the transformed size (3 x image_size x image_size)."""
-        size = self.cfg.image_size or self.defaults["image_size"]
-        return torch.zeros(3, size, size)
+        return torch.zeros(3, self.cfg.image_size, self.cfg.image_size)
 
     def __getstate__(self):
         return {**self.__dict__, "_transforms": {}}
+
+    def save_hf_preprocessor(self, directory: Path) -> dict:
+        """An HF image processor doing what the evaluation transform does."""
+        from transformers import CLIPImageProcessor
+
+        cfg = self.cfg
+        size, resample = cfg.image_size, {"nearest": 0, "bilinear": 2, "bicubic": 3}[cfg.interpolation]
+        common = {"image_mean": list(cfg.mean), "image_std": list(cfg.std), "resample": resample}
+        if cfg.resize_mode == "squash":
+            processor = CLIPImageProcessor(size={"height": size, "width": size}, do_center_crop=False, **common)
+        else:
+            if cfg.resize_mode == "longest":
+                log.warning("HF image processors cannot letterbox (resize_mode longest): the exported one centre-crops")
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                           **common)
+        processor.save_pretrained(directory)
+        return {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std, "resize_mode": cfg.resize_mode,
+                "interpolation": cfg.interpolation}
 
 
 def norm_2d(kind: str, channels: int) -> nn.Module:
@@ -147,9 +153,7 @@ class SmallCNN(nn.Module):
         return self.blocks(x).flatten(2).transpose(1, 2), None
 
 
-@register_tower(ImageModality, "small_cnn")
-def small_cnn(cfg: ImageConfig) -> nn.Module:
-    return SmallCNN(**cfg.tower_kwargs)
+register_tower("image", "small_cnn", TowerSpec(build=lambda cfg: SmallCNN(**cfg.tower_kwargs)))
 
 
 class OpenClipVisual(nn.Module):
@@ -162,20 +166,12 @@ class OpenClipVisual(nn.Module):
 
     def __init__(self, model_name: str, pretrained: str | None, **kwargs):
         super().__init__()
-        import open_clip
         from open_clip.transformer import VisionTransformer
 
         model = create_open_clip(model_name, pretrained, **kwargs)
         self.visual = model.visual
         self.model_name = model_name
         self.out_dim = model.visual.output_dim
-        pp = dict(open_clip.get_model_preprocess_cfg(model))
-        if isinstance(pp.get("size"), (tuple, list)):
-            pp["size"] = pp["size"][0]
-        names = {"size": "image_size", "mean": "mean", "std": "std", "resize_mode": "resize_mode",
-                 "interpolation": "interpolation"}
-        self.preprocess = {names[k]: tuple(v) if isinstance(v, list) else v
-                           for k, v in pp.items() if k in names and v is not None}
         self.token_dim = None
         if isinstance(self.visual, VisionTransformer):
             self.visual.output_tokens = True
@@ -192,10 +188,17 @@ class OpenClipVisual(nn.Module):
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.forward_pooled_tokens(x)[1:]
 
+    def open_clip_export(self) -> OpenClipExport:
+        state = {f"visual.{k}": v for k, v in self.visual.state_dict().items()}
+        projection = "visual.proj" if "visual.proj" in state else (
+            "visual.attnpool.c_proj" if "visual.attnpool.c_proj.weight" in state else "visual.head.proj")
+        return OpenClipExport("image", self.model_name, state, projection)
 
-@register_tower(ImageModality, "open_clip")
-def open_clip_visual(cfg: ImageConfig) -> nn.Module:
-    return OpenClipVisual(*model_and_weights(cfg, "an open_clip architecture name, e.g. ViT-B-32"), **cfg.tower_kwargs)
+
+register_tower("image", "open_clip", TowerSpec(
+    build=lambda cfg: OpenClipVisual(*model_and_weights(cfg), **cfg.tower_kwargs),
+    defaults=open_clip_image_defaults, model="an open_clip architecture name, e.g. ViT-B-32",
+    export={"open_clip": OpenClipVisual.open_clip_export}))
 
 
 class TimmTower(nn.Module):
@@ -218,9 +221,6 @@ class TimmTower(nn.Module):
         return self.model(x)
 
 
-@register_tower(ImageModality, "timm")
-def timm_tower(cfg: ImageConfig) -> nn.Module:
-    return TimmTower(*model_and_weights(cfg, "a timm architecture name, e.g. resnet18"), **cfg.tower_kwargs)
-
-
-register_tower(ImageModality, "hf_clip")(hf_dual_tower("image"))
+register_tower("image", "timm", TowerSpec(build=lambda cfg: TimmTower(*model_and_weights(cfg), **cfg.tower_kwargs),
+                                          model="a timm architecture name, e.g. resnet18"))
+register_tower("image", "hf_clip", dual_tower_spec("image"))

@@ -3,6 +3,11 @@ mmalign's CoCa caption decoder).
 
 A ``txt`` member holds one caption per non-empty line; a ``json`` member holds a string, a list of strings, or an
 object with ``captions``/``caption``/``text``. Training picks one caption at random per sample; evaluation keeps all of them.
+
+Each text tower declares its tokenizer in its spec (``TextTowerSpec``): ``HFTokenizer`` (HF encoders, which can also
+split long captions into windows), ``OpenClipTokenizer``, or a ``CaptionTokenizer`` (caption decoders: ``[BOS] caption
+[EOS]``). A tokenizer turns captions into the tower's inputs (``tokenize``) and writes its files next to a saved model
+(``save``).
 """
 from __future__ import annotations
 
@@ -13,30 +18,93 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..config import ModalityConfig
 from ..errors import ConfigError, DataError
-from .base import Modality, create_open_clip, model_and_weights, register_modality, register_tower
-from .hf import hf_dual_tower, resolve_pretrained
+from ..modality_config import TextConfig
+from .hf import HFExport, dual_tower_spec, resolve_pretrained
+from .openclip import OpenClipExport, create_open_clip, open_clip_context_length
+from .registry import (OWNER, TOWERS, Modality, TowerSpec, model_and_weights, named_errors, register_modality,
+                       register_tower)
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TextConfig(ModalityConfig):
-    max_length: int | None = None  # tokens per caption; default: the tower's limit (hf_clip, open_clip) or 77
-    padding: str | None = None  # "longest" (in the batch) | "max_length" (SigLIP pools the last position)
-    long_text: str = "truncate"  # "truncate" | "windows": HF towers encode overlapping windows and average them
-    window_overlap: int = 16  # tokens shared by consecutive windows (long_text: windows)
-    pooling: str = "mean"  # "mean" | "cls" (HF towers)
-    tokenizer: str | None = None  # defaults to the tower's own (coca_decoder: open_clip's CLIP BPE)
-
-
 DEFAULT_CAPTION_TOKENIZER = "ViT-B-32"  # open_clip's CLIP BPE: ships with open_clip, so it works offline
-CAPTION_TOWERS = ("coca_decoder", "open_clip_coca")  # text towers that are caption decoders
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextTowerSpec(TowerSpec):
+    """A text tower's spec adds its tokenizer (resolved config -> an object with ``tokenize(texts, cfg) -> (inputs,
+    number of captions truncated)`` and ``save(directory) -> bool``) and whether it takes ``long_text: windows``."""
+
+    tokenizer: Callable[[TextConfig], Any]
+    windows: bool = False
+
+
+class HFTokenizer:
+    """An HF tokenizer (``AutoTokenizer``: ``cfg.tokenizer``, else the tower's ``model``).
+
+    With ``long_text: windows`` a long caption becomes several rows (windows of ``max_length`` tokens sharing
+    ``window_overlap`` tokens) and ``owner`` says which caption each row belongs to; the adapter averages the windows'
+    features.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        from transformers import AutoTokenizer
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.hf = AutoTokenizer.from_pretrained(resolve_pretrained(cfg.tokenizer or cfg.model),
+                                                trust_remote_code=cfg.trust_remote_code)
+
+    def tokenize(self, texts: list[str], cfg: TextConfig) -> tuple[dict[str, torch.Tensor], int]:
+        # One pass: overflowing tokens come back as extra rows, which tell which captions were too long.
+        windows = cfg.long_text == "windows"
+        enc = self.hf(texts, padding=cfg.padding, truncation=True, max_length=cfg.max_length,
+                      return_overflowing_tokens=True, stride=cfg.window_overlap if windows else 0, return_tensors="pt")
+        owner = enc.pop("overflow_to_sample_mapping")
+        first = torch.ones_like(owner, dtype=torch.bool)
+        first[1:] = owner[1:] != owner[:-1]
+        truncated = len(set(owner[~first].tolist()))
+        if windows:
+            return {**{k: v for k, v in enc.items() if torch.is_tensor(v)}, OWNER: owner}, truncated
+        return {k: v[first] for k, v in enc.items() if torch.is_tensor(v)}, truncated
+
+    def save(self, directory: Path) -> bool:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(directory)
+        return True
+
+
+class OpenClipTokenizer:
+    """open_clip's tokenizer of the architecture (CLIP BPE, or the HF tokenizer its ``text_cfg`` names), padded to
+    ``max_length``. It ships with open_clip (or is named by the architecture), so nothing is saved."""
+
+    def __init__(self, cfg: TextConfig):
+        import open_clip
+
+        self.tok = open_clip.get_tokenizer(cfg.tokenizer or cfg.model, context_length=cfg.max_length)
+
+    def tokenize(self, texts: list[str], cfg: TextConfig) -> tuple[dict[str, torch.Tensor], int]:
+        tok = self.tok
+        ids = tok(texts)
+        # CLIP BPE pads with 0 and adds sot/eot; open_clip's HFTokenizer (e.g. SigLIP) wraps a transformers one
+        hf = getattr(tok, "tokenizer", None)
+        pad = hf.pad_token_id if hf is not None and hf.pad_token_id is not None else 0
+
+        def length(text: str) -> int:
+            return len(hf(tok.clean_fn(text))["input_ids"]) if hf is not None else len(tok.encode(text)) + 2
+
+        # Only a caption that fills every position may have been cut: re-encode just those to know (tokenising
+        # every caption twice took ~6% of the data pipeline's CPU time in benchmarks/bench_data.py).
+        full = (ids[:, -1] != pad).nonzero().flatten().tolist()
+        truncated = sum(length(texts[i]) > cfg.max_length for i in full)
+        return {"input_ids": ids, "attention_mask": (ids != pad).long()}, truncated
+
+    def save(self, directory: Path) -> bool:
+        return False
 
 
 class CaptionTokenizer:
@@ -76,6 +144,11 @@ class CaptionTokenizer:
             raise ConfigError(f"tokenizer {name!r} has no bos/cls or no eos/sep token to start and end captions")
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         self.vocab_size = len(tok)
+
+    def tokenize(self, texts: list[str], cfg: TextConfig) -> tuple[dict[str, torch.Tensor], int]:
+        """Token ids and attention mask (padded to ``max_length`` with ``padding: max_length``), truncations."""
+        ids, mask, truncated = self.encode(texts, cfg.max_length, cfg.max_length if cfg.padding == "max_length" else 0)
+        return {"input_ids": ids, "attention_mask": mask}, truncated
 
     def encode(self, texts: list[str], max_length: int, pad_to: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(input_ids B x T, attention_mask B x T, number of captions truncated), right padding to the longest
@@ -148,7 +221,7 @@ class TextModality(Modality):
     kind = "text"
     extensions = ("txt", "json")
     config_class = TextConfig
-    towers = {}
+    spec_class = TextTowerSpec
     default_tower = "hf"
     defaults = {"max_length": 77, "padding": "longest"}
 
@@ -156,14 +229,14 @@ class TextModality(Modality):
         super().__init__(name, cfg)
         if cfg.pooling not in ("mean", "cls"):
             raise ConfigError(f"modality {name!r}: pooling must be mean or cls, got {cfg.pooling!r}")
-        if cfg.tower == "hf" and not cfg.model:
-            raise ConfigError(f"modality {name!r}: text tower hf needs 'model' (a hub name or local folder)")
-        if cfg.padding not in (None, "longest", "max_length"):
+        if cfg.padding not in ("longest", "max_length"):
             raise ConfigError(f"modality {name!r}: padding must be longest or max_length, got {cfg.padding!r}")
         if cfg.long_text not in ("truncate", "windows"):
             raise ConfigError(f"modality {name!r}: long_text must be truncate or windows, got {cfg.long_text!r}")
-        if cfg.long_text == "windows" and (cfg.tower == "open_clip" or cfg.tower in CAPTION_TOWERS):
-            raise ConfigError(f"modality {name!r}: long_text: windows needs an HF encoder tower (hf or hf_clip)")
+        if cfg.long_text == "windows" and not self.spec.windows:
+            windowed = sorted(n for n, spec in TOWERS[self.kind].items() if spec.windows)
+            raise ConfigError(f"modality {name!r}: long_text: windows needs an HF encoder tower "
+                              f"({' or '.join(windowed)})")
         self._tokenizer = None
         self.truncated = 0
         self.seen = 0
@@ -180,28 +253,11 @@ class TextModality(Modality):
         return "" if train else [""]
 
     @property
-    def captions(self) -> bool:
-        """Whether the tower is a caption decoder (its tokens are ``[BOS] caption [EOS]``, see ``CaptionTokenizer``)."""
-        return self.cfg.tower in CAPTION_TOWERS
-
-    @property
     def tokenizer(self):
+        """The tower's tokenizer (its spec's), loaded at first use in each process."""
         if self._tokenizer is None:
-            cfg = self.cfg
-            if self.captions:
-                name = cfg.tokenizer or (cfg.model if cfg.tower == "open_clip_coca" else DEFAULT_CAPTION_TOKENIZER)
-                self._tokenizer = caption_tokenizer(name, cfg.trust_remote_code)
-            elif cfg.tower == "open_clip":
-                import open_clip
-
-                self._tokenizer = open_clip.get_tokenizer(cfg.tokenizer or cfg.model, context_length=self.max_length)
-            else:
-                from transformers import AutoTokenizer
-
-                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-                self._tokenizer = AutoTokenizer.from_pretrained(
-                    resolve_pretrained(cfg.tokenizer or cfg.model), trust_remote_code=cfg.trust_remote_code
-                )
+            with named_errors(self.name):
+                self._tokenizer = self.spec.tokenizer(self.cfg)
         return self._tokenizer
 
     def prepare(self) -> None:
@@ -212,51 +268,16 @@ class TextModality(Modality):
 
     @property
     def max_length(self) -> int:
-        return self.cfg.max_length or self.defaults["max_length"]
+        return self.cfg.max_length
 
     def collate(self, items: list[str]) -> dict[str, torch.Tensor]:
         return self.tokenize(items)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask, truncated to ``max_length``; truncations are counted and reported.
-
-        With ``long_text: windows`` a long caption becomes several rows (windows of ``max_length`` tokens sharing
-        ``window_overlap`` tokens) and ``window_owner`` says which caption each row belongs to; the adapter
-        averages the windows' features.
-        """
-        L = self.max_length
-        if self.captions:
-            pad_to = L if self.cfg.padding == "max_length" else 0
-            ids, mask, truncated = self.tokenizer.encode(texts, L, pad_to)
-            self._count_truncations(truncated, len(texts))
-            return {"input_ids": ids, "attention_mask": mask}
-        if self.cfg.tower == "open_clip":
-            tok = self.tokenizer
-            ids = tok(texts)
-            # CLIP BPE pads with 0 and adds sot/eot; open_clip's HFTokenizer (e.g. SigLIP) wraps a transformers one
-            hf = getattr(tok, "tokenizer", None)
-            pad = hf.pad_token_id if hf is not None and hf.pad_token_id is not None else 0
-
-            def length(text: str) -> int:
-                return len(hf(tok.clean_fn(text))["input_ids"]) if hf is not None else len(tok.encode(text)) + 2
-
-            # Only a caption that fills every position may have been cut: re-encode just those to know (tokenising
-            # every caption twice took ~6% of the data pipeline's CPU time in benchmarks/bench_data.py).
-            full = (ids[:, -1] != pad).nonzero().flatten().tolist()
-            self._count_truncations(sum(length(texts[i]) > L for i in full), len(texts))
-            return {"input_ids": ids, "attention_mask": (ids != pad).long()}
-        # One pass: overflowing tokens come back as extra rows, which tell which captions were too long.
-        windows = self.cfg.long_text == "windows"
-        enc = self.tokenizer(texts, padding=self.cfg.padding or "longest", truncation=True, max_length=L,
-                             return_overflowing_tokens=True, stride=self.cfg.window_overlap if windows else 0,
-                             return_tensors="pt")
-        owner = enc.pop("overflow_to_sample_mapping")
-        first = torch.ones_like(owner, dtype=torch.bool)
-        first[1:] = owner[1:] != owner[:-1]
-        self._count_truncations(len(set(owner[~first].tolist())), len(texts))
-        if windows:
-            return {**{k: v for k, v in enc.items() if torch.is_tensor(v)}, "window_owner": owner}
-        return {k: v[first] for k, v in enc.items() if torch.is_tensor(v)}
+        """Token ids and attention mask, truncated to ``max_length``; truncations are counted and reported."""
+        inputs, truncated = self.tokenizer.tokenize(texts, self.cfg)
+        self._count_truncations(truncated, len(texts))
+        return inputs
 
     def _count_truncations(self, n: int, total: int) -> None:
         before = self.truncated
@@ -271,13 +292,17 @@ class TextModality(Modality):
             )
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
-        if self.captions:
-            return {"tokenizer": f"./{directory.name}"} if self.tokenizer.save(directory) else {}
+        """The tower's config (HF towers) and the tokenizer's files: in the model's folder, or a folder of its own."""
         updates = super().save_assets(tower, directory)
-        if updates:
-            self.tokenizer.save_pretrained(directory)
-            updates["tokenizer"] = None
+        if self.tokenizer.save(directory):
+            updates["tokenizer"] = None if "model" in updates else f"./{directory.name}"
         return updates
+
+    def save_hf_preprocessor(self, directory: Path) -> dict:
+        self.tokenizer.save(directory)
+        cfg = self.cfg
+        return {"max_length": cfg.max_length, "padding": cfg.padding, "long_text": cfg.long_text,
+                "window_overlap": cfg.window_overlap}
 
 
 class HFTextTower(nn.Module):
@@ -305,6 +330,9 @@ class HFTextTower(nn.Module):
     def save_config(self, directory: Path) -> None:
         self.model.config.save_pretrained(directory)
 
+    def hf_export(self) -> HFExport:
+        return HFExport(self.model, self.pooling)
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = inputs["attention_mask"]
         hidden = self.model(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
@@ -314,12 +342,13 @@ class HFTextTower(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-@register_tower(TextModality, "hf")
 def hf_text(cfg: TextConfig) -> nn.Module:
     return HFTextTower(cfg.model, cfg.pooling, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
 
 
-register_tower(TextModality, "hf_clip")(hf_dual_tower("text"))
+register_tower("text", "hf", TextTowerSpec(build=hf_text, tokenizer=HFTokenizer, windows=True,
+                                           model="a hub name or local folder", export={"hf": HFTextTower.hf_export}))
+register_tower("text", "hf_clip", dual_tower_spec("text", TextTowerSpec, tokenizer=HFTokenizer, windows=True))
 
 
 class OpenClipText(nn.Module):
@@ -332,15 +361,18 @@ class OpenClipText(nn.Module):
         self.model = model
         self.model_name = model_name
         self.out_dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else model.text.output_dim
-        self.preprocess = {"max_length": model.context_length}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(inputs["input_ids"])
 
+    def open_clip_export(self) -> OpenClipExport:
+        return OpenClipExport("text", self.model_name, self.model.state_dict(), "text_projection")
 
-@register_tower(TextModality, "open_clip")
-def open_clip_text(cfg: TextConfig) -> nn.Module:
-    return OpenClipText(*model_and_weights(cfg, "an open_clip architecture name, e.g. ViT-B-32"), **cfg.tower_kwargs)
+
+register_tower("text", "open_clip", TextTowerSpec(
+    build=lambda cfg: OpenClipText(*model_and_weights(cfg), **cfg.tower_kwargs),
+    defaults=lambda cfg: {"max_length": open_clip_context_length(cfg)}, tokenizer=OpenClipTokenizer,
+    model="an open_clip architecture name, e.g. ViT-B-32", export={"open_clip": OpenClipText.open_clip_export}))
 
 
 class CocaDecoderTower(nn.Module):
@@ -376,11 +408,16 @@ class CocaDecoderTower(nn.Module):
         return self.decoder.step(tokens, context)
 
 
-@register_tower(TextModality, "coca_decoder")
+def coca_decoder_tokenizer(cfg: TextConfig) -> CaptionTokenizer:
+    return caption_tokenizer(cfg.tokenizer or DEFAULT_CAPTION_TOKENIZER, cfg.trust_remote_code)
+
+
 def coca_decoder(cfg: TextConfig) -> nn.Module:
-    tok = caption_tokenizer(cfg.tokenizer or DEFAULT_CAPTION_TOKENIZER, cfg.trust_remote_code)
-    context_length = cfg.max_length or TextModality.defaults["max_length"]
-    return CocaDecoderTower(tok.vocab_size, context_length, tok.pad_id, **cfg.tower_kwargs)
+    tok = coca_decoder_tokenizer(cfg)
+    return CocaDecoderTower(tok.vocab_size, cfg.max_length, tok.pad_id, **cfg.tower_kwargs)
+
+
+register_tower("text", "coca_decoder", TextTowerSpec(build=coca_decoder, tokenizer=coca_decoder_tokenizer))
 
 
 class OpenClipCocaText(nn.Module):
@@ -404,9 +441,6 @@ class OpenClipCocaText(nn.Module):
         self.out_dim = coca.text.output_dim
         self.context_dim = coca.text_decoder.width
         self.context_length = coca.text.context_length  # text positions (one more holds the CLS token)
-        # open_clip's CoCa appends its CLS token after the padding, so its text embedding depends on the padded
-        # length: pad every caption to the full context, as open_clip's tokenizer does.
-        self.preprocess = {"max_length": self.context_length, "padding": "max_length"}
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.text(inputs["input_ids"])[0]
@@ -419,11 +453,18 @@ class OpenClipCocaText(nn.Module):
         return self.text_decoder(context, self.text(tokens)[1])[:, -1]
 
 
-@register_tower(TextModality, "open_clip_coca")
 def open_clip_coca_text(cfg: TextConfig) -> nn.Module:
-    tower = OpenClipCocaText(*model_and_weights(cfg, "an open_clip CoCa architecture, e.g. coca_ViT-B-32"),
-                             **cfg.tower_kwargs)
-    if cfg.max_length and cfg.max_length > tower.context_length:
+    tower = OpenClipCocaText(*model_and_weights(cfg), **cfg.tower_kwargs)
+    if cfg.max_length > tower.context_length:
         raise ConfigError(f"text tower open_clip_coca: max_length {cfg.max_length} exceeds the model's "
                           f"{tower.context_length} text positions")
     return tower
+
+
+register_tower("text", "open_clip_coca", TextTowerSpec(
+    build=open_clip_coca_text,
+    # open_clip's CoCa appends its CLS token after the padding, so its text embedding depends on the padded length:
+    # pad every caption to the full context, as open_clip's tokenizer does.
+    defaults=lambda cfg: {"max_length": open_clip_context_length(cfg), "padding": "max_length"},
+    tokenizer=lambda cfg: caption_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code),
+    model="an open_clip CoCa architecture, e.g. coca_ViT-B-32"))

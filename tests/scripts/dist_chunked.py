@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from _report import report
-from mmalign.losses import build_loss
+from mmalign.losses import AlignmentOutput, build_loss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -24,7 +24,7 @@ for name in ("chunked_clip", "chunked_siglip"):
     scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True)
     loss_fn = build_loss(name, ["image", "text"], chunk_size=chunk)
-    out = loss_fn({"image": a_local, "text": b_local}, logit_scale=scale, logit_bias=bias)
+    out = loss_fn(AlignmentOutput({"image": a_local, "text": b_local}), logit_scale=scale, logit_bias=bias)
     out["loss"].backward()
     result[name] = {
         "loss": out["loss"].item(), "grad_a": a_local.grad.tolist(), "grad_b": b_local.grad.tolist(),

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from _report import report
-from mmalign.losses import build_loss
+from mmalign.losses import AlignmentOutput, CaptionTargets, build_loss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -19,8 +19,8 @@ rows = slice(rank * B // world, (rank + 1) * B // world)
 a_local, b_local = a[rows].clone().requires_grad_(True), b[rows].clone().requires_grad_(True)
 logits_local = logits[rows].clone().requires_grad_(True)
 out = build_loss("coca", ["image", "text"])(
-    {"image": a_local, "text": b_local}, logit_scale=torch.tensor(10.0, dtype=torch.float64),
-    caption_logits=logits_local, caption_labels=labels[rows], pad_id=PAD,
+    AlignmentOutput({"image": a_local, "text": b_local}, caption=CaptionTargets(logits_local, labels[rows], PAD)),
+    logit_scale=torch.tensor(10.0, dtype=torch.float64),
 )
 out["loss"].backward()
 report({"rank": rank, "loss": out["loss"].item(), "grad_logits": logits_local.grad.tolist()})

@@ -13,6 +13,8 @@ CASES = {
     "symile_masked": ("symile", {}, True),
     "gram_masked": ("gram", {}, True),
     "clip_masked": ("clip", {}, True),
+    "dcl_masked": ("dcl", {}, True),
+    "clip_plus_masked": ("clip_plus", {"label_smoothing": 0.1, "align_weight": 0.5, "uniform_weight": 0.2}, True),
     "symile_learned": ("symile", {"missing": "learned"}, True),
 }
 
@@ -32,7 +34,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from _report import report
-    from mmalign.losses import build_loss
+    from mmalign.losses import AlignmentOutput, build_loss
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -43,7 +45,7 @@ def main() -> None:
         local = {m: f[rows].clone().requires_grad_(True) for m, f in feats.items()}
         mask = {m: p[rows] for m, p in present.items()} if masked else None
         out = build_loss(name, list(feats), **kwargs)(
-            local, logit_scale=torch.tensor(8.0, dtype=torch.float64), present=mask
+            AlignmentOutput(local, mask), logit_scale=torch.tensor(8.0, dtype=torch.float64)
         )
         out["loss"].backward()
         result[case] = {"loss": out["loss"].item(), "grads": {m: t.grad.tolist() for m, t in local.items()}}

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from _report import report
-from mmalign.losses import build_loss
+from mmalign.losses import AlignmentOutput, build_loss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -19,7 +19,7 @@ rows = slice(rank * B // world, (rank + 1) * B // world)
 a_local = a[rows].clone().requires_grad_(True)
 b_local = b[rows].clone().requires_grad_(True)
 loss_fn = build_loss(name, ["image", "text"])
-out = loss_fn({"image": a_local, "text": b_local}, logit_scale=torch.tensor(10.0, dtype=torch.float64),
+out = loss_fn(AlignmentOutput({"image": a_local, "text": b_local}), logit_scale=torch.tensor(10.0, dtype=torch.float64),
               logit_bias=torch.tensor(-5.0, dtype=torch.float64))
 out["loss"].backward()
 report({"rank": rank, "loss": out["loss"].item(), "grad_a": a_local.grad.tolist(), "grad_b": b_local.grad.tolist()})

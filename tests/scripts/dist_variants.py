@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from _report import report
-from mmalign.losses import build_loss
+from mmalign.losses import AlignmentOutput, build_loss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -27,8 +27,8 @@ for label, name, kwargs in configs:
     b_local = b[rows].clone().requires_grad_(True)
     q_local = q[rows].clone().requires_grad_(True)
     out = build_loss(name, ["image", "text"], **kwargs)(
-        {"image": a_local, "text": b_local}, logit_scale=torch.tensor(10.0, dtype=torch.float64),
-        frozen_features={"image": q_local},
+        AlignmentOutput({"image": a_local, "text": b_local}, frozen_features={"image": q_local}),
+        logit_scale=torch.tensor(10.0, dtype=torch.float64),
     )
     out["loss"].backward()
     result[label] = {

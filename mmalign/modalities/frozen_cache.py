@@ -1,0 +1,56 @@
+"""Features of a frozen tower, cached per distinct input and shared by every adapter of this process whose frozen
+tower is identical (same config and weights), so repeated runs (seeds, comparisons) encode each input once."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import to_dict
+from ..modality_config import ModalityConfig
+from .inputs import select_rows
+
+# This process's caches, one per distinct frozen tower and device (see ``frozen_tower_fingerprint``).
+_FROZEN_CACHES: dict[str, OrderedDict] = {}
+
+
+def frozen_tower_fingerprint(cfg: ModalityConfig, tower: nn.Module) -> str:
+    """Hash of a tower's modality config and weights: equal fingerprints compute the same features (in eval mode)."""
+    h = hashlib.blake2b(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode(), digest_size=16)
+    for name, t in sorted(tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def shared_cache(cfg: ModalityConfig, tower: nn.Module) -> OrderedDict:
+    """The cache of this frozen tower (input row bytes -> feature), shared with identical towers on its device."""
+    device = next(tower.parameters()).device
+    return _FROZEN_CACHES.setdefault(f"{frozen_tower_fingerprint(cfg, tower)}:{device}", OrderedDict())
+
+
+def row_keys(inputs: Any) -> list[bytes]:
+    """One key per input row: the bytes of its tensors (of every key, in sorted order)."""
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else [inputs[k] for k in sorted(inputs)]
+    flat = [t.detach().reshape(t.shape[0], -1).cpu().numpy() for t in tensors]
+    return [b"".join(f[i].tobytes() for f in flat) for i in range(flat[0].shape[0])]
+
+
+def cached_features(cache: OrderedDict, tower: nn.Module, inputs: Any, max_size: int) -> torch.Tensor:
+    """``tower(inputs)`` (call without gradient), encoding only the distinct rows not yet in ``cache``; the cache
+    keeps at most ``max_size`` rows, dropping the oldest."""
+    keys = row_keys(inputs)
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    if missing:
+        unique = list(dict.fromkeys(keys[i] for i in missing))
+        first = [keys.index(k) for k in unique]
+        feats = tower(select_rows(inputs, torch.tensor(first)))
+        for k, f in zip(unique, feats):
+            cache[k] = f.detach().float()  # one dtype whether or not a run uses autocast
+        while len(cache) > max_size:
+            cache.popitem(last=False)
+    return torch.stack([cache[k] for k in keys])
