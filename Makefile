@@ -13,14 +13,16 @@ install: $(STAMP)
 # for matching torch releases).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,coco]"
 	touch $(STAMP)
 
 # Debian packages, installed only when missing: espeak-ng (the demos synthesise speech with it), chromium
-# (a test renders the HTML run report headless), emoji glyphs and names (the CWCL demo's images and captions).
+# (a test renders the HTML run report headless), a Java runtime (coco-caption's PTB tokenizer and METEOR, shipped
+# by pycocoevalcap), emoji glyphs and names (the CWCL demo's images and captions).
 SYSDEPS := espeak-ng chromium
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	command -v java >/dev/null || missing="$$missing default-jre-headless"; \
 	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
 	test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf -a -f /usr/share/unicode/emoji/emoji-test.txt || \
 		(apt-get update -q && apt-get install -y -q fonts-noto-color-emoji unicode-data)
@@ -28,12 +30,14 @@ sysdeps:
 demo: $(STAMP) sysdeps
 	$(VENV)/bin/mmalign demo $(DEMO)
 
-# Every test, as CI runs it (.ci/run).
+# Every test, as CI runs it (.ci/run), after the import layers (pyproject.toml, tool.importlinter).
 test: $(STAMP) sysdeps
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # The unit tier while developing: no end-to-end runs (slow) and no torchrun (distributed); under 2 minutes.
 test-fast: $(STAMP) sysdeps
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow and not distributed"
 
 bench: $(STAMP)

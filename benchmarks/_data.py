@@ -24,28 +24,37 @@ def caption(rng: random.Random) -> str:
     return " ".join(words)
 
 
-def image_png(rng: random.Random, size: int) -> bytes:
-    """PNG bytes of a ``size`` x ``size`` RGB picture: a smooth random colour field plus noise (compresses like a
-    photo rather than like a flat test pattern, so decoding costs what it would on real data)."""
+def photo(rng: random.Random, width: int, height: int, fmt: str = "png") -> bytes:
+    """``fmt`` ("png" or "jpg", quality 90) bytes of a ``width`` x ``height`` RGB picture: a smooth random colour
+    field plus noise (compresses like a photo rather than like a flat test pattern, so decoding costs what it would
+    on real data)."""
     import numpy as np
     from PIL import Image
 
     gen = np.random.default_rng(rng.getrandbits(32))
-    coarse = Image.fromarray(gen.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), Image.BILINEAR)
-    pixels = np.asarray(coarse, dtype=np.int16) + gen.integers(-6, 7, (size, size, 3))
+    coarse = Image.fromarray(gen.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BILINEAR)
+    pixels = np.asarray(coarse, dtype=np.int16) + gen.integers(-6, 7, (height, width, 3))
     buf = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="PNG" if fmt == "png" else "JPEG",
+                                                                **({} if fmt == "png" else {"quality": 90}))
     return buf.getvalue()
 
 
-def image_text_shards(n_samples: int, shard_size: int, image_size: int, work_dir: Path = WORK_DIR) -> list[str]:
-    """``n_samples`` image (``image.png``) + caption (``text.txt``) samples in shards of ``shard_size`` under
-    ``work_dir``; built once per size (seeded, so every run reads the same bytes) and reused. Returns their paths."""
-    out = work_dir / f"shards-{n_samples}x{image_size}px-{shard_size}"
+def image_text_shards(n_samples: int, shard_size: int, image_px: int | tuple[int, int], work_dir: Path = WORK_DIR,
+                      fmt: str = "png") -> list[str]:
+    """``n_samples`` image (``image.png`` or ``image.jpg``) + caption (``text.txt``) samples in shards of
+    ``shard_size`` under ``work_dir``; an image's sides are ``image_px``, or each drawn from the range ``(low,
+    high)``. Built once per setting (seeded, so every run reads the same bytes) and reused. Returns their paths."""
+    low, high = (image_px, image_px) if isinstance(image_px, int) else image_px
+    size = f"{low}px" if low == high else f"{low}-{high}px"
+    out = work_dir / f"shards-{n_samples}x{size}-{shard_size}{'' if fmt == 'png' else '-' + fmt}"
+
+    def side(rng: random.Random) -> int:
+        return low if low == high else rng.randint(low, high)
 
     def build(path: Path) -> dict:
         rng = random.Random(0)
-        samples = ({"__key__": f"s{i:06d}", "image.png": image_png(rng, image_size),
+        samples = ({"__key__": f"s{i:06d}", f"image.{fmt}": photo(rng, side(rng), side(rng), fmt),
                     "text.txt": caption(rng).encode()} for i in range(n_samples))
         write_samples(samples, path, "train", shard_size)
         return {"shards": sorted(str(p) for p in path.glob("train-*.tar"))}

@@ -1,9 +1,12 @@
 """Shard loading throughput: mmalign's data pipeline vs a bare webdataset loop doing the same work.
 
-Both read the same image + caption shards (synthetic PNGs and captions, built offline once and cached in
-``benchmarks/_work/``) with the same number of DataLoader workers and produce the same training batches: PNG ->
+Both read the same image + caption shards (synthetic photo-like images and captions, built offline once and cached
+in ``benchmarks/_work/``) with the same number of DataLoader workers and produce the same training batches: image ->
 RGB PIL image -> open_clip's training transform (random resized crop, normalise) -> stacked float tensor, and the
-captions tokenised with open_clip's CLIP tokenizer, batch by batch, last partial batch dropped, no shuffling.
+captions tokenised with open_clip's CLIP tokenizer, batch by batch, last partial batch dropped, no shuffling. Three
+datasets (``DATASETS``): tiny PNGs (per-sample overhead shows), 256-512 px JPEGs cropped to 224 (what photo
+datasets written by img2dataset and the like hold) and 800-1,600 px JPEGs (photos as cameras write them), where
+mmalign decodes at reduced size (:meth:`mmalign.modalities.image.ImageModality.decode`).
 
 * ``mmalign``: ``mmalign.data.iterate_batches`` (train mode, ``shuffle_buffer: 0``) with an image and an open_clip
   text modality. On top of the bare loop it reads shard by shard counting broken shards, looks modality members up
@@ -15,11 +18,12 @@ captions tokenised with open_clip's CLIP tokenizer, batch by batch, last partial
   does).
 
 Throughput = samples / wall time of a whole pass (worker start-up included, as in training). The two alternate
-(ABBA order) for several rounds after an untimed warm-up pass each; the ratio is mmalign / webdataset of the median
-throughputs. Results go to ``results.json`` / ``results.md`` (section ``data_cpu``).
+(ABBA order) for several rounds after an untimed warm-up pass each; the ratios are mmalign / webdataset per round
+(medians reported), in samples/s and in samples per CPU second. Results go to ``results.json`` / ``results.md``
+(section ``data_cpu``).
 
-    python -m benchmarks.bench_data            # full run (about a minute on 2 busy CPU cores)
-    python -m benchmarks.bench_data --quick    # smoke test on 128 samples, into benchmarks/_work/
+    python -m benchmarks.bench_data            # full run (a few minutes on 2 busy CPU cores)
+    python -m benchmarks.bench_data --quick    # smoke test on a few samples per dataset, into benchmarks/_work/
 """
 from __future__ import annotations
 
@@ -41,7 +45,13 @@ log = logging.getLogger(__name__)
 METHODS = ["mmalign", "webdataset"]
 PACKAGES = ("open_clip", "webdataset")
 TOKENIZER = "ViT-B-32"  # open_clip's CLIP BPE (ships with open_clip: offline)
-TARGET_RATIO = 0.8
+TARGET_RATIO = 1.0  # mmalign / webdataset, in samples/s and in samples per CPU second
+# name -> image format, image sides (each drawn from the range), training crop, samples (full, quick), shard size
+DATASETS = {
+    "png": {"fmt": "png", "image_px": (72, 72), "crop": 64, "samples": (2000, 128), "shard_size": (250, 32)},
+    "jpeg": {"fmt": "jpg", "image_px": (256, 512), "crop": 224, "samples": (640, 32), "shard_size": (80, 8)},
+    "jpeg-large": {"fmt": "jpg", "image_px": (800, 1600), "crop": 224, "samples": (256, 16), "shard_size": (32, 4)},
+}
 
 
 def mmalign_loader(batch_size: int, workers: int, crop: int) -> Callable[[list[str], int], tuple[int, int]]:
@@ -72,7 +82,8 @@ def _keep(x):
     return x
 
 
-def webdataset_loader(batch_size: int, workers: int, crop: int) -> Callable[[list[str], int], tuple[int, int]]:
+def webdataset_loader(batch_size: int, workers: int, crop: int, fmt: str = "png"
+                      ) -> Callable[[list[str], int], tuple[int, int]]:
     """A pass ``(urls, epoch) -> (samples, 0)`` through a bare webdataset loop doing the same decoding, transforms
     and batching (transform and tokenizer built once)."""
     import open_clip
@@ -86,7 +97,7 @@ def webdataset_loader(batch_size: int, workers: int, crop: int) -> Callable[[lis
     tokenizer = open_clip.get_tokenizer(TOKENIZER)
 
     def one_pass(urls: list[str], epoch: int) -> tuple[int, int]:
-        dataset = (wds.WebDataset(urls, shardshuffle=False).decode("pilrgb").to_tuple("image.png", "text.txt")
+        dataset = (wds.WebDataset(urls, shardshuffle=False).decode("pilrgb").to_tuple(f"image.{fmt}", "text.txt")
                    .map_tuple(transform, _keep).batched(batch_size, partial=False).map_tuple(_keep, tokenizer))
         n = 0
         for images, _ in wds.WebLoader(dataset, batch_size=None, num_workers=workers):
@@ -96,18 +107,17 @@ def webdataset_loader(batch_size: int, workers: int, crop: int) -> Callable[[lis
     return one_pass
 
 
-LOADERS = {"mmalign": mmalign_loader, "webdataset": webdataset_loader}
-
-
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished children (DataLoader workers, once joined)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run(urls: list[str], batch_size: int, workers: int, crop: int, rounds: int) -> list[dict]:
+def run(dataset: str, urls: list[str], batch_size: int, workers: int, rounds: int) -> list[dict]:
     """Warm-up pass of each method, then ``rounds`` timed passes of each in ABBA order; returns the rows."""
-    passes = {method: LOADERS[method](batch_size, workers, crop) for method in METHODS}
+    crop, fmt = DATASETS[dataset]["crop"], DATASETS[dataset]["fmt"]
+    passes = {"mmalign": mmalign_loader(batch_size, workers, crop),
+              "webdataset": webdataset_loader(batch_size, workers, crop, fmt)}
     for method in METHODS:  # untimed: page cache, lazy set-up, imports
         passes[method](urls[:max(1, workers)], 0)
     rows: list[dict] = []
@@ -116,24 +126,28 @@ def run(urls: list[str], batch_size: int, workers: int, crop: int, rounds: int) 
             c0, t0 = cpu_seconds(), time.perf_counter()
             n, skipped = passes[method](urls, r)
             dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            rows.append({"kind": "pass", "method": method, "round": r, "samples": n, "skipped": skipped,
+            rows.append({"kind": "pass", "dataset": dataset, "method": method, "round": r, "samples": n,
+                         "skipped": skipped,
                          "time_s": dt, "cpu_s": cpu, "samples_per_s": n / dt, "samples_per_cpu_s": n / cpu})
-            log.info("round %d %s: %d samples in %.2f s (%.2f CPU s) = %.0f samples/s", r, method, n, dt, cpu,
-                     n / dt)
+            log.info("%s round %d %s: %d samples in %.2f s (%.2f CPU s) = %.0f samples/s", dataset, r, method, n,
+                     dt, cpu, n / dt)
     return rows
 
 
 def summarise(passes: list[dict]) -> list[dict]:
-    """Per method: median (min, max) samples/s and median samples per CPU second; mmalign / webdataset.
+    """Per method (of one dataset): median (min, max) samples/s and median samples per CPU second; mmalign /
+    webdataset.
 
     The ratio is the median of the per-round ratios: a round's two passes run back to back, so they see about the
     same load from other processes.
     """
+    dataset = passes[0]["dataset"]
     out = []
     for method in METHODS:
         mine = [p for p in passes if p["method"] == method]
         rates = [p["samples_per_s"] for p in mine]
-        out.append({"kind": "summary", "method": method, "passes": len(mine), "samples_per_pass": mine[0]["samples"],
+        out.append({"kind": "summary", "dataset": dataset, "method": method, "passes": len(mine),
+                    "samples_per_pass": mine[0]["samples"],
                     "samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
                     "samples_per_cpu_s": statistics.median(p["samples_per_cpu_s"] for p in mine)})
     rounds: dict[int, dict] = {}
@@ -141,66 +155,80 @@ def summarise(passes: list[dict]) -> list[dict]:
         rounds.setdefault(p["round"], {})[p["method"]] = p
     wall = [r["mmalign"]["samples_per_s"] / r["webdataset"]["samples_per_s"] for r in rounds.values()]
     cpu = [r["mmalign"]["samples_per_cpu_s"] / r["webdataset"]["samples_per_cpu_s"] for r in rounds.values()]
-    out.append({"kind": "ratio", "of": "mmalign / webdataset", "ratio": statistics.median(wall), "per_round": wall,
+    out.append({"kind": "ratio", "dataset": dataset, "of": "mmalign / webdataset", "ratio": statistics.median(wall),
+                "per_round": wall,
                 "cpu_ratio": statistics.median(cpu), "cpu_per_round": cpu})
     return out
 
 
 def markdown(rows: list[dict], quick: bool) -> str:
     machine = next(r for r in rows if r["kind"] == "machine")
-    setup = next(r for r in rows if r["kind"] == "setup")
-    summary = {r["method"]: r for r in rows if r["kind"] == "summary"}
-    ratio = next(r for r in rows if r["kind"] == "ratio")
-    out = [f"Shard loading throughput, {setup['samples']:,} image + caption samples in {setup['shards']} shards "
-           f"({setup['image_px']} px PNG -> {setup['crop']} px training crop, CLIP tokenizer), batch "
-           f"{setup['batch_size']}, {setup['workers']} DataLoader worker(s) in both, {setup['rounds']} rounds of one "
-           f"pass each (order alternating){' (QUICK smoke run: tiny data, not representative)' if quick else ''}.",
+    setups = [r for r in rows if r["kind"] == "setup"]
+    common = setups[0]
+    out = [f"Shard loading throughput: image + caption samples, CLIP tokenizer, batch {common['batch_size']}, "
+           f"{common['workers']} DataLoader worker(s) in both loops, {common['rounds']} rounds of one pass each "
+           f"(order alternating){' (QUICK smoke run: tiny data, not representative)' if quick else ''}.",
            "", f"Machine: {describe_machine(machine, PACKAGES)}", "",
-           "Both loops decode the PNG to an RGB PIL image, apply open_clip's training transform, stack the images "
+           "Both loops decode the image to an RGB PIL image, apply open_clip's training transform, stack the images "
            "and tokenise the captions per batch; mmalign also seeds each sample's augmentation from its key, counts "
-           "skipped samples per reason, and builds presence and attention masks (see the module docstring). "
-           "Samples/s: wall time of a whole pass, worker start-up included. Samples per CPU s: the same pass over "
-           "the CPU time of the process and its workers (less sensitive to other processes' load).", "",
-           "| loader | samples/s (median) | min | max | samples per CPU s | mmalign / webdataset (per-round median) |",
-           "|---|---:|---:|---:|---:|---:|"]
-    for method in METHODS:
-        s = summary[method]
-        rel = f"{ratio['ratio']:.2f} (CPU: {ratio['cpu_ratio']:.2f})" if method == "mmalign" else "1.00"
-        out.append(f"| {method} | {s['samples_per_s']:,.0f} | {s['min']:,.0f} | {s['max']:,.0f} | "
-                   f"{s['samples_per_cpu_s']:,.0f} | {rel} |")
-    met = "met" if ratio["ratio"] >= TARGET_RATIO else "NOT met"
-    out += ["", f"mmalign / webdataset samples/s = {ratio['ratio']:.2f} ({met}, target >= {TARGET_RATIO}); per "
-            f"round {', '.join(f'{x:.2f}' for x in ratio['per_round'])}. Samples skipped by mmalign: "
-            f"{sum(r['skipped'] for r in rows if r['kind'] == 'pass')}."]
-    return "\n".join(out) + "\n"
+           "skipped samples per reason, and builds presence and attention masks, and it decodes a JPEG at reduced "
+           "size when no training crop would then be enlarged (see the module docstring). Samples/s: wall time of a "
+           "whole pass, worker start-up included. Samples per CPU s: the same pass over the CPU time of the process "
+           "and its workers (less sensitive to other processes' load). Ratios: medians of the per-round ratios.", "",
+           "| data | loader | samples/s (median) | min | max | samples per CPU s | mmalign / webdataset: samples/s "
+           "| per CPU s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    for setup in setups:
+        name = setup["dataset"]
+        low, high = setup["image_px"]
+        kind = "PNG" if setup["format"] == "png" else "JPEG"
+        sides = f"{low}" if low == high else f"{low}-{high}"
+        data = f"{name}: {setup['samples']:,} {kind}s of {sides} px, {setup['shards']} shards, {setup['crop']} px crop"
+        summary = {r["method"]: r for r in rows if r["kind"] == "summary" and r["dataset"] == name}
+        ratio = next(r for r in rows if r["kind"] == "ratio" and r["dataset"] == name)
+        for method in METHODS:
+            s = summary[method]
+            rel = (f"{ratio['ratio']:.2f} | {ratio['cpu_ratio']:.2f}" if method == "mmalign" else "1.00 | 1.00")
+            out.append(f"| {data if method == METHODS[0] else ''} | {method} | {s['samples_per_s']:,.0f} | "
+                       f"{s['min']:,.0f} | {s['max']:,.0f} | {s['samples_per_cpu_s']:,.0f} | {rel} |")
+        met = "met" if min(ratio["ratio"], ratio["cpu_ratio"]) >= TARGET_RATIO else "NOT met"
+        skipped = sum(r["skipped"] for r in rows if r["kind"] == "pass" and r["dataset"] == name)
+        notes.append(f"{name}: mmalign / webdataset = {ratio['ratio']:.2f} samples/s, {ratio['cpu_ratio']:.2f} per "
+                     f"CPU s ({met}, target >= {TARGET_RATIO} in both); per round "
+                     f"{', '.join(f'{x:.2f}' for x in ratio['per_round'])}; samples skipped by mmalign: {skipped}.")
+    return "\n".join(out + [""] + notes) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: 128 samples, results in _work/")
-    p.add_argument("--samples", type=int, help="samples in the shards (default 2000, quick 128)")
-    p.add_argument("--shard-size", type=int, help="samples per shard (default 250, quick 32)")
-    p.add_argument("--image-px", type=int, default=72, help="stored PNG side")
-    p.add_argument("--crop", type=int, default=64, help="training crop side")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="smoke test: a few samples per dataset, results in _work/")
+    p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS),
+                   help="which datasets (default: all)")
+    p.add_argument("--batch-size", type=int, help="default 64, quick 16")
     p.add_argument("--workers", type=int, help="DataLoader workers, both loops (default 2, quick 1)")
-    p.add_argument("--rounds", type=int, help="timed passes per loader (default 8, quick 2)")
+    p.add_argument("--rounds", type=int, help="timed passes per loader and dataset (default 8, quick 2)")
     p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
     p.add_argument("--work-dir", default=str(WORK_DIR), help="where the shards are built (default benchmarks/_work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    samples = args.samples or (128 if args.quick else 2000)
-    shard_size = args.shard_size or (32 if args.quick else 250)
+    batch_size = args.batch_size or (16 if args.quick else 64)
     workers = args.workers if args.workers is not None else (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 8)
-    urls = image_text_shards(samples, shard_size, args.image_px, Path(args.work_dir))
     machine = machine_info("cpu", PACKAGES)
-    setup = {"kind": "setup", "samples": samples, "shards": len(urls), "image_px": args.image_px, "crop": args.crop,
-             "batch_size": args.batch_size, "workers": workers, "rounds": rounds}
-    passes = run(urls, args.batch_size, workers, args.crop, rounds)
+    rows: list[dict] = []
+    for name in args.datasets:
+        spec = DATASETS[name]
+        samples, shard_size = spec["samples"][args.quick], spec["shard_size"][args.quick]
+        urls = image_text_shards(samples, shard_size, spec["image_px"], Path(args.work_dir), spec["fmt"])
+        rows.append({"kind": "setup", "dataset": name, "format": spec["fmt"], "samples": samples, "shards": len(urls),
+                     "image_px": spec["image_px"], "crop": spec["crop"], "batch_size": batch_size, "workers": workers,
+                     "rounds": rounds})
+        passes = run(name, urls, batch_size, workers, rounds)
+        rows += [*summarise(passes), *passes]
     machine["loadavg_end"] = os.getloadavg()[0]
-    rows = [machine, setup, *summarise(passes), *passes]
+    rows = [machine, *rows]
     publish("data_cpu", rows, markdown(rows, args.quick), args.quick, args.out_dir)
     return 0
 

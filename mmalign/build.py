@@ -15,13 +15,22 @@ from .config import Config, ModelConfig
 from .errors import ConfigError, closest
 from .eval.nway import NWAY_SCORES
 from .losses import LOSSES, Objective, Requirements, TemperatureSchedule, build_loss
+from .losses.multimodal import text_anchor
+from .losses.registry import loss_options
 from .model import AlignmentModel
 from .modalities import NORM_TYPES
 
 
 def build_objective(cfg: Config) -> Objective:
-    """The recipe's loss (``loss.name`` with ``loss.kwargs``) over the model's modalities, in config order."""
-    return build_loss(cfg.loss.name, list(cfg.model.modalities), **cfg.loss.kwargs)
+    """The recipe's loss (``loss.name`` with ``loss.kwargs``) over the model's modalities, in config order.
+
+    An objective with an ``anchor`` option the recipe leaves unset anchors on text (GRAM, as in its paper and code):
+    the modality named ``text``, else the first of kind text (:func:`~.losses.multimodal.text_anchor`)."""
+    kwargs = dict(cfg.loss.kwargs)
+    if cfg.loss.name in LOSSES and "anchor" in loss_options(cfg.loss.name) and kwargs.get("anchor") is None:
+        kinds = {name: m.kind for name, m in cfg.model.modalities.items()}
+        kwargs["anchor"] = text_anchor(list(kinds), kinds)
+    return build_loss(cfg.loss.name, list(cfg.model.modalities), **kwargs)
 
 
 def resolve_model_config(cfg: Config, needs: Requirements) -> ModelConfig:

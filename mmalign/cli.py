@@ -70,10 +70,10 @@ def cmd_data(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .export import export_model
-    from .rundir import load_model, resolve_model_dir, run_of
+    from .rundir import load_model, resolve_model_dir, source_run
 
     model_dir = resolve_model_dir(args.model)
-    return export_model(load_model(model_dir), args.to, args.format, run_dir=run_of(model_dir))
+    return export_model(load_model(model_dir), args.to, args.format, run=source_run(model_dir))
 
 
 def cmd_report(args) -> dict:

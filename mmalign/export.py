@@ -59,9 +59,10 @@ ACTIVATIONS = {"GELU": "gelu", "GELUActivation": "gelu", "ReLU": "relu", "SiLU":
                "QuickGELUActivation": "quick_gelu"}
 
 
-def export_model(model, out: str | Path, fmt: str = "hf", run_dir: Path | None = None) -> dict:
+def export_model(model, out: str | Path, fmt: str = "hf", run: dict | None = None) -> dict:
     """Write ``model`` (an ``AlignmentModel``; its LoRA adapters get merged in place) to ``out`` as ``fmt``, with a
-    model card (``README.md``) that takes the recipe and results of ``run_dir``, the run the model comes from."""
+    model card (``README.md``) that takes the name, recipe and results of ``run``, the run the model comes from
+    (``rundir.source_run``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     if model.config.caption is not None:
@@ -73,7 +74,7 @@ def export_model(model, out: str | Path, fmt: str = "hf", run_dir: Path | None =
         info.update(format=fmt, embed_dim=model.config.embed_dim, logit_scale=model.logit_scale().item(),
                     logit_bias=model.logit_bias.item() if model.logit_bias is not None else None)
         write_json(tmp / EXPORT_INFO, info)
-        write_model_card(model, tmp, info, run_dir)
+        write_model_card(model, tmp, info, run)
     log.info("exported %s (%s) to %s", fmt, info.get("layout", fmt), out)
     return {"export_dir": str(out), "format": fmt, "layout": info.get("layout", fmt)}
 

@@ -5,7 +5,6 @@ like one: what was aligned with what, from which base checkpoints, the evaluatio
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .plots import flat_results
-from .rundir import RESULTS, RUN_CONFIG
+from .eval.runner import flat_results
 
 CARD_NAME = "README.md"
 LIBRARIES = {"dual": "transformers", "open_clip": "open_clip"}  # export layout -> what loads the folder as a whole
@@ -70,17 +68,17 @@ def how_to_load(layout: str, names: list[str]) -> list[str]:
             "apply its head as that file says (format: `mmalign/export.py`)."]
 
 
-def model_card(model, info: dict, run_dir: Path | None) -> str:
-    """The card's text for ``model`` (an ``AlignmentModel``) exported with ``info`` (``mmalign_export.json``)."""
+def model_card(model, info: dict, run: dict | None) -> str:
+    """The card's text for ``model`` (an ``AlignmentModel``) exported with ``info`` (``mmalign_export.json``);
+    ``run`` is the run it comes from (``rundir.source_run``: its name, recipe and results), None when unknown."""
     kinds = {name: m.kind for name, m in model.config.modalities.items()}
     layout = info.get("layout", info.get("format", ""))
-    recipe, results = (json.loads((run_dir / name).read_text()) if run_dir and (run_dir / name).is_file() else {}
-                       for name in (RUN_CONFIG, RESULTS))
+    recipe, results = (run or {}).get("recipe") or {}, (run or {}).get("results") or {}
     sections = (recipe.get("model") or {}).get("modalities") or {}
     loss = (recipe.get("loss") or {}).get("name", "an alignment")
     steps = results.get("steps") or (recipe.get("train") or {}).get("steps")
     lines = ["---", yaml.safe_dump(front_matter(kinds, recipe, layout), sort_keys=False).strip(), "---", "",
-             f"# {run_dir.name if run_dir else 'mmalign model'}", "",
+             f"# {run['name'] if run else 'mmalign model'}", "",
              f"Aligns {' and '.join(kinds)} in one {model.config.embed_dim}-dimensional embedding space, trained "
              f"with mmalign {__version__} ({loss} objective" + (f", {steps} steps" if steps else "") + "). "
              f"Exported as `{info.get('format')}` (layout `{layout}`).", "",
@@ -108,8 +106,8 @@ def model_card(model, info: dict, run_dir: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(model, out: Path, info: dict, run_dir: Path | None) -> Path:
-    """``out/README.md``; ``run_dir`` (``rundir.run_of``) gives the recipe and results, None when unknown."""
+def write_model_card(model, out: Path, info: dict, run: dict | None) -> Path:
+    """``out/README.md`` (see ``model_card``)."""
     path = Path(out) / CARD_NAME
-    path.write_text(model_card(model, info, run_dir))
+    path.write_text(model_card(model, info, run))
     return path

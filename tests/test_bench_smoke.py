@@ -1,4 +1,4 @@
-"""The loss benchmark's quick mode runs in-process on tiny sizes and writes well-formed results sections."""
+"""The benchmarks' quick modes run on tiny sizes and write well-formed results sections."""
 import json
 
 import pytest
@@ -21,7 +21,9 @@ def test_quick_bench_writes_results(tmp_path):
         assert r["status"] == "ok" and r["time_s"] > 0 and r["peak_mb"] is not None
         assert r["time_vs_open_clip"] > 0
     md = (tmp_path / "results.md").read_text()
-    assert "## losses_cpu_quick" in md and "| B | method | time (s)" in md and "chunked_clip_loss" in md
+    assert {r["block"] for r in meas if "chunked" in r["method"]} == {64, 128}  # one block at these sizes
+    assert "## losses_cpu_quick" in md and "| B | method | block | time (s)" in md
+    assert "chunked_clip_loss" in md and "chunked_siglip_loss" in md
 
 
 def test_update_results_keeps_other_sections(tmp_path):
@@ -47,12 +49,18 @@ def test_quick_data_bench_compares_both_loaders(tmp_path):
     section, md = _section(tmp_path, "data_cpu_quick")
     rows = section["rows"]
     passes = [r for r in rows if r["kind"] == "pass"]
-    assert {r["method"] for r in passes} == set(bench_data.METHODS) and len(passes) == 4
-    assert all(r["samples"] == 128 and r["skipped"] == 0 and r["samples_per_s"] > 0 for r in passes)
-    summary = {r["method"]: r for r in rows if r["kind"] == "summary"}
-    assert all(s["samples_per_s"] > 0 and s["samples_per_cpu_s"] > 0 for s in summary.values())
-    assert next(r for r in rows if r["kind"] == "ratio")["ratio"] > 0
+    assert {r["method"] for r in passes} == set(bench_data.METHODS) and len(passes) == 4 * len(bench_data.DATASETS)
+    quick_samples = {name: spec["samples"][1] for name, spec in bench_data.DATASETS.items()}
+    assert all(r["samples"] == quick_samples[r["dataset"]] and r["skipped"] == 0 and r["samples_per_s"] > 0
+               for r in passes)
+    summary = [r for r in rows if r["kind"] == "summary"]
+    assert len(summary) == 2 * len(bench_data.DATASETS)
+    assert all(s["samples_per_s"] > 0 and s["samples_per_cpu_s"] > 0 for s in summary)
+    ratios = {r["dataset"]: r for r in rows if r["kind"] == "ratio"}
+    assert set(ratios) == set(bench_data.DATASETS) and all(r["ratio"] > 0 and r["cpu_ratio"] > 0
+                                                           for r in ratios.values())
     assert "## data_cpu_quick" in md and "| mmalign |" in md and "| webdataset |" in md
+    assert "jpeg: 32 JPEGs of 256-512 px" in md
 
 
 @pytest.mark.slow

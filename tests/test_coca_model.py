@@ -8,6 +8,7 @@ import torch
 from conftest import last_json, run_cli
 from mmalign.config import GenerationConfig, ModelConfig, from_dict, load_config
 from mmalign.errors import ConfigError, DataError
+from mmalign.eval.captioning import TOKENIZER_JAVA, TOKENIZER_PYTHON, coco_toolkit_available
 from mmalign.losses.caption import caption_targets
 from mmalign.model import AlignmentModel
 from mmalign.modalities.text import CaptionTokenizer
@@ -58,7 +59,8 @@ def test_tiny_coca_trains_and_evaluates(trained):
     assert "retrieval_i2t_R@1" in result
     # captions of every held-out image, scored against the references and the class word
     assert result["caption_n"] == 48
-    assert {"caption_BLEU-4", "caption_CIDEr", "caption_exact_match"} <= set(result)
+    assert {"caption_BLEU-4", "caption_CIDEr", "caption_ROUGE-L", "caption_exact_match"} <= set(result)
+    assert result["caption_tokenizer"] in (TOKENIZER_JAVA, TOKENIZER_PYTHON)
     rows = [json.loads(line) for line in (run_dir / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {"key", "caption", "references", "label"} <= set(rows[0])
     assert "## Generated captions" in (run_dir / "report.md").read_text()
@@ -92,7 +94,11 @@ def test_caption_cli_writes_jsonl(trained, shards, shapes_dataset, tmp_path):
     head = last_json(run_cli("caption", "--model", str(run_dir), "--data", shards, "--out", str(out),
                              "--strategy", "beam", "--num-beams", "2", "--max-length", "5"))
     assert head["caption_n"] == 48 and head["captions"] == str(out)
-    assert {"caption_BLEU-4", "caption_CIDEr", "caption_exact_match"} <= set(head)
+    # the COCO caption metrics, METEOR and coco-caption's own tokenizer where Java and pycocoevalcap are installed
+    assert {"caption_BLEU-4", "caption_CIDEr", "caption_ROUGE-L", "caption_exact_match"} <= set(head)
+    assert ("caption_METEOR" in head) == coco_toolkit_available()
+    assert head["caption_tokenizer"] == (TOKENIZER_JAVA if coco_toolkit_available() else TOKENIZER_PYTHON)
+    assert 0 <= head.get("caption_METEOR", 0) <= 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 48
     assert all(isinstance(r["caption"], str) and r["references"] and r["label"] for r in rows)

@@ -127,6 +127,31 @@ def test_shuffling_is_reproducible_per_seed_and_epoch_with_workers(good_shards, 
     assert resampled != _keys(good_shards, modalities, seed=0, epoch=1, num_workers=0, resampled=True)
 
 
+def test_augmentations_are_the_same_in_workers_and_leave_the_main_rng_alone(good_shards, modalities):
+    """A sample's random crop and caption choice depend on its key only: the same with 0 or 2 workers (workers seed
+    without restoring), and a pass in the main process leaves the caller's RNG streams where they were."""
+    import random
+
+    import torch
+
+    def images(workers: int) -> dict:
+        return {k: img for b in pass_items(good_shards, modalities, 4, train=True, shuffle_buffer=0,
+                                           num_workers=workers) if "__key__" in b
+                for k, img in zip(b["__key__"], b["image"])}
+
+    random.seed(7)
+    torch.manual_seed(7)
+    in_main = images(0)
+    after = (random.random(), torch.rand(1).item())
+    random.seed(7)
+    torch.manual_seed(7)
+    assert after == (random.random(), torch.rand(1).item())
+    in_workers = images(2)
+    assert in_main.keys() == in_workers.keys() and len(in_main) == 36
+    for key, img in in_main.items():
+        assert torch.equal(img, in_workers[key]), key
+
+
 def test_fewer_shards_than_workers_warns_and_reads_each_sample_once(good_shards, modalities, caplog):
     with caplog.at_level(logging.WARNING, logger="mmalign.data.pipeline"):
         keys = _keys(good_shards[:1], modalities, num_workers=4)

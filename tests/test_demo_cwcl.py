@@ -60,9 +60,11 @@ def test_comparison_summary_report_and_findings(tmp_path):
     assert summary["clip_zeroshot_top1_mean"] == pytest.approx(0.2)
     assert summary["clip_zeroshot_top1_std"] == pytest.approx(0.1)
     assert summary["cwcl_zeroshot_top1_mean"] == pytest.approx(0.01)
+    # 95% CI of the mean over 3 seeds: t_{0.975, 2} = 4.3027 times std / sqrt(3)
+    assert summary["clip_zeroshot_top1_ci95"] == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-6)
     assert "clip_retrieval_i2t_R@1_mean" not in summary  # not reported by the runs
     text = write_comparison_report(tmp_path, runs, ("zeroshot_top1",), summary).read_text()
-    assert "| zeroshot_top1 | 0.2000 ± 0.1000 | 0.0100 ± 0.0173 |" in text
+    assert "| zeroshot_top1 | 0.2000 ± 0.1000 [-0.0484, 0.4484] | 0.0100 ± 0.0173 [-0.0330, 0.0530] |" in text
     assert "[clip-seed0](clip-seed0/report.md)" in text
     # The findings template names only fields the demo's summary has.
     cwcl = COMPARISONS["cwcl"]

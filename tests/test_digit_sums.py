@@ -32,6 +32,7 @@ def test_symile_comparison_variants_load_and_findings_name_only_summary_fields()
     symile = COMPARISONS["symile"]
     losses = {v: recipes.load("symile", sets).loss for v, sets in symile.variants.items()}
     assert {v: loss.name for v, loss in losses.items()} == {"symile": "symile", "gram": "gram", "clip": "clip"}
-    assert losses["gram"].kwargs == recipes.load("gram").loss.kwargs == {"anchor": "text"}
+    # GRAM as in its code: text anchor, label smoothing 0.1
+    assert losses["gram"].kwargs == recipes.load("gram").loss.kwargs == {"anchor": "text", "label_smoothing": 0.1}
     full = summarise({v: [{m: 0.5 for m in symile.metrics}] for v in symile.variants}, symile.metrics)
     recipes.text(symile.findings).format_map({**full, "seeds": 1, "run_dir": "x", "report": "x"})

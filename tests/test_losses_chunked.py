@@ -1,10 +1,12 @@
-"""Blockwise CLIP/SigLIP equal the plain losses (value and every gradient), for any chunk, and on 2 processes."""
+"""Blockwise CLIP/SigLIP equal the plain losses (value and every gradient), for any chunk, at every block size the
+chooser picks, and on 2 processes."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmalign.errors import ConfigError
 from mmalign.losses import AlignmentOutput, build_loss, chunked_clip_loss, chunked_siglip_loss, clip_loss, siglip_loss
-from mmalign.losses.chunked import chunked_clip_rows_loss, chunked_siglip_rows_loss
+from mmalign.losses.chunked import MIN_BLOCK, block_size, chunked_clip_rows_loss, chunked_siglip_rows_loss
 from mmalign.losses.pairwise import clip_rows_loss, siglip_rows_loss
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -63,12 +65,89 @@ def test_rows_forms_equal_plain_rows(dtype):
     def ours(x, y, s):
         return chunked_clip_rows_loss(x[rows], y[rows], x, y, s, rows.start, chunk_size=5)
 
+    def ours_one_block(x, y, s):
+        return chunked_clip_rows_loss(x[rows], y[rows], x, y, s, rows.start)
+
     _assert_same(ref, ours, (a, b, scale), TOL[dtype])
-    _assert_same(
-        lambda x, y, s, c: siglip_rows_loss(x[rows], y, s, c, rows.start),
-        lambda x, y, s, c: chunked_siglip_rows_loss(x[rows], y, s, c, rows.start, chunk_size=4),
-        (a, b, scale, bias), TOL[dtype],
-    )
+    _assert_same(ref, ours_one_block, (a, b, scale), TOL[dtype])
+    for chunk in (4, None):
+        _assert_same(
+            lambda x, y, s, c: siglip_rows_loss(x[rows], y, s, c, rows.start),
+            lambda x, y, s, c: chunked_siglip_rows_loss(x[rows], y, s, c, rows.start, chunk_size=chunk),
+            (a, b, scale, bias), TOL[dtype],
+        )
+
+
+def test_block_size_chooser():
+    mib = 2**20
+    # the whole matrix when two B x B buffers and the scaled rows fit
+    assert block_size(2048, 2048, 512, torch.float32, 48) == 2048
+    assert block_size(2048, 2048, 512, torch.float32, (2 * 2048**2 + 2048 * 512) * 4 / mib) == 2048
+    # else balanced blocks: 8,192 in 4 blocks of 2,048, not 3 of 2,380 and a sliver
+    assert block_size(8192, 8192, 512, torch.float32, 48) == 2048
+    assert block_size(8192, 8192, 512, torch.float32, 1024) == 8192
+    # D and the element size count: float64 or wide features need smaller blocks for the same memory
+    assert block_size(2048, 2048, 512, torch.float64, 48) == 1024
+    assert block_size(2048, 2048, 8192, torch.float32, 48) == 1024
+    # local rows against gathered columns: rows fewer than a block side
+    side = block_size(1024, 8192, 512, torch.float32, 48)
+    assert (2 * 1024 * side + 1024 * 512) * 4 <= 48 * mib < (2 * 1024 * 8192 + 1024 * 512) * 4
+    # never below MIN_BLOCK (or B itself when smaller)
+    assert block_size(100_000, 100_000, 512, torch.float32, 0.001) == MIN_BLOCK
+    assert block_size(40, 40, 8, torch.float64, 0.001) == 40
+
+
+# (B, block_memory_mb in float64, side): the chooser's three kinds of answer at D = 24: one block, balanced
+# blocks, the floor
+CHOICES = [(600, 8.0, 600), (600, 3.0, 300), (600, 0.5, MIN_BLOCK)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B,memory_mb,side", CHOICES)
+def test_every_chooser_choice_equals_the_plain_losses(B, memory_mb, side, dtype):
+    memory_mb *= torch.finfo(dtype).bits / 64  # float32: the same choice in half the memory
+    assert block_size(B, B, 24, dtype, memory_mb) == side
+    a, b = _feats(B, seed=9, dtype=dtype)
+    scale, bias = _params(dtype, scale=10.0, bias=-10.0)
+    _assert_same(clip_loss, lambda x, y, s: chunked_clip_loss(x, y, s, block_memory_mb=memory_mb), (a, b, scale),
+                 TOL[dtype])
+    _assert_same(siglip_loss, lambda x, y, s, c: chunked_siglip_loss(x, y, s, c, block_memory_mb=memory_mb),
+                 (a, b, scale, bias), TOL[dtype])
+
+
+def _matmuls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
+
+
+def test_one_block_makes_gradients_in_forward_with_three_matmuls():
+    """One block: 3 matrix products for loss and gradients (the plain loss's count); several: 4 per block."""
+    a, b = _feats(64, seed=10, dtype=torch.float32)
+    scale, _ = _params(torch.float32)
+    assert _matmuls(lambda: chunked_clip_loss(a, b, scale).backward()) == 3
+    assert _matmuls(lambda: chunked_clip_loss(a, b, scale, chunk_size=32).backward()) == 4 * 4
+    with torch.no_grad():  # no gradients wanted: statistics only
+        assert _matmuls(lambda: chunked_clip_loss(a, b, scale)) == 1
+
+
+def test_one_block_gradients_survive_a_retained_graph():
+    a, b = _feats(30, seed=11)
+    scale, bias = _params(torch.float64)
+    for loss in (chunked_clip_loss(a, b, scale), chunked_siglip_loss(a, b, scale, bias)):
+        first = torch.autograd.grad(loss, (a, b), retain_graph=True)
+        second = torch.autograd.grad(loss, (a, b))
+        for g1, g2 in zip(first, second):
+            torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"chunk_size": 0}, {"block_memory_mb": 0}, {"block_memory_mb": -1}])
+def test_bad_block_options_are_config_errors(kwargs):
+    with pytest.raises(ConfigError, match="chunk_size|block_memory_mb"):
+        build_loss("chunked_clip", ["image", "text"], **kwargs)
+    a, b = _feats(8)
+    with pytest.raises(ConfigError):
+        chunked_siglip_loss(a, b, 10.0, -10.0, **kwargs)
 
 
 def test_large_scale_and_unnormalised_features():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mmalign.errors import ConfigError
 from mmalign.losses import AlignmentOutput, build_loss, clip_loss, gram_loss, gram_volume, symile_loss
+from mmalign.losses.multimodal import text_anchor
 from tests.scripts.dist_multimodal import CASES, batch
 
 
@@ -121,6 +122,51 @@ def test_gram_finite_for_identical_and_collinear_vectors(dtype, k):
         loss = gram_loss([a, *os_], 10.0) + vol.sum()
         grads = torch.autograd.grad(loss, [a, *os_])
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_gram_volume_is_float32_under_autocast(half):
+    """Well-aligned tuples have small volumes from inner products near 1: in bf16/fp16 they come out wrong by
+    5% (bf16) and 0.4% (fp16) here; GRAM computes them in float32 (its code: ``torch.det(G.float())``)."""
+    g = torch.Generator().manual_seed(11)
+    B, D = 16, 256
+    anchor = F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    others = [F.normalize(anchor + 0.3 * torch.randn(B, D, generator=g) / D**0.5, dim=-1) for _ in range(2)]
+    exact = gram_volume(anchor.double(), [o.double() for o in others])
+    assert exact.diagonal().max() < 0.1  # the positives are well aligned (cosines ~0.96)
+    with torch.autocast("cpu", dtype=half):
+        vol = gram_volume(anchor, others)
+        loss = gram_loss([anchor, *others], 10.0, label_smoothing=0.1)
+    assert vol.dtype == torch.float32
+    torch.testing.assert_close(vol.double(), exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss.double(), gram_loss([anchor.double(), *(o.double() for o in others)], 10.0, 0.1),
+                               rtol=1e-4, atol=0)
+
+
+def test_gram_anchor_defaults_to_text():
+    assert build_loss("gram", ["image", "glyph", "text"]).modalities == ["text", "image", "glyph"]
+    assert build_loss("gram", ["image", "glyph", "text"], anchor="glyph").modalities == ["glyph", "image", "text"]
+    assert build_loss("gram", ["image", "audio", "video"]).modalities == ["image", "audio", "video"]
+    # a text modality under another name: the caller that knows the kinds picks it
+    kinds = {"image": "image", "caption": "text", "audio": "audio"}
+    assert text_anchor(["image", "caption", "audio"], kinds) == "caption"
+    assert text_anchor(["image", "audio"], {"image": "image", "audio": "audio"}) is None
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        build_loss("gram", ["image", "text"], label_smoothing=1.5)
+
+
+def test_a_recipe_anchors_gram_on_the_modality_of_kind_text():
+    from mmalign.build import build_objective
+    from mmalign.config import load_config
+
+    sections = {"image": {"tower": "small_cnn"}, "caption": {"kind": "text", "model": "x"},
+                "audio": {"tower": "mel_cnn"}}
+    cfg = load_config(base={"run_dir": "r", "data": {"train": "x.tar"}, "loss": {"name": "gram"},
+                            "model": {"modalities": sections}})
+    assert build_objective(cfg).modalities == ["caption", "image", "audio"]
+    cfg = load_config(base={**dict(run_dir="r", data={"train": "x.tar"}, model={"modalities": sections}),
+                            "loss": {"name": "gram", "kwargs": {"anchor": "audio"}}})
+    assert build_objective(cfg).modalities == ["audio", "image", "caption"]
 
 
 def test_gram_loss_label_smoothing_matches_cross_entropy():

@@ -63,6 +63,44 @@ def test_cwcl_weights_carry_no_gradient():
     assert gq is None and ga is not None and ga.abs().sum() > 0
 
 
+def test_cwcl_conditioned_weights_follow_their_formula():
+    q = torch.randn(10, 6, dtype=F64, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    qc = F.normalize(q.detach() - q.detach().mean(0), dim=-1)
+    for center, gamma in ((True, 1.0), (False, 3.0), (True, 6.5)):
+        w = cwcl_weights(q, center=center, sharpness=gamma)
+        qn = qc if center else F.normalize(q.detach(), dim=-1)
+        torch.testing.assert_close(w, ((1 + qn @ qn.T) / 2) ** gamma, rtol=1e-12, atol=1e-12)
+        assert not w.requires_grad and w.grad_fn is None
+        torch.testing.assert_close(w.diagonal(), torch.ones(10, dtype=F64))
+        torch.testing.assert_close(w, w.T)
+        # The mean comes from the columns: a block of rows is the same rows of the full matrix.
+        torch.testing.assert_close(cwcl_weights(q[2:5], columns=q, center=center, sharpness=gamma), w[2:5])
+    # Centring removes a direction every feature shares (what makes MiniLM's unrelated captions look alike) ...
+    shared = 5 * torch.randn(1, 6, dtype=F64)
+    assert cwcl_weights(q + shared).mean() > cwcl_weights(q).mean() + 0.1
+    torch.testing.assert_close(cwcl_weights(q + shared, center=True), cwcl_weights(q, center=True))
+    # ... and sharpening keeps similar pairs' weight while dissimilar ones vanish: w^gamma, w < 1 shrinks faster.
+    w1, w8 = cwcl_weights(q), cwcl_weights(q, sharpness=8.0)
+    off = ~torch.eye(10, dtype=torch.bool)
+    assert (w8[off] < w1[off]).all() and (w8 / w8.sum(1, keepdim=True)).diagonal().min() > \
+        (w1 / w1.sum(1, keepdim=True)).diagonal().max()
+    with pytest.raises(ValueError, match="sharpness"):
+        cwcl_weights(q, sharpness=0.0)
+
+
+def test_cwcl_sharpened_weights_tend_to_clip():
+    a, b = _feats()
+    q = torch.randn(12, 7, dtype=F64, generator=torch.Generator().manual_seed(6))
+    scale = torch.tensor(14.3, dtype=F64, requires_grad=True)
+    w = cwcl_weights(q, center=True, sharpness=5000.0)
+    assert (w - torch.eye(12, dtype=F64)).abs().max() < 1e-9
+    _assert_same(
+        _value_and_grads(lambda x, y, s: cwcl_loss(x, y, s, w), a, b, scale),
+        _value_and_grads(clip_loss, a, b, scale),
+        rtol=1e-9, atol=1e-9,
+    )
+
+
 def test_cwcl_identity_equals_clip():
     a, b = _feats()
     scale = torch.tensor(14.3, dtype=F64, requires_grad=True)
@@ -314,14 +352,18 @@ def test_variant_objectives_equal_their_functions():
     q = torch.randn(12, 7, dtype=F64, requires_grad=True)
     emb, s = {"image": a, "text": b}, torch.tensor(10.0, dtype=F64)
     cases = {
-        "dcl": ({}, dcl_loss(a, b, s)),
-        "clip_hard_negatives": ({"beta": 0.3}, hard_negative_clip_loss(a, b, s, 0.3)),
-        "cwcl": ({"weights_from": "text"}, cwcl_loss(a, b, s, cwcl_weights(q))),
+        "dcl": ("dcl", {}, dcl_loss(a, b, s)),
+        "dcl_w": ("dcl", {"weight_sigma": 0.5}, dcl_loss(a, b, s, weight_sigma=0.5)),
+        "hcl": ("clip_hard_negatives", {"beta": 0.3, "tau_plus": 0.05}, hard_negative_clip_loss(a, b, s, 0.3, 0.05)),
+        "hcl_defaults": ("clip_hard_negatives", {}, hard_negative_clip_loss(a, b, s, beta=1.0, tau_plus=0.1)),
+        "cwcl": ("cwcl", {"weights_from": "text"}, cwcl_loss(a, b, s, cwcl_weights(q))),
+        "cwcl_conditioned": ("cwcl", {"weights_from": "text", "center": True, "sharpness": 4.0},
+                             cwcl_loss(a, b, s, cwcl_weights(q, center=True, sharpness=4.0))),
     }
-    for name, (kwargs, expected) in cases.items():
+    for label, (name, kwargs, expected) in cases.items():
         output = AlignmentOutput(emb, frozen_features={"text": q})
         out = build_loss(name, ["image", "text"], **kwargs)(output, logit_scale=s)
-        torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=1e-12, msg=label)
     out = build_loss("cwcl", ["image", "text"])(AlignmentOutput(emb, frozen_features={"image": q}), logit_scale=s)
     assert torch.autograd.grad(out["loss"], (a, q), allow_unused=True)[1] is None
 
@@ -351,6 +393,12 @@ def test_cwcl_objective_errors():
         loss_fn(AlignmentOutput({"image": a, "text": b}, frozen_features={"text": a}), logit_scale=torch.tensor(10.0))
     with pytest.raises(ConfigError, match="weights_from"):
         build_loss("cwcl", ["image", "text"], weights_from="audio")
+    with pytest.raises(ConfigError, match="sharpness"):
+        build_loss("cwcl", ["image", "text"], sharpness=-1)
+    with pytest.raises(ConfigError, match="weight_sigma"):
+        build_loss("dcl", ["image", "text"], weight_sigma=0)
+    with pytest.raises(ConfigError, match="tau_plus"):
+        build_loss("clip_hard_negatives", ["image", "text"], tau_plus=1.0)
     with pytest.raises(ConfigError, match="label_smoothing"):
         build_loss("clip_plus", ["image", "text"], label_smoothing=1.0)
 
@@ -363,6 +411,8 @@ DIST_CONFIGS = [
     ["clip_hard_negatives", "clip_hard_negatives", {"beta": 0.3}],
     ["clip_plus", "clip_plus", {"label_smoothing": 0.1, "align_weight": 0.5, "uniform_weight": 0.2}],
     ["cwcl_regularised", "cwcl", {"align_weight": 0.3, "uniform_weight": 0.1}],
+    ["dcl_w", "dcl", {"weight_sigma": 0.5}],
+    ["cwcl_conditioned", "cwcl", {"weights_from": "image", "center": True, "sharpness": 4.0}],
 ]
 
 

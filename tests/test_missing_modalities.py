@@ -192,8 +192,9 @@ def test_clip_objective_uses_rows_where_both_members_of_a_pair_are_present():
 
 
 PAIRWISE = {
-    "dcl": ({}, lambda a, b, s, q: dcl_loss(a, b, s)),
-    "clip_hard_negatives": ({"beta": 0.3}, lambda a, b, s, q: hard_negative_clip_loss(a, b, s, 0.3)),
+    "dcl": ({"weight_sigma": 0.5}, lambda a, b, s, q: dcl_loss(a, b, s, weight_sigma=0.5)),
+    "clip_hard_negatives": ({"beta": 0.3, "tau_plus": 0.05},
+                            lambda a, b, s, q: hard_negative_clip_loss(a, b, s, 0.3, tau_plus=0.05)),
     "clip_plus": ({"label_smoothing": 0.1}, lambda a, b, s, q: label_smoothed_clip_loss(a, b, s, 0.1)),
     "cwcl": ({"weights_from": "x"}, lambda a, b, s, q: cwcl_loss(a, b, s, cwcl_weights(q))),
 }

@@ -167,7 +167,7 @@ def test_spec_defaults_are_resolved_before_building_and_saved(run):
     batch = text.tokenize(["a caption longer than twenty-four bytes", "short"])
     assert batch["input_ids"].shape == (2, 24) and text.truncated == 1
     with torch.no_grad():
-        embeddings = model({"audio": audio.collate([item]), "text": batch})
+        embeddings = model({"audio": audio.collate([item]), "text": batch}).embeddings
     assert torch.allclose(embeddings["text"].norm(dim=-1), torch.ones(2))
     again = AlignmentModel.from_pretrained(root / "run" / "model").eval()
     with torch.no_grad():

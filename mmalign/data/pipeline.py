@@ -174,7 +174,16 @@ class ShardReader:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block with Python's and torch's RNG seeded to ``seed``, restoring both afterwards."""
+    """Run a block with Python's and torch's RNG seeded to ``seed``, restoring both afterwards.
+
+    In a DataLoader worker the global RNGs serve only these blocks, so they are seeded without the restore (saving
+    and restoring Python's state costs ~60 us, a tenth of loading a small image).
+    """
+    if torch.utils.data.get_worker_info() is not None:
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        yield
+        return
     py_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)

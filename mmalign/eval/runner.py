@@ -57,6 +57,17 @@ def merge_results(results: dict, new: dict) -> dict:
     return results
 
 
+def flat_results(results: dict, prefix: str = "") -> dict:
+    """Nested result objects (``clip_benchmark``) as dotted keys."""
+    flat = {}
+    for k, v in results.items():
+        if isinstance(v, dict):
+            flat.update(flat_results(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def default_query(model, text: str = "text") -> str:
     for name, m in model.modalities.items():
         if m.kind != "text" and name != text:
@@ -273,8 +284,10 @@ def evaluate_captions(model, data: str, out: str | Path, generation: GenerationC
     """Caption every item of ``data`` (see ``caption_items``) with a CoCa model, write ``out`` as JSONL, score.
 
     Each JSONL row holds ``key`` and ``caption``, plus ``references`` and ``label`` where the data has them.
-    Returns ``caption_n``, ``captions`` (the path), ``caption_BLEU-1..4`` and ``caption_CIDEr`` over the items
-    with references, and ``caption_exact_match`` (the class word appears in the caption) over those with labels.
+    Returns ``caption_n``, ``captions`` (the path), the COCO caption metrics of :func:`caption_metrics` over the
+    items with references (``caption_BLEU-1..4``, ``caption_CIDEr``, ``caption_ROUGE-L``, ``caption_METEOR`` where
+    Java runs, and ``caption_tokenizer``, which tokenizer produced them), and ``caption_exact_match`` (the class
+    word appears in the caption) over those with labels.
     """
     cap = model.config.caption
     if cap is None:

@@ -1,11 +1,17 @@
 """CLIP and SigLIP losses in O(B) memory: the B x B logit matrix is computed block by block and never stored.
 
+Block size. :func:`block_size` picks it from B, D and a memory budget (``block_memory_mb``, default
+:data:`DEFAULT_BLOCK_MEMORY_MB`): the whole matrix as one block when it fits, else the largest balanced square blocks
+that do. ``chunk_size`` forces a size.
+
 CLIP (softmax cross-entropy). The forward pass computes each block ``z = s A_I B_J^T`` once and reads both
 directions from it: one ``exp(z - max z)`` gives the block's row sums (A->B) and column sums (B->A), merged into
-running row and column log-sum-exp vectors. Only those vectors (O(B)) are kept. The backward pass recomputes each
-block and forms dL/dz = w_r (P - T_r) + w_c (Q - T_c) with P = exp(z - lse_row), Q = exp(z - lse_col) and targets T,
-then accumulates ``dL/dz @ B_J`` and ``dL/dz^T @ A_I``: 4 GEMMs in all (the plain loss does 3) and a few
-cache-resident elementwise passes instead of a dozen passes over B x B tensors.
+running row and column log-sum-exp vectors. With several blocks only those vectors (O(B)) are kept, and the backward
+pass recomputes each block and forms dL/dz = w_r (P - T_r) + w_c (Q - T_c) with P = exp(z - lse_row),
+Q = exp(z - lse_col) and targets T, then accumulates ``dL/dz @ B_J`` and ``dL/dz^T @ A_I``: 4 GEMMs in all and a
+few elementwise passes instead of a dozen passes over B x B tensors. With one block the forward pass forms dL/dz
+from the logits it already holds and makes the feature gradients at once: 3 GEMMs, as the plain loss (which open_clip
+computes with 6), and the backward pass only scales them.
 
 SigLIP (sigmoid). Its loss has no normalisation across rows, so each block's gradient is known as soon as the block
 is computed: the forward pass accumulates the loss and the feature gradients at once (3 GEMMs, no recompute) and
@@ -18,6 +24,7 @@ blocks. The ``*_rows_loss`` forms compute local rows against gathered columns fo
 """
 from __future__ import annotations
 
+import math
 from itertools import combinations
 from typing import Protocol
 
@@ -25,16 +32,43 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import gather_with_grad, rank, world_size
+from ..errors import ConfigError
 from .contract import AlignmentOutput
 from .objectives import Objective, Scale, SigLipObjective
 from .registry import register_loss
 
-# Blocks of 4096 x 4096 (64 MB in float32, two live in backward): on 2 CPU cores smaller blocks were no faster
-# single-threaded (the GEMMs dominate) and much slower when other processes compete for the cores, since every
-# block costs a dozen OpenMP parallel regions. Pass a smaller chunk_size to trade speed for memory.
-DEFAULT_CHUNK = 4096
+# Memory (MiB) the blocks of logits may take beyond the features and their gradients, unless told otherwise. It holds
+# the whole matrix as one block up to B ~ 2,300 at D = 512 in float32 (one block is the fastest path: 3 GEMMs), and
+# at B = 8,192 keeps the peak under a tenth of the plain loss's (blocks of 2,048).
+DEFAULT_BLOCK_MEMORY_MB = 48.0
+# The chooser never picks smaller blocks: each block costs a dozen OpenMP parallel regions (CUDA kernel launches),
+# which dominate below this size and are slow to start when other processes compete for the cores.
+MIN_BLOCK = 256
 # softplus(z) is replaced by z above this: log1p(exp(-40)) ~ 4e-18 is below float64 resolution
 _SOFTPLUS_THRESHOLD = 40.0
+
+
+def block_size(
+    n_rows: int, n_cols: int, dim: int, dtype: torch.dtype = torch.float32,
+    memory_mb: float = DEFAULT_BLOCK_MEMORY_MB,
+) -> int:
+    """Side of the square blocks in which a blockwise loss computes the ``n_rows x n_cols`` logits of D-dim features.
+
+    An r x c block holds ``2 r c + r D`` elements at once: two r x c buffers (the logits and their exponentials or
+    gradient) and the block's rows of scaled features. Returns ``max(n_rows, n_cols)`` (one block) when the whole
+    matrix fits in ``memory_mb`` MiB; otherwise the largest side that fits, balanced over the longer dimension so
+    that the last block is not a sliver, and at least :data:`MIN_BLOCK`.
+    """
+    budget = memory_mb * 2**20 / (torch.finfo(dtype).bits // 8)
+    longer = max(n_rows, n_cols)
+    for n_blocks in range(1, longer + 1):
+        side = math.ceil(longer / n_blocks)
+        r, c = min(side, n_rows), min(side, n_cols)
+        if 2 * r * c + r * dim <= budget:
+            return side
+        if side <= MIN_BLOCK:
+            break
+    return min(MIN_BLOCK, longer)
 
 
 class BlockTargets(Protocol):
@@ -89,46 +123,76 @@ def _underflow_threshold(dtype: torch.dtype) -> float:
     return info.tiny / info.eps**2
 
 
-def _softmax_stats(
-    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: BlockTargets, chunk: int, cols: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Row (and, if ``cols``, column) log-sum-exp of z = scale q k^T and the targets' dot products, blockwise.
+def _block_lse(
+    z: torch.Tensor, e_out: torch.Tensor, qs_i: torch.Tensor, k_j: torch.Tensor, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row (and, if ``cols``, column) log-sum-exp of the block z = qs_i k_j^T, its exponentials written to ``e_out``
+    (which may be z itself).
 
     One exp per element serves both directions: the block is shifted by its scalar max; rows or columns whose
     shifted sum is too small to be accurate (their own max is far below the block's) are recomputed exactly.
     """
+    tiny = _underflow_threshold(z.dtype)
+    m = z.max()
+    e = torch.sub(z, m, out=e_out).exp_()
+
+    def log_sum(part: torch.Tensor, exact) -> torch.Tensor:
+        bad = part < tiny
+        part = part.log_().add_(m)
+        if bad.any():
+            part[bad] = exact(bad)
+        return part
+
+    row = log_sum(e.sum(1), lambda bad: torch.logsumexp(qs_i[bad] @ k_j.T, 1))
+    col = log_sum(e.sum(0), lambda bad: torch.logsumexp(qs_i @ k_j[bad].T, 0)) if cols else None
+    return row, col
+
+
+def _block_grad(
+    z: torch.Tensor, g_out: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor | None, col_ratio: float,
+    targets: BlockTargets, i0: int, j0: int,
+) -> torch.Tensor:
+    """G = (P - T_r) + col_ratio (Q - T_c) over the block of logits z at (i0, j0), written to ``g_out`` (z is
+    overwritten); ``row_lse`` and ``col_lse`` are the block's slices of the full log-sum-exp vectors."""
+    g = torch.sub(z, row_lse[:, None], out=g_out).exp_()
+    if col_lse is not None:
+        g.add_(z.sub_(col_lse[None, :]).exp_(), alpha=col_ratio)
+    targets.subtract_(g, i0, j0, 1.0, col_ratio if col_lse is not None else 0.0)
+    return g
+
+
+def _softmax_stats(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: BlockTargets, chunk: int, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Row (and, if ``cols``, column) log-sum-exp of z = scale q k^T and the targets' dot products, blockwise."""
     n_rows, n_cols = q.shape[0], k.shape[0]
     row_lse = torch.full((n_rows,), float("-inf"), dtype=q.dtype, device=q.device)
     col_lse = torch.full((n_cols,), float("-inf"), dtype=q.dtype, device=q.device) if cols else None
     t_row = q.new_zeros(())
     t_col = q.new_zeros(())
     buf = q.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
-    tiny = _underflow_threshold(q.dtype)
     for i0, i1 in _blocks(n_rows, chunk):
-        q_i = q[i0:i1] * scale
+        qs_i = q[i0:i1] * scale
         for j0, j1 in _blocks(n_cols, chunk):
             k_j = k[j0:j1]
-            z = torch.mm(q_i, k_j.T, out=buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
+            z = torch.mm(qs_i, k_j.T, out=buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
             t = targets.dot(z, i0, j0)
             if t is not None:
                 t_row += t[0]
                 t_col += t[1]
-            m = z.max()
-            e = z.sub_(m).exp_()
-            part = e.sum(1)
-            bad = part < tiny
-            part = part.log_().add_(m)
-            if bad.any():
-                part[bad] = torch.logsumexp(q_i[bad] @ k_j.T, 1)
-            torch.logaddexp(row_lse[i0:i1], part, out=row_lse[i0:i1])
+            row, col = _block_lse(z, z, qs_i, k_j, cols)
+            torch.logaddexp(row_lse[i0:i1], row, out=row_lse[i0:i1])
             if cols:
-                part = e.sum(0)
-                bad = part < tiny
-                part = part.log_().add_(m)
-                if bad.any():
-                    part[bad] = torch.logsumexp(q_i @ k_j[bad].T, 0)
-                torch.logaddexp(col_lse[j0:j1], part, out=col_lse[j0:j1])
+                torch.logaddexp(col_lse[j0:j1], col, out=col_lse[j0:j1])
     return row_lse, col_lse, t_row, t_col
+
+
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` for the first term of a blockwise sum (no zero fill), ``out += a @ b`` for the others."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
 
 
 def _softmax_grads(
@@ -143,25 +207,36 @@ def _softmax_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(G @ k, G^T @ q) for G = (P - T_r) + col_ratio (Q - T_c), recomputing each block of z = scale q k^T."""
     n_rows, n_cols = q.shape[0], k.shape[0]
-    grad_q = torch.zeros_like(q)
-    grad_k = torch.zeros_like(k)
+    grad_q = torch.empty_like(q)
+    grad_k = torch.empty_like(k)
     size = min(chunk, n_rows) * min(chunk, n_cols)
-    buf_z, buf_p = q.new_empty(size), q.new_empty(size)
+    buf_z, buf_g = q.new_empty(size), q.new_empty(size)
     for i0, i1 in _blocks(n_rows, chunk):
         q_i = q[i0:i1]
         qs_i = q_i * scale
-        lse_i = row_lse[i0:i1, None]
         for j0, j1 in _blocks(n_cols, chunk):
             k_j = k[j0:j1]
             shape = (i1 - i0, j1 - j0)
             z = torch.mm(qs_i, k_j.T, out=buf_z[: shape[0] * shape[1]].view(shape))
-            g = torch.sub(z, lse_i, out=buf_p[: shape[0] * shape[1]].view(shape)).exp_()
-            if col_lse is not None:
-                g.add_(z.sub_(col_lse[None, j0:j1]).exp_(), alpha=col_ratio)
-            targets.subtract_(g, i0, j0, 1.0, col_ratio if col_lse is not None else 0.0)
-            grad_q[i0:i1].addmm_(g, k_j)
-            grad_k[j0:j1].addmm_(g.T, q_i)
+            g = _block_grad(z, buf_g[: shape[0] * shape[1]].view(shape), row_lse[i0:i1],
+                            None if col_lse is None else col_lse[j0:j1], col_ratio, targets, i0, j0)
+            _accumulate_mm(grad_q[i0:i1], g, k_j, first=j0 == 0)
+            _accumulate_mm(grad_k[j0:j1], g.T, q_i, first=i0 == 0)
     return grad_q, grad_k
+
+
+def _softmax_one_block(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: BlockTargets, cols: bool, col_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole logit matrix as one block: :func:`_softmax_stats` and :func:`_softmax_grads` from one product of
+    logits (3 GEMMs in all); returns (row_lse, col_lse, t_row, t_col, G @ k, G^T @ q)."""
+    qs = q * scale
+    z = qs @ k.T
+    t_row, t_col = targets.dot(z, 0, 0) or (q.new_zeros(()), q.new_zeros(()))
+    scratch = torch.empty_like(z)
+    row_lse, col_lse = _block_lse(z, scratch, qs, k, cols)
+    g = _block_grad(z, scratch, row_lse, col_lse, col_ratio, targets, 0, 0)
+    return row_lse, col_lse, t_row, t_col, g @ k, g.T @ q
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -172,42 +247,69 @@ def _as_scalar(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return x if torch.is_tensor(x) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
 
 
+def _wants_grads(*inputs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+
+
+def _feature_grads(ctx, coef: torch.Tensor, q: torch.Tensor, s: torch.Tensor, g_q: torch.Tensor, g_k: torch.Tensor,
+                   in_place: bool) -> list[torch.Tensor | None]:
+    """[dL/dq, dL/dk, dL/ds] (None where not needed) from G @ k and G^T @ q, with dL/dz = coef * G and z = s q k^T.
+
+    dL/dq = coef s G k, dL/dk = coef s G^T q, dL/ds = sum_ij dL/dz_ij (q_i . k_j) = coef sum_i q_i . (G k)_i.
+    ``in_place``: g_q and g_k were made for this call and become the gradients (no copy); saved ones are kept
+    intact, so that a graph retained with ``retain_graph`` can be differentiated again. ``ctx.in_dtypes`` and
+    ``ctx.scale_shape`` give the inputs' dtypes and the scale's shape.
+    """
+    need = ctx.needs_input_grad
+    grad_s = None
+    if need[2]:
+        grad_s = (coef * torch.dot(q.reshape(-1), g_q.reshape(-1))).reshape(ctx.scale_shape).to(ctx.in_dtypes[2])
+    factor = coef * s
+    grad_q = (g_q.mul_(factor) if in_place else g_q * factor).to(ctx.in_dtypes[0]) if need[0] else None
+    grad_k = (g_k.mul_(factor) if in_place else g_k * factor).to(ctx.in_dtypes[1]) if need[1] else None
+    return [grad_q, grad_k, grad_s]
+
+
 class _ChunkedSoftmaxCE(torch.autograd.Function):
-    """Cross-entropy of s q k^T against ``targets``: rows only (mean over rows) or symmetric (mean of both)."""
+    """Cross-entropy of s q k^T against ``targets``: rows only (mean over rows) or symmetric (mean of both).
+
+    With one block and gradients wanted, the feature gradients are made in forward (3 GEMMs); otherwise forward
+    keeps the log-sum-exp vectors and backward recomputes each block (4 GEMMs).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, logit_scale, targets, symmetric, chunk):
+    def forward(ctx, q, k, logit_scale, targets, symmetric, chunk, want_grads):
         dtype = _compute_dtype(q)
         s = logit_scale.detach().to(dtype).reshape(())
         q32, k32 = q.detach().to(dtype), k.detach().to(dtype)
-        row_lse, col_lse, t_row, t_col = _softmax_stats(q32, k32, s, targets, chunk, cols=symmetric)
         n_rows, n_cols = q.shape[0], k.shape[0]
+        col_ratio = n_rows / n_cols
+        ctx.grads_made = want_grads and chunk >= max(n_rows, n_cols)
+        if ctx.grads_made:
+            row_lse, col_lse, t_row, t_col, g_q, g_k = _softmax_one_block(q32, k32, s, targets, symmetric, col_ratio)
+            ctx.save_for_backward(q32, s, g_q, g_k)
+        else:
+            row_lse, col_lse, t_row, t_col = _softmax_stats(q32, k32, s, targets, chunk, cols=symmetric)
+            ctx.save_for_backward(q32, k32, s, row_lse, col_lse)
         if symmetric:
             loss = 0.5 * ((row_lse.sum() - t_row) / n_rows + (col_lse.sum() - t_col) / n_cols)
         else:
             loss = (row_lse.sum() - t_row) / n_rows
-        ctx.save_for_backward(q32, k32, s, row_lse, col_lse if symmetric else None)
-        ctx.targets, ctx.symmetric, ctx.chunk = targets, symmetric, chunk
+        ctx.targets, ctx.symmetric, ctx.chunk, ctx.col_ratio = targets, symmetric, chunk, col_ratio
         ctx.scale_shape, ctx.in_dtypes = logit_scale.shape, (q.dtype, k.dtype, logit_scale.dtype)
         return loss.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, s, row_lse, col_lse = ctx.saved_tensors
-        n_rows, n_cols = q.shape[0], k.shape[0]
-        # dL/dz = w_r (P - T_r) + w_c (Q - T_c); w_r is factored out of the blockwise sums
-        w_r = 0.5 / n_rows if ctx.symmetric else 1.0 / n_rows
-        col_ratio = n_rows / n_cols
-        # g_q = G @ k and g_k = G^T @ q (unscaled q), with dL/dz = coef * G
-        g_q, g_k = _softmax_grads(q, k, s, row_lse, col_lse, col_ratio, ctx.targets, ctx.chunk)
-        coef = grad_out.to(q.dtype) * w_r
-        grad_s = None
-        if ctx.needs_input_grad[2]:
-            # dL/ds = sum_ij dL/dz_ij (q_i . k_j) = coef * sum_i q_i . (G k)_i
-            grad_s = (coef * torch.dot(q.reshape(-1), g_q.reshape(-1))).reshape(ctx.scale_shape).to(ctx.in_dtypes[2])
-        grad_q = g_q.mul_(coef * s).to(ctx.in_dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_k = g_k.mul_(coef * s).to(ctx.in_dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, grad_s, None, None, None
+        if ctx.grads_made:
+            q, s, g_q, g_k = ctx.saved_tensors
+        else:
+            q, k, s, row_lse, col_lse = ctx.saved_tensors
+            g_q, g_k = _softmax_grads(q, k, s, row_lse, col_lse, ctx.col_ratio, ctx.targets, ctx.chunk)
+        # dL/dz = w_r (P - T_r) + w_c (Q - T_c) = w_r G with w_c / w_r = col_ratio
+        w_r = 0.5 / q.shape[0] if ctx.symmetric else 1.0 / q.shape[0]
+        grads = _feature_grads(ctx, grad_out.to(q.dtype) * w_r, q, s, g_q, g_k, in_place=not ctx.grads_made)
+        return (*grads, None, None, None, None)
 
 
 class _ChunkedSigmoid(torch.autograd.Function):
@@ -222,7 +324,7 @@ class _ChunkedSigmoid(torch.autograd.Function):
         n_rows, n_cols = q.shape[0], k.shape[0]
         total = q32.new_zeros(())
         if want_grads:
-            g_q, g_k, g_bias = torch.zeros_like(q32), torch.zeros_like(k32), q32.new_zeros(())
+            g_q, g_k, g_bias = torch.empty_like(q32), torch.empty_like(k32), q32.new_zeros(())
         buf = q32.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
         for i0, i1 in _blocks(n_rows, chunk):
             q_i = q32[i0:i1]
@@ -230,7 +332,7 @@ class _ChunkedSigmoid(torch.autograd.Function):
             for j0, j1 in _blocks(n_cols, chunk):
                 k_j = k32[j0:j1]
                 shape = (i1 - i0, j1 - j0)
-                z = torch.mm(qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape)).add_(bias)
+                z = torch.addmm(bias, qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape))
                 t = targets.dot(z, i0, j0)
                 if t is not None:
                     total -= t[0]
@@ -239,8 +341,8 @@ class _ChunkedSigmoid(torch.autograd.Function):
                     g = z.sigmoid_()
                     targets.subtract_(g, i0, j0, 1.0, 0.0)
                     g_bias += g.sum()
-                    g_q[i0:i1].addmm_(g, k_j)
-                    g_k[j0:j1].addmm_(g.T, q_i)
+                    _accumulate_mm(g_q[i0:i1], g, k_j, first=j0 == 0)
+                    _accumulate_mm(g_k[j0:j1], g.T, q_i, first=i0 == 0)
         if want_grads:
             ctx.save_for_backward(q32, s, g_q, g_k, g_bias)
         ctx.n_rows, ctx.scale_shape, ctx.bias_shape = n_rows, logit_scale.shape, logit_bias.shape
@@ -255,27 +357,42 @@ class _ChunkedSigmoid(torch.autograd.Function):
         # g_q = G @ k, g_k = G^T @ q (unscaled q), g_bias = sum G, with dL/dz = G / rows
         q, s, g_q, g_k, g_bias = ctx.saved_tensors
         coef = grad_out.to(q.dtype) / ctx.n_rows
-        grads = [None] * 7
-        if ctx.needs_input_grad[2]:
-            grads[2] = (coef * torch.dot(q.reshape(-1), g_q.reshape(-1))).reshape(ctx.scale_shape)
-            grads[2] = grads[2].to(ctx.in_dtypes[2])
-        if ctx.needs_input_grad[0]:
-            grads[0] = (g_q * (coef * s)).to(ctx.in_dtypes[0])
-        if ctx.needs_input_grad[1]:
-            grads[1] = (g_k * (coef * s)).to(ctx.in_dtypes[1])
-        if ctx.needs_input_grad[3]:
-            grads[3] = (g_bias * coef).reshape(ctx.bias_shape).to(ctx.in_dtypes[3])
-        return tuple(grads)
+        grad_bias = (g_bias * coef).reshape(ctx.bias_shape).to(ctx.in_dtypes[3]) if ctx.needs_input_grad[3] else None
+        return (*_feature_grads(ctx, coef, q, s, g_q, g_k, in_place=False), grad_bias, None, None, None)
+
+
+def block_options(chunk_size: int | None, block_memory_mb: float) -> dict:
+    """The blockwise losses' keyword arguments, checked (the objectives check them when a recipe is built)."""
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ConfigError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if float(block_memory_mb) <= 0:
+        raise ConfigError(f"block_memory_mb must be positive, got {block_memory_mb}")
+    return {"chunk_size": None if chunk_size is None else int(chunk_size), "block_memory_mb": float(block_memory_mb)}
+
+
+def _chunk(q: torch.Tensor, k: torch.Tensor, chunk_size: int | None, block_memory_mb: float) -> int:
+    """``chunk_size`` if given, else :func:`block_size` for q's rows against k's."""
+    opts = block_options(chunk_size, block_memory_mb)
+    if opts["chunk_size"] is not None:
+        return opts["chunk_size"]
+    return block_size(q.shape[0], k.shape[0], q.shape[1], _compute_dtype(q), opts["block_memory_mb"])
 
 
 def chunked_clip_loss(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, chunk_size: int = DEFAULT_CHUNK
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    chunk_size: int | None = None,
+    block_memory_mb: float = DEFAULT_BLOCK_MEMORY_MB,
 ) -> torch.Tensor:
     """CLIP loss with the same value and gradients as :func:`clip_loss`, in O(B * D + chunk_size^2) memory.
 
-    Each chunk_size x chunk_size block of logits is computed once in forward (both directions) and once in backward.
+    Blocks of ``chunk_size`` (default: :func:`block_size` within ``block_memory_mb`` MiB); each is computed once in
+    forward (both directions) and, with several blocks, once more in backward.
     """
-    return _ChunkedSoftmaxCE.apply(a, b, _as_scalar(logit_scale, a), DiagonalTargets(0), True, chunk_size)
+    s = _as_scalar(logit_scale, a)
+    chunk = _chunk(a, b, chunk_size, block_memory_mb)
+    return _ChunkedSoftmaxCE.apply(a, b, s, DiagonalTargets(0), True, chunk, _wants_grads(a, b, s))
 
 
 def chunked_clip_rows_loss(
@@ -285,13 +402,15 @@ def chunked_clip_rows_loss(
     b_all: torch.Tensor,
     logit_scale: torch.Tensor | float,
     row_offset: int = 0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
+    block_memory_mb: float = DEFAULT_BLOCK_MEMORY_MB,
 ) -> torch.Tensor:
     """Blockwise :func:`clip_rows_loss`: rows ``row_offset : row_offset + len(a_rows)`` against all columns."""
     s = _as_scalar(logit_scale, a_rows)
     targets = DiagonalTargets(row_offset)
-    loss_ab = _ChunkedSoftmaxCE.apply(a_rows, b_all, s, targets, False, chunk_size)
-    loss_ba = _ChunkedSoftmaxCE.apply(b_rows, a_all, s, targets, False, chunk_size)
+    chunk = _chunk(a_rows, b_all, chunk_size, block_memory_mb)
+    loss_ab = _ChunkedSoftmaxCE.apply(a_rows, b_all, s, targets, False, chunk, _wants_grads(a_rows, b_all, s))
+    loss_ba = _ChunkedSoftmaxCE.apply(b_rows, a_all, s, targets, False, chunk, _wants_grads(b_rows, a_all, s))
     return 0.5 * (loss_ab + loss_ba)
 
 
@@ -301,14 +420,15 @@ def chunked_siglip_rows_loss(
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float,
     row_offset: int = 0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
+    block_memory_mb: float = DEFAULT_BLOCK_MEMORY_MB,
 ) -> torch.Tensor:
     """Blockwise :func:`siglip_rows_loss` (same value and gradients, O(B * D + chunk_size^2) memory)."""
     s, bias = _as_scalar(logit_scale, a_rows), _as_scalar(logit_bias, a_rows)
-    want_grads = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (a_rows, b_all, s, bias)
+    chunk = _chunk(a_rows, b_all, chunk_size, block_memory_mb)
+    return _ChunkedSigmoid.apply(
+        a_rows, b_all, s, bias, DiagonalTargets(row_offset), chunk, _wants_grads(a_rows, b_all, s, bias)
     )
-    return _ChunkedSigmoid.apply(a_rows, b_all, s, bias, DiagonalTargets(row_offset), chunk_size, want_grads)
 
 
 def chunked_siglip_loss(
@@ -316,10 +436,11 @@ def chunked_siglip_loss(
     b: torch.Tensor,
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
+    block_memory_mb: float = DEFAULT_BLOCK_MEMORY_MB,
 ) -> torch.Tensor:
     """SigLIP loss with the same value and gradients as :func:`siglip_loss`, blockwise (3 GEMMs, no recompute)."""
-    return chunked_siglip_rows_loss(a, b, logit_scale, logit_bias, 0, chunk_size)
+    return chunked_siglip_rows_loss(a, b, logit_scale, logit_bias, 0, chunk_size, block_memory_mb)
 
 
 @register_loss("chunked_clip")
@@ -327,12 +448,15 @@ class ChunkedClipObjective(Objective):
     """:class:`ClipObjective` computed blockwise: same value and gradients, logits never stored (large batches).
 
     On one process both directions come from one sweep over the blocks; under ``torch.distributed`` each rank
-    computes its own rows against the gathered columns, in each direction.
+    computes its own rows against the gathered columns, in each direction. ``chunk_size`` forces the block size;
+    by default it is chosen per call within ``block_memory_mb`` MiB (:func:`block_size`).
     """
 
-    def __init__(self, modalities: list[str], chunk_size: int = DEFAULT_CHUNK):
+    def __init__(
+        self, modalities: list[str], chunk_size: int | None = None, block_memory_mb: float = DEFAULT_BLOCK_MEMORY_MB
+    ):
         super().__init__(modalities)
-        self.chunk_size = int(chunk_size)
+        self.blocks = block_options(chunk_size, block_memory_mb)
 
     def forward(
         self, output: AlignmentOutput, logit_scale: Scale, logit_bias: torch.Tensor | None = None
@@ -341,13 +465,13 @@ class ChunkedClipObjective(Objective):
         out: dict[str, torch.Tensor] = {}
         if world_size() == 1:
             for m1, m2 in combinations(self.modalities, 2):
-                out[f"loss_{m1}_{m2}"] = chunked_clip_loss(embeddings[m1], embeddings[m2], logit_scale, self.chunk_size)
+                out[f"loss_{m1}_{m2}"] = chunked_clip_loss(embeddings[m1], embeddings[m2], logit_scale, **self.blocks)
         else:
             gathered = {m: gather_with_grad(embeddings[m]) for m in self.modalities}
             offset = rank() * embeddings[self.modalities[0]].shape[0]
             for m1, m2 in combinations(self.modalities, 2):
                 out[f"loss_{m1}_{m2}"] = chunked_clip_rows_loss(
-                    embeddings[m1], embeddings[m2], gathered[m1], gathered[m2], logit_scale, offset, self.chunk_size
+                    embeddings[m1], embeddings[m2], gathered[m1], gathered[m2], logit_scale, offset, **self.blocks
                 )
         out["loss"] = torch.stack(list(out.values())).mean()
         return out
@@ -357,9 +481,11 @@ class ChunkedClipObjective(Objective):
 class ChunkedSigLipObjective(SigLipObjective):
     """:class:`SigLipObjective` computed blockwise (local rows against gathered columns under distributed)."""
 
-    def __init__(self, modalities: list[str], chunk_size: int = DEFAULT_CHUNK):
+    def __init__(
+        self, modalities: list[str], chunk_size: int | None = None, block_memory_mb: float = DEFAULT_BLOCK_MEMORY_MB
+    ):
         super().__init__(modalities)
-        self.chunk_size = int(chunk_size)
+        self.blocks = block_options(chunk_size, block_memory_mb)
 
     def rows_loss(self, a_rows, b_all, logit_scale, logit_bias, row_offset) -> torch.Tensor:
-        return chunked_siglip_rows_loss(a_rows, b_all, logit_scale, logit_bias, row_offset, self.chunk_size)
+        return chunked_siglip_rows_loss(a_rows, b_all, logit_scale, logit_bias, row_offset, **self.blocks)

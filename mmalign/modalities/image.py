@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -39,7 +40,10 @@ class ImageModality(Modality):
 
         Images over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), or that would exceed it once resized,
         are refused before decoding. PIL's plugins raise many exception types on malformed files, so every exception
-        of decoding becomes a DataError.
+        of decoding becomes a DataError. A JPEG much larger than the model's input is decoded at 1/2, 1/4 or 1/8 of its
+        size (libjpeg's DCT scaling, :meth:`PIL.Image.Image.draft`) when that still leaves every crop the transforms
+        can take at least ``image_size`` pixels on each side (:meth:`jpeg_draft_side`): the transforms then
+        downsample a smaller image to the same output, for a fraction of the decoding and resizing work.
         """
         from PIL import Image, UnidentifiedImageError
 
@@ -52,8 +56,10 @@ class ImageModality(Modality):
                     raise DataError("image has zero size")
                 if self.cfg.image_size ** 2 * max(w, h) / min(w, h) > Image.MAX_IMAGE_PIXELS:
                     raise DataError(f"image of {w}x{h} is too elongated to resize to {self.cfg.image_size}")
+                if image.format == "JPEG":
+                    image.draft(None, (self.jpeg_draft_side(),) * 2)
                 image.load()
-                return image.convert("RGB")
+                return image if image.mode == "RGB" else image.convert("RGB")
         except DataError:
             raise
         except UnidentifiedImageError:
@@ -61,15 +67,27 @@ class ImageModality(Modality):
         except Exception as e:
             raise DataError(f"cannot decode image ({ext}): {type(e).__name__}: {e}") from None
 
+    @property
+    def train_augment(self) -> dict:
+        """open_clip AugmentationCfg keys of the training transform: the recipe's over a random crop of 80-100%."""
+        return {"scale": (0.8, 1.0), **self.cfg.augment}
+
+    def jpeg_draft_side(self) -> int:
+        """The shortest side a decoded image needs so that no transform enlarges any part of it: ``image_size`` over
+        the smallest crop side relative to the image's shortest side, sqrt(min scale x min aspect ratio) of the
+        training crop (open_clip's RandomResizedCrop; evaluation's resize and centre crop need less)."""
+        scale = self.train_augment["scale"][0]
+        ratio = self.train_augment.get("ratio", (3 / 4, 4 / 3))  # open_clip's (torchvision's) default
+        return math.ceil(self.cfg.image_size / math.sqrt(scale * min(ratio[0], 1 / ratio[1])))
+
     def transform(self, item, train: bool) -> torch.Tensor:
         if train not in self._transforms:
             import open_clip
 
             cfg = self.cfg
-            aug = {"scale": (0.8, 1.0), **cfg.augment}
             self._transforms[train] = open_clip.image_transform(
                 cfg.image_size, is_train=train, mean=cfg.mean, std=cfg.std, resize_mode=cfg.resize_mode,
-                interpolation=cfg.interpolation, aug_cfg=aug if train else None,
+                interpolation=cfg.interpolation, aug_cfg=self.train_augment if train else None,
             )
         return self._transforms[train](item)
 
