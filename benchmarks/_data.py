@@ -5,7 +5,7 @@ import io
 import random
 from pathlib import Path
 
-from data_tools.common import cached_build, write_samples
+from mmalign.demo_data.common import cached_build, write_samples
 
 WORK_DIR = Path(__file__).resolve().parent / "_work"
 

@@ -1,4 +1,4 @@
-"""``mmalign`` command line: train, eval, caption, data, export, report, demo.
+"""``mmalign`` command line: train, eval, caption, data, export, report, demo, recipes.
 
 Every command that computes a result prints one JSON object with its headline numbers as the last line of
 standard output; logs and progress bars go to standard error. User errors are one line, without a traceback.
@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import MMAlignError
 
 log = logging.getLogger("mmalign")
@@ -25,10 +26,13 @@ def emit(result: dict) -> None:
 def cmd_train(args) -> dict:
     from .config import load_config
     from .distributed import leave_process_group
+    from .recipes import recipe_file
     from .train import train
 
     try:
-        return train(load_config(args.recipe, args.set))
+        with recipe_file(args.recipe) as path:
+            cfg = load_config(path, args.set)
+        return train(cfg)
     finally:
         leave_process_group()
 
@@ -66,9 +70,10 @@ def cmd_data(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .export import export_model
-    from .rundir import load_model
+    from .rundir import load_model, resolve_model_dir, source_run
 
-    return export_model(load_model(args.model), args.to, args.format)
+    model_dir = resolve_model_dir(args.model)
+    return export_model(load_model(model_dir), args.to, args.format, run=source_run(model_dir))
 
 
 def cmd_report(args) -> dict:
@@ -83,13 +88,21 @@ def cmd_demo(args) -> dict:
     return run_demo(args.name, Path(args.workdir), args.set)
 
 
+def cmd_recipes(args) -> None:
+    """Prints the shipped recipes, or one of them (no JSON line: ``recipes show NAME > my.yaml`` is a recipe)."""
+    from . import recipes
+
+    print(recipes.text(args.name) if args.what == "show" else recipes.listing(), end="" if args.what else "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a recipe (resumes from the run directory's last checkpoint)")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (`mmalign recipes` lists them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(fn=cmd_train)
 
@@ -160,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs", help="where demo data and runs go")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes; `recipes show NAME > my.yaml` to start from one")
+    rsub = p.add_subparsers(dest="what")
+    rsub.add_parser("show", help="print a shipped recipe").add_argument("name")
+    p.set_defaults(fn=cmd_recipes)
     return parser
 
 
@@ -178,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmalign: interrupted", file=sys.stderr)
         return 130
-    emit(result)
+    if result is not None:
+        emit(result)
     return 0
 
 

@@ -11,13 +11,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_config
+from . import recipes
 from .errors import ConfigError, closest
 from .io import write_json
 
 log = logging.getLogger(__name__)
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # How a builder's paths fill a recipe: every demo builds train/test shards, classes and templates.
 ZEROSHOT = {
@@ -26,17 +24,17 @@ ZEROSHOT = {
 }
 ZEROSHOT_AND_RETRIEVAL = {**ZEROSHOT, "eval.retrieval.data": "test"}
 
-# demo name -> (data builder module in data_tools, recipe file, how the builder's paths fill the recipe)
+# demo name -> (data builder module in mmalign.demo_data, shipped recipe, how the builder's paths fill the recipe)
 DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
-    "lit": ("data_tools.digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
-    "clap": ("data_tools.spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
-    "ecg": ("data_tools.ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
-    "coca": ("data_tools.digits", "coca.yaml", {
+    "lit": ("digits", "lit_image_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "clap": ("spoken_words", "clap_audio_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "ecg": ("ecg", "ecg_text.yaml", ZEROSHOT_AND_RETRIEVAL),
+    "coca": ("digits", "coca.yaml", {
         **ZEROSHOT_AND_RETRIEVAL, "eval.caption.data": "test", "model.modalities.text.tokenizer": "tokenizer",
     }),
-    "cwcl": ("data_tools.emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
-    "symile": ("data_tools.digit_sums", "symile.yaml", ZEROSHOT),  # a comparison: see COMPARISONS
-    "gram": ("data_tools.digit_sums", "gram.yaml", ZEROSHOT),
+    "cwcl": ("emoji", "cwcl.yaml", ZEROSHOT_AND_RETRIEVAL),  # a comparison: see COMPARISONS
+    "symile": ("digit_sums", "symile.yaml", ZEROSHOT),  # a comparison: see COMPARISONS
+    "gram": ("digit_sums", "gram.yaml", ZEROSHOT),
 }
 
 
@@ -44,7 +42,7 @@ DEMOS: dict[str, tuple[str, str, dict[str, str]]] = {
 class Comparison:
     """Variants of a demo's recipe (name -> overrides; [] is the recipe as is), each trained with every seed.
 
-    ``findings``: a markdown file in ``recipes/`` about what the comparison shows, written to the run directory as
+    ``findings``: a markdown file beside the shipped recipes about what the comparison shows, written to the run directory as
     ``findings.md`` with ``{<variant>_<metric>_mean}``-style fields filled from the summary.
     """
 
@@ -83,12 +81,12 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
         raise ConfigError(f"unknown demo {name!r}{closest(name, DEMOS)}; demos: {', '.join(DEMOS)}")
     module, recipe, fill = DEMOS[name]
     log.info("building demo data for %r in %s", name, workdir / "demo_data" / name)
-    paths = importlib.import_module(module).build(workdir / "demo_data" / name)
+    paths = importlib.import_module(f".demo_data.{module}", __package__).build(workdir / "demo_data" / name)
     sets = [f"{key}={paths[source]}" for key, source in fill.items()]
     run_dir = workdir / f"demo-{name}"
     if name in COMPARISONS:
-        return run_comparison(COMPARISONS[name], RECIPES / recipe, sets, run_dir, list(overrides or []))
-    cfg = load_config(RECIPES / recipe, [*sets, f"run_dir={run_dir}", *(overrides or [])])
+        return run_comparison(COMPARISONS[name], recipe, sets, run_dir, list(overrides or []))
+    cfg = recipes.load(recipe, [*sets, f"run_dir={run_dir}", *(overrides or [])])
     from .train import train
 
     result = train(cfg)
@@ -97,7 +95,7 @@ def run_demo(name: str, workdir: Path, overrides: list[str] | None = None) -> di
     return result
 
 
-def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_dir: Path,
+def run_comparison(comparison: Comparison, recipe: str, sets: list[str], run_dir: Path,
                    overrides: list[str]) -> dict:
     """Train every variant with every seed (runs in ``run_dir/<variant>-seed<k>``); the summary goes to
     ``run_dir/results.json`` and ``run_dir/report.md``. ``overrides`` apply to every run, after the variant's."""
@@ -107,8 +105,8 @@ def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_di
     for seed in comparison.seeds:
         for variant, variant_sets in comparison.variants.items():
             log.info("comparison %s: %s, seed %d", run_dir.name, variant, seed)
-            cfg = load_config(recipe, [*sets, *variant_sets, f"seed={seed}",
-                                       f"run_dir={run_dir / f'{variant}-seed{seed}'}", *overrides])
+            cfg = recipes.load(recipe, [*sets, *variant_sets, f"seed={seed}",
+                                        f"run_dir={run_dir / f'{variant}-seed{seed}'}", *overrides])
             runs[variant].append(train(cfg))
     result: dict = summarise(runs, comparison.metrics)
     result.update({"seeds": len(comparison.seeds), "run_dir": str(run_dir), "report": str(run_dir / "report.md")})
@@ -116,7 +114,7 @@ def run_comparison(comparison: Comparison, recipe: Path, sets: list[str], run_di
     report = write_comparison_report(run_dir, runs, comparison.metrics, result)
     log.info("%s", report.read_text())  # the table, on stderr
     if comparison.findings:
-        template = (recipe.parent / comparison.findings).read_text()
+        template = recipes.text(comparison.findings)
         (run_dir / "findings.md").write_text(template.format_map(result))
     return result
 

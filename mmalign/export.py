@@ -49,6 +49,7 @@ from torch import nn
 from .errors import ConfigError
 from .io import atomic_dir, write_json
 from .modalities import TOWERS
+from .model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ ACTIVATIONS = {"GELU": "gelu", "GELUActivation": "gelu", "ReLU": "relu", "SiLU":
                "QuickGELUActivation": "quick_gelu"}
 
 
-def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
-    """Write ``model`` (an ``AlignmentModel``; its LoRA adapters get merged in place) to ``out`` as ``fmt``."""
+def export_model(model, out: str | Path, fmt: str = "hf", run: dict | None = None) -> dict:
+    """Write ``model`` (an ``AlignmentModel``; its LoRA adapters get merged in place) to ``out`` as ``fmt``, with a
+    model card (``README.md``) that takes the name, recipe and results of ``run``, the run the model comes from
+    (``rundir.source_run``)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; use one of: {', '.join(FORMATS)}")
     if model.config.caption is not None:
@@ -71,6 +74,7 @@ def export_model(model, out: str | Path, fmt: str = "hf") -> dict:
         info.update(format=fmt, embed_dim=model.config.embed_dim, logit_scale=model.logit_scale().item(),
                     logit_bias=model.logit_bias.item() if model.logit_bias is not None else None)
         write_json(tmp / EXPORT_INFO, info)
+        write_model_card(model, tmp, info, run)
     log.info("exported %s (%s) to %s", fmt, info.get("layout", fmt), out)
     return {"export_dir": str(out), "format": fmt, "layout": info.get("layout", fmt)}
 

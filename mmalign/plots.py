@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .eval.runner import flat_results  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -125,13 +127,3 @@ def write_report(run_dir: Path, results: dict, images: list[Path], captions: lis
     path.write_text("\n".join(lines) + "\n")
     return path
 
-
-def flat_results(results: dict, prefix: str = "") -> dict:
-    """Nested result objects (``clip_benchmark``) as dotted keys."""
-    flat = {}
-    for k, v in results.items():
-        if isinstance(v, dict):
-            flat.update(flat_results(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat

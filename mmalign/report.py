@@ -26,9 +26,9 @@ from .config import Config, load_config
 from .data.pipeline import expand_urls, find_member
 from .errors import ConfigError, DataError
 from .eval.runner import (
-    evaluate_captions, evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot, merge_results,
+    evaluate_captions, evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot, flat_results, merge_results,
 )
-from .plots import flat_results, plot_run, plt
+from .plots import plot_run, plt
 from .rundir import RUN_CONFIG, load_model
 
 log = logging.getLogger(__name__)

@@ -80,6 +80,19 @@ def load_model(path: str | Path) -> AlignmentModel:
     return AlignmentModel.from_pretrained(resolve_model_dir(path))
 
 
+def source_run(model_dir: str | Path) -> dict | None:
+    """The run a saved model folder comes from (``RUN/model`` or ``RUN/checkpoints/step_N/model``): its ``name``, its
+    resolved ``recipe`` and its ``results`` ({} when not written yet); None for a model folder on its own."""
+    parents = Path(model_dir).resolve().parents
+    candidates = [parents[0], *([parents[2]] if len(parents) > 2 and parents[1].name == CHECKPOINTS else [])]
+    run = next((run for run in candidates if (run / RESULTS).is_file() or (run / CHECKPOINTS).is_dir()), None)
+    if run is None:
+        return None
+    recipe, results = (json.loads((run / name).read_text()) if (run / name).is_file() else {}
+                       for name in (RUN_CONFIG, RESULTS))
+    return {"name": run.name, "recipe": recipe, "results": results}
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 

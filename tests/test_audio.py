@@ -360,7 +360,7 @@ def test_spoken_words_builder(tmp_path):
 
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (make sysdeps)")
-    from data_tools.spoken_words import build
+    from mmalign.demo_data.spoken_words import build
 
     paths = build(tmp_path, train_clips=8, test_clips=4)
     model = audio_model(clip_seconds=1.0)

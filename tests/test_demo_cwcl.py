@@ -4,8 +4,9 @@ import random
 
 import pytest
 
-from data_tools.emoji import FONT, INSTALL, hold_out, read_emoji, render
-from mmalign.demos import COMPARISONS, RECIPES, summarise, write_comparison_report
+from mmalign import recipes
+from mmalign.demo_data.emoji import FONT, INSTALL, hold_out, read_emoji, render
+from mmalign.demos import COMPARISONS, summarise, write_comparison_report
 
 EMOJI_TEST = """\
 # group: Smileys & Emotion
@@ -68,4 +69,4 @@ def test_comparison_summary_report_and_findings(tmp_path):
     # The findings template names only fields the demo's summary has.
     cwcl = COMPARISONS["cwcl"]
     full = summarise({v: [{m: 0.5 for m in cwcl.metrics}] * 3 for v in cwcl.variants}, cwcl.metrics)
-    (RECIPES / cwcl.findings).read_text().format_map({**full, "seeds": 3, "run_dir": "x", "report": "x"})
+    recipes.text(cwcl.findings).format_map({**full, "seeds": 3, "run_dir": "x", "report": "x"})

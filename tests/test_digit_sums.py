@@ -5,7 +5,7 @@ import json
 import webdataset as wds
 from PIL import Image
 
-from data_tools.digit_sums import build
+from mmalign.demo_data.digit_sums import build
 from mmalign.data import expand_urls
 
 
@@ -26,14 +26,13 @@ def test_tiny_build_has_three_modalities_and_consistent_captions(tmp_path):
 
 
 def test_symile_comparison_variants_load_and_findings_name_only_summary_fields():
-    from mmalign.config import load_config
-    from mmalign.demos import COMPARISONS, RECIPES, summarise
+    from mmalign import recipes
+    from mmalign.demos import COMPARISONS, summarise
 
     symile = COMPARISONS["symile"]
-    losses = {v: load_config(RECIPES / "symile.yaml", sets).loss for v, sets in symile.variants.items()}
+    losses = {v: recipes.load("symile", sets).loss for v, sets in symile.variants.items()}
     assert {v: loss.name for v, loss in losses.items()} == {"symile": "symile", "gram": "gram", "clip": "clip"}
     # GRAM as in its code: text anchor, label smoothing 0.1
-    assert losses["gram"].kwargs == load_config(RECIPES / "gram.yaml").loss.kwargs == {
-        "anchor": "text", "label_smoothing": 0.1}
+    assert losses["gram"].kwargs == recipes.load("gram").loss.kwargs == {"anchor": "text", "label_smoothing": 0.1}
     full = summarise({v: [{m: 0.5 for m in symile.metrics}] for v in symile.variants}, symile.metrics)
-    (RECIPES / symile.findings).read_text().format_map({**full, "seeds": 1, "run_dir": "x", "report": "x"})
+    recipes.text(symile.findings).format_map({**full, "seeds": 1, "run_dir": "x", "report": "x"})

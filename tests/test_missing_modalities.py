@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.common import write_samples
+from mmalign.demo_data.common import write_samples
 from mmalign.config import ModelConfig, from_dict, load_config
 from mmalign.data import expand_urls, iterate_batches
 from mmalign.errors import ConfigError

@@ -156,7 +156,7 @@ def test_bad_signals_give_clear_errors(case):
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
-    from data_tools.common import write_samples
+    from mmalign.demo_data.common import write_samples
 
     good = [{"__key__": f"ok{i}", **member_sample(np.random.randn(2, 200).astype(np.float32),
                                                   {"sampling_rate": 50})} for i in range(4)]

@@ -57,6 +57,17 @@ def merge_results(results: dict, new: dict) -> dict:
     return results
 
 
+def flat_results(results: dict, prefix: str = "") -> dict:
+    """Nested result objects (``clip_benchmark``) as dotted keys."""
+    flat = {}
+    for k, v in results.items():
+        if isinstance(v, dict):
+            flat.update(flat_results(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def default_query(model, text: str = "text") -> str:
     for name, m in model.modalities.items():
         if m.kind != "text" and name != text:

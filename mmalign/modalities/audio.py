@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..modality_config import AudioAugmentConfig, AudioConfig
+from ..optional import require
 from .hf import HFDualEncoderTower, HFExport, dual_tower_spec, load_hf_config, resolve_pretrained
 from .layers import sinusoidal_positions
 from .registry import OWNER, Modality, TowerSpec, named_errors, register_modality, register_tower
@@ -268,6 +269,8 @@ class AudioModality(Modality):
 
     def __init__(self, name: str, cfg: AudioConfig):
         super().__init__(name, cfg)
+        for module in ("soundfile", "torchaudio"):
+            require(module, "audio", f"audio modality {name!r}")
         if cfg.eval_crop not in EVAL_CROPS:
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
         if cfg.eval_windows < 1 or cfg.clip_seconds <= 0 or (cfg.channel or 0) < 0:

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
+from ..optional import require
 
 TIME_COLUMNS = ("time", "t", "time_s", "seconds")
 
@@ -101,10 +102,7 @@ def parse_json(data: bytes | str, where: str) -> dict:
 
 
 def _read_wfdb(path: Path) -> Signal:
-    try:
-        import wfdb
-    except ImportError:
-        raise DataError(f"{path}: reading WFDB records needs the wfdb package (pip install wfdb)") from None
+    wfdb = require("wfdb", "timeseries", f"{path}: reading a WFDB record")
     try:
         record = wfdb.rdrecord(str(path.with_suffix("")))
     except Exception as e:  # wfdb raises many types for bad headers or data files; all mean "unreadable record"

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..modality_config import TimeseriesConfig
+from ..optional import require
 from .registry import Modality, register_modality
 from .signal_transforms import augment, bandpass_sos, crop, resample, select_leads, standardize, to_millivolts
 from .signals import Signal, decode_signal_member, encode_signal, read_signal_file
@@ -34,6 +35,7 @@ class TimeseriesModality(Modality):
 
     def __init__(self, name: str, cfg: TimeseriesConfig):
         super().__init__(name, cfg)
+        require("scipy.signal", "timeseries", f"time series modality {name!r}")
         _validate(name, cfg)
         self.window = int(round(cfg.window_s * cfg.sample_rate))
         self.sos = bandpass_sos(*cfg.bandpass, cfg.sample_rate) if cfg.bandpass else None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..optional import require
 from .common import cached_build, write_samples
 from .digits import NAMES, _png
 
@@ -73,9 +74,7 @@ def build(out_dir: Path, seed: int = 0, n_train: int = 64000, n_test: int = 1000
     runs: it can then lower its loss by matching remembered (image, glyph) pairs instead of learning the sum.
     """
     def _build(out_dir: Path) -> dict:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = require("sklearn.datasets", "demo", "the digit sums demo data").load_digits()
         images, labels = digits.images, digits.target
         order = list(range(len(images)))
         random.Random(seed).shuffle(order)

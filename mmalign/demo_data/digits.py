@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..optional import require
 from .common import cached_build, word_tokenizer, write_samples
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -53,9 +54,7 @@ def _png(img: np.ndarray, size: int = 32) -> bytes:
 
 def build(out_dir: Path, seed: int = 0, captions_per_image: int = 3) -> dict:
     def _build(out_dir: Path) -> dict:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = require("sklearn.datasets", "demo", "the digits demo data").load_digits()
         images, labels = digits.images, digits.target
         ink = images.sum(axis=(1, 2))
         cuts = {"ink_lo": np.quantile(ink, 0.33), "ink_hi": np.quantile(ink, 0.67)}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..optional import require
 from .common import cached_build, write_samples
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,9 @@ def specs(n_per_class: int, seed: int) -> list[dict]:
 def build(out_dir: Path, seed: int = 0, n_train_per_class: int = 200, n_test_per_class: int = 50,
           reports_per_record: int = 3, workers: int = 2) -> dict:
     def _build(out_dir: Path) -> dict:
-        from mmalign.modalities.signals import Signal, encode_signal
+        from ..modalities.signals import Signal, encode_signal
 
+        require("neurokit2", "demo", "the ECG demo data")  # here, not first in the worker processes
         all_specs = {"train": specs(n_train_per_class, seed), "test": specs(n_test_per_class, seed + 1)}
         text_rng = random.Random(seed)
         paths = {}

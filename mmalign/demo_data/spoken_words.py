@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmalign.errors import DataError
+from ..errors import DataError
+from ..optional import require
 
 from .common import cached_build, write_samples
 
@@ -145,6 +146,7 @@ def build(out_dir: Path, train_clips: int = 6000, test_clips: int = 1000, held_o
     """Write ``train``/``test`` shards, ``classes.txt`` (digits) and ``templates.txt``; cached in ``out_dir``."""
 
     def _build(out_dir: Path) -> dict:
+        require("soundfile", "demo", "the spoken words demo data")  # here, not first in the worker processes
         rng = random.Random(seed)
         voices = espeak_variants()
         held = set(rng.sample(range(len(voices)), max(2, round(held_out_fraction * len(voices)))))
