@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from .config import Config, ModelConfig
+from .config import Config, MatchingConfig, ModelConfig
 from .errors import ConfigError, closest
 from .eval.nway import NWAY_SCORES
 from .losses import LOSSES, Objective, Requirements, TemperatureSchedule, build_loss
@@ -25,11 +25,16 @@ def build_objective(cfg: Config) -> Objective:
     """The recipe's loss (``loss.name`` with ``loss.kwargs``) over the model's modalities, in config order.
 
     An objective with an ``anchor`` option the recipe leaves unset anchors on text (GRAM, as in its paper and code):
-    the modality named ``text``, else the first of kind text (:func:`~.losses.multimodal.text_anchor`)."""
+    the modality named ``text``, else the first of kind text (:func:`~.losses.multimodal.text_anchor`). One with a
+    ``seed`` option (the random draws of Symile's ``n`` negatives, GRAM's matching negatives) the recipe leaves
+    unset draws from the run's ``seed``."""
     kwargs = dict(cfg.loss.kwargs)
-    if cfg.loss.name in LOSSES and "anchor" in loss_options(cfg.loss.name) and kwargs.get("anchor") is None:
+    options = loss_options(cfg.loss.name) if cfg.loss.name in LOSSES else []
+    if "anchor" in options and kwargs.get("anchor") is None:
         kinds = {name: m.kind for name, m in cfg.model.modalities.items()}
         kwargs["anchor"] = text_anchor(list(kinds), kinds)
+    if "seed" in options and kwargs.get("seed") is None:
+        kwargs["seed"] = cfg.seed
     return build_loss(cfg.loss.name, list(cfg.model.modalities), **kwargs)
 
 
@@ -56,7 +61,13 @@ def resolve_model_config(cfg: Config, needs: Requirements) -> ModelConfig:
     if nway_score not in NWAY_SCORES:
         raise ConfigError(f"model.nway_score must be one of {', '.join(sorted(NWAY_SCORES))}"
                           f"{closest(nway_score, NWAY_SCORES)}")
-    return replace(model, logit_bias=model.logit_bias or needs.logit_bias, nway_score=nway_score)
+    matching = model.matching
+    if needs.matching:
+        matching = replace(matching or MatchingConfig(), modalities=list(needs.matching))
+    elif matching is not None:
+        raise ConfigError(f"model.matching is a matching head, trained by a loss with a matching term (gram with "
+                          f"itm_ratio > 0), not by {loss!r}")
+    return replace(model, logit_bias=model.logit_bias or needs.logit_bias, nway_score=nway_score, matching=matching)
 
 
 def build(cfg: Config) -> tuple[Config, AlignmentModel, Objective]:

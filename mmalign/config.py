@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from .errors import ConfigError, closest
-from .modality_config import MODALITY_CONFIGS, ModalityConfig
+from .modality_config import MODALITY_CONFIGS, OUTPUT_NORMS, ModalityConfig
 
 MISSING_REQUIRED = "???"  # marker default for keys a recipe must set
 
@@ -32,11 +32,15 @@ class TemperatureScheduleConfig:
     steps: Optional[int] = None
 
 
+LOGIT_SCALE_LEARN = ("log_scale", "temperature")
+
+
 @dataclass
 class LogitScaleConfig:
     init: Optional[float] = None  # multiplier s; default 1/0.07 (CLIP) or 10 (SigLIP)
     learnable: bool = True  # false: s stays fixed at init
-    max: float = 100.0
+    learn: str = "log_scale"  # what is learned: "log_scale" (CLIP, s = exp(w)) | "temperature" (GRAM's code, s = 1/tau)
+    max: Optional[float] = 100.0  # s is kept <= max; null: uncapped (Symile's code)
     bias_init: Optional[float] = None  # SigLIP bias; default -10 when the loss needs a bias
     schedule: Optional[TemperatureScheduleConfig] = None  # when set, s follows it (not learned, whatever learnable says)
 
@@ -55,6 +59,16 @@ class CaptionConfig:
 
 
 @dataclass
+class MatchingConfig:
+    """A matching head (GRAM's data-anchor matching, ``heads.MatchingHead``) scoring whether a tuple of embeddings
+    belongs together. Trained by a loss with a matching term (``gram`` with ``itm_ratio > 0``), which also fills
+    ``modalities``; used by ``mmalign eval retrieval --rerank K``."""
+
+    modalities: list = field(default_factory=list)  # the order the head reads its inputs in (the anchor first)
+    hidden: Optional[int] = None  # hidden width; default: the concatenated input's width
+
+
+@dataclass
 class ModelConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     embed_dim: int = 256
@@ -62,6 +76,7 @@ class ModelConfig:
     logit_bias: bool = False  # set for a run whose loss needs it (``build.resolve_model_config``)
     nway_score: Optional[str] = None  # how a tuple of modalities scores a candidate (mip | volume | cosine); from the loss
     caption: Optional[CaptionConfig] = None  # CoCa: contrastive + captioning
+    matching: Optional[MatchingConfig] = None  # GRAM's data-anchor matching head; set for a loss that trains one
 
 
 @dataclass
@@ -106,13 +121,17 @@ class ZeroShotConfig:
     templates: Optional[str] = None  # file: one template per line with "{}" for the class name
     query: Optional[str] = None  # modality to classify, or several "a,b" (N-way); default: the first non-text one
     text: str = "text"
+    candidates: Optional[str] = None  # JSONL: the classes each sample chooses among (see mmalign.eval.candidates)
 
 
 @dataclass
 class RetrievalConfig:
     data: Optional[str] = None
     query: Optional[str] = None  # one modality, or several "a,b": N-way retrieval of the gallery from the tuple
-    gallery: str = "text"
+    gallery: str = "text"  # one modality, or several "a,b": each query item ranks the samples' tuples
+    match: str = "item"  # a hit: the query sample's own item ("item") or any with the query's label ("label")
+    candidates: Optional[str] = None  # JSONL: the samples each query ranks (see mmalign.eval.candidates)
+    rerank: Optional[int] = None  # re-rank each query's top k with the model's matching head (GRAM's DAM)
 
 
 @dataclass
@@ -331,8 +350,15 @@ def validate(cfg: Config, source: str = "config") -> None:
         (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
-        (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
-        (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
+        (ls.max is None or (ls.max > 0 and math.isfinite(ls.max)),
+         "model.logit_scale.max must be a positive number, or null (uncapped)"),
+        (ls.init is None or (0 < ls.init and math.isfinite(ls.init) and (ls.max is None or ls.init <= ls.max)),
+         "model.logit_scale.init must be in (0, model.logit_scale.max]"),
+        (ls.learn in LOGIT_SCALE_LEARN, f"model.logit_scale.learn must be one of {', '.join(LOGIT_SCALE_LEARN)}"),
+        (cfg.model.matching is None or cfg.model.matching.hidden is None or cfg.model.matching.hidden > 0,
+         "model.matching.hidden must be > 0"),
+        (cfg.eval.retrieval.match in ("item", "label"), "eval.retrieval.match must be item or label"),
+        (cfg.eval.retrieval.rerank is None or cfg.eval.retrieval.rerank > 0, "eval.retrieval.rerank must be > 0"),
         (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),
         (cfg.eval.diagnostics.max_samples >= 2, "eval.diagnostics.max_samples must be >= 2"),
     ]
@@ -342,6 +368,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     for name, m in cfg.model.modalities.items():
         if m.proj not in ("linear", "mlp", "none"):
             raise ConfigError(f"{source}: model.modalities.{name}.proj must be linear, mlp or none, got {m.proj!r}")
+        if m.output_norm not in OUTPUT_NORMS:
+            raise ConfigError(f"{source}: model.modalities.{name}.output_norm must be one of "
+                              f"{', '.join(OUTPUT_NORMS)}, got {m.output_norm!r}")
         if m.init not in ("pretrained", "scratch"):
             raise ConfigError(f"{source}: model.modalities.{name}.init must be pretrained or scratch")
         if getattr(m, "long_text", None) == "windows" and cfg.train.gradcache_chunk:

@@ -68,6 +68,11 @@ def export_model(model, out: str | Path, fmt: str = "hf", run: dict | None = Non
     if model.config.caption is not None:
         raise ConfigError("export: captioning (CoCa) models have no hf/open_clip export; use the saved model "
                           "folder itself (AlignmentModel.from_pretrained, mmalign caption --model)")
+    not_unit = [n for n, m in model.config.modalities.items() if m.output_norm != "l2"]
+    if not_unit:
+        raise ConfigError(f"export: {fmt} models give unit-length embeddings; modality {not_unit[0]!r} has "
+                          f"output_norm {model.config.modalities[not_unit[0]].output_norm!r}: use the saved model "
+                          f"folder itself (AlignmentModel.from_pretrained)")
     model.merge_lora().eval()
     with atomic_dir(out) as tmp:
         info = FORMATS[fmt](model, tmp)
@@ -179,7 +184,7 @@ def dual_encoder(model):
     if towers_missing or result.unexpected_keys:
         return f"weights do not match {type(dual).__name__}: {(towers_missing + result.unexpected_keys)[:3]}"
     with torch.no_grad():
-        dual.logit_scale.copy_(model.log_logit_scale.detach())
+        dual.logit_scale.copy_(model.logit_scale().detach().log())
         if hasattr(dual, "logit_bias"):
             dual.logit_bias.fill_(model.logit_bias.item() if model.logit_bias is not None else 0.0)
     return dual
@@ -282,7 +287,7 @@ def export_open_clip(model, out: Path) -> dict:
     fold_into(state, image.projection, model.adapters[images[0]].proj)
     fold_into(state, text.projection, model.adapters[texts[0]].proj)
     model_cfg["embed_dim"] = model.config.embed_dim
-    state["logit_scale"] = model.log_logit_scale.detach().reshape(state["logit_scale"].shape).clone()
+    state["logit_scale"] = model.logit_scale().detach().log().reshape(state["logit_scale"].shape).clone()
     if "logit_bias" in state and model.logit_bias is not None:
         state["logit_bias"] = model.logit_bias.detach().reshape(state["logit_bias"].shape).clone()
     cfg = model.modalities[images[0]].cfg

@@ -26,6 +26,9 @@ class LoraConfig:
     target_modules: Optional[Union[list, str]] = None
 
 
+OUTPUT_NORMS = ("l2", "layernorm", "none")
+
+
 @dataclass
 class ModalityConfig:
     """What every modality section has: which tower, how it is projected, whether it trains."""
@@ -38,6 +41,9 @@ class ModalityConfig:
     tower_kwargs: dict = field(default_factory=dict)
     proj: str = "linear"  # "linear" | "mlp" | "none"
     proj_hidden: Optional[int] = None
+    # the embedding after the projection: "l2" (unit length, CLIP), "layernorm" (a LayerNorm, as Symile's
+    # real-data models), "none" (as projected)
+    output_norm: str = "l2"
     lock: bool = False  # LiT: freeze the tower
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     unlock_norms: bool = False  # with lock: keep normalisation layers trainable

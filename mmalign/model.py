@@ -19,6 +19,7 @@ from torch import nn
 from .config import GenerationConfig, ModelConfig, from_dict, to_dict
 from .errors import ConfigError
 from .heads.generation import generate
+from .heads.matching import MatchingHead
 from .io import atomic_dir, write_json
 from .losses.caption import caption_targets
 from .losses.contract import AlignmentOutput
@@ -27,14 +28,20 @@ from .modalities import Modality, ModalityAdapter, build_modality, merge_lora
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+MIN_TEMPERATURE = 1e-4  # a learned temperature stays above this (and above 1 / logit_scale.max)
 WEIGHTS_NAME = "model.safetensors"
 
 
 class AlignmentModel(nn.Module):
-    """A dict of modality adapters projecting into one L2-normalised space.
+    """A dict of modality adapters projecting into one shared space (unit-length embeddings by default).
 
-    ``logit_scale`` is learned as its log (init ln(1/0.07) as in CLIP, or ln 10 with a bias of -10 for SigLIP) and
-    kept at most ``logit_scale.max`` by ``clamp_logit_scale_`` after each optimiser step.
+    The logit scale s is learned as its log (``logit_scale.learn: log_scale``, CLIP: init ln(1/0.07), or ln 10 with
+    a bias of -10 for SigLIP) or as the temperature tau = 1/s itself (``learn: temperature``, GRAM's code: tau
+    initialised at 0.07), and kept at most ``logit_scale.max`` (none: uncapped, as Symile's code) by
+    ``clamp_logit_scale_`` after each optimiser step. A learned temperature also stays at least ``MIN_TEMPERATURE``.
+
+    A model trained with GRAM's data-anchor matching has a matching head (``model.matching``,
+    ``heads.MatchingHead``), which scores tuples of its embeddings (``match_probability``).
     """
 
     def __init__(self, config: ModelConfig):
@@ -47,22 +54,43 @@ class AlignmentModel(nn.Module):
         ls = config.logit_scale
         init = ls.init if ls.init is not None else (10.0 if config.logit_bias else 1 / 0.07)
         learned = ls.learnable and ls.schedule is None  # a scheduled scale comes from the loop (TemperatureSchedule)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learned)
+        if ls.learn == "temperature":
+            self.temperature = nn.Parameter(torch.tensor(1.0 / init), requires_grad=learned)
+        else:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init)), requires_grad=learned)
         if config.logit_bias:
             self.logit_bias = nn.Parameter(torch.tensor(ls.bias_init if ls.bias_init is not None else -10.0))
         else:
             self.logit_bias = None
+        self.matching = build_matching_head(config)
 
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
 
     def logit_scale(self) -> torch.Tensor:
+        if self.config.logit_scale.learn == "temperature":
+            return 1.0 / self.temperature
         return self.log_logit_scale.exp()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        self.log_logit_scale.clamp_(max=math.log(self.config.logit_scale.max))
+        cap = self.config.logit_scale.max
+        if self.config.logit_scale.learn == "temperature":
+            self.temperature.clamp_(min=max(MIN_TEMPERATURE, 1.0 / cap if cap else 0.0))
+        elif cap is not None:
+            self.log_logit_scale.clamp_(max=math.log(cap))
+
+    def match_probability(self, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        """P(match) of each row's tuple by the matching head: ``embeddings`` holds N x D per modality of the head."""
+        if self.matching is None:
+            raise ConfigError("this model has no matching head (model.matching: train with loss gram, itm_ratio > 0)")
+        order = self.config.matching.modalities
+        missing = [m for m in order if m not in embeddings]
+        if missing:
+            raise ConfigError(f"the matching head reads {', '.join(order)}; {', '.join(missing)} not given")
+        device = next(self.matching.parameters()).device
+        return self.matching.match_probability([embeddings[m].to(device) for m in order])
 
     def encode(self, name: str, inputs: Any, present: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised embeddings of one modality; rows flagged absent in ``present`` get its missing embedding."""
@@ -97,7 +125,7 @@ class AlignmentModel(nn.Module):
             text = batch[cap.text]
             embeddings[cap.text], logits = self.adapters[cap.text].caption(text, context)
             caption = caption_targets(logits, text["input_ids"], text["attention_mask"])
-        return AlignmentOutput(embeddings, self.presence(batch), frozen, caption)
+        return AlignmentOutput(embeddings, self.presence(batch), frozen, caption, self.matching)
 
     @torch.no_grad()
     def generate_captions(self, inputs: Any, generation: GenerationConfig | None = None,
@@ -174,6 +202,18 @@ class AlignmentModel(nn.Module):
         model = cls(config)
         load_model(model, str(directory / WEIGHTS_NAME), device=map_location)
         return model
+
+
+def build_matching_head(config: ModelConfig) -> MatchingHead | None:
+    """The matching head of ``config.matching`` over its modalities' embeddings, or None."""
+    matching = config.matching
+    if matching is None:
+        return None
+    unknown = [m for m in matching.modalities if m not in config.modalities]
+    if len(matching.modalities) < 2 or unknown:
+        raise ConfigError(f"model.matching.modalities must name two or more of the model's modalities "
+                          f"({', '.join(config.modalities)}), got {matching.modalities}")
+    return MatchingHead(config.embed_dim, len(matching.modalities), matching.hidden)
 
 
 def build_adapters(config: ModelConfig, modalities: dict[str, Modality]) -> dict[str, ModalityAdapter]:

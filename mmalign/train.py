@@ -264,8 +264,8 @@ def log_step(run: Run, losses: dict[str, float], grad_norm: torch.Tensor, scale:
     run.logger.log(row)
     run.last, run.last_losses = row, tuple(losses)
     run.bar.set_postfix(loss=f"{losses['loss']:.3f}", scale=f"{row['logit_scale']:.1f}")
-    if (run.temperature.learnable and state.step == cfg.train.log_every
-            and row["logit_scale"] >= cfg.model.logit_scale.max * 0.999):
+    cap = cfg.model.logit_scale.max
+    if run.temperature.learnable and state.step == cfg.train.log_every and cap and row["logit_scale"] >= cap * 0.999:
         log.warning("logit scale hit its clamp (%.0f) early: the learning rate may be too high",
                     cfg.model.logit_scale.max)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mmalign.errors import ConfigError
 from mmalign.losses import AlignmentOutput, build_loss, clip_loss, gram_loss, gram_volume, symile_loss
 from mmalign.losses.multimodal import text_anchor
-from tests.scripts.dist_multimodal import CASES, batch
+from tests.scripts.dist_multimodal import CASES, batch, matching_head
 
 
 def _feats(m, B=5, D=7, seed=0, dtype=torch.float64, grad=False):
@@ -187,7 +187,7 @@ def test_objective_equals_function_and_mask_keeps_complete_rows(name, fn):
     feats = _feats(3, B=8, D=6, seed=5)
     emb = dict(zip("xyz", feats))
     s = torch.tensor(6.0, dtype=torch.float64)
-    obj = build_loss(name, ["x", "y", "z"])
+    obj = build_loss(name, ["x", "y", "z"], missing="drop")
     torch.testing.assert_close(obj(AlignmentOutput(emb), logit_scale=s)["loss"], fn(feats, s), rtol=1e-12, atol=1e-12)
 
     present = {"y": torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool),
@@ -225,12 +225,20 @@ def test_two_processes_equal_one(torchrun):
     feats, present = batch()
     for case, (name, kwargs, masked) in CASES.items():
         full = {m: f.clone().requires_grad_(True) for m, f in feats.items()}
+        head = matching_head(kwargs)
         out = build_loss(name, list(feats), **kwargs)(
-            AlignmentOutput(full, present if masked else None), logit_scale=torch.tensor(8.0, dtype=torch.float64)
+            AlignmentOutput(full, present if masked else None, matching=head),
+            logit_scale=torch.tensor(8.0, dtype=torch.float64)
         )
-        grads = torch.autograd.grad(out["loss"], list(full.values()))
+        head_params = list(head.parameters()) if head is not None else []
+        *grads, = torch.autograd.grad(out["loss"], list(full.values()) + head_params)
+        grads, head_grads = grads[:len(full)], grads[len(full):]
         mean_loss = sum(r[case]["loss"] for r in results) / len(results)
         assert mean_loss == pytest.approx(out["loss"].item(), rel=1e-12), case
+        # The matching head's gradient averaged over ranks (what DDP does) is the one-process gradient.
+        for i, g in enumerate(head_grads):
+            mean = sum(torch.tensor(r[case]["head_grads"][i], dtype=torch.float64) for r in results) / len(results)
+            torch.testing.assert_close(mean, g, rtol=1e-10, atol=1e-12, msg=f"{case} head")
         # Each rank's local gradient is N x the gradient of the global mean loss (DDP averages it back).
         for m, g in zip(full, grads):
             local = torch.cat([torch.tensor(r[case]["grads"][m], dtype=torch.float64) for r in results])

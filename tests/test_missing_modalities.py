@@ -121,7 +121,7 @@ def test_missing_embedding_fills_absent_rows_and_trains_with_learned(model, thre
     model.zero_grad()
     output = model(batch)
     emb = output.embeddings
-    dropped = build_loss("symile", names)(output, logit_scale=scale)
+    dropped = build_loss("symile", names, missing="drop")(output, logit_scale=scale)
     torch.testing.assert_close(dropped["loss"], symile_loss([emb[m][present] for m in names], scale))
     dropped["loss"].backward()
     assert (adapter.missing.grad == 0).all()  # in the graph (DDP needs that), but dropped rows give no gradient

@@ -7,6 +7,7 @@ HF ``ModelOutput``), which every objective takes together with the logit scale (
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
@@ -19,7 +20,8 @@ class Requirements:
     the objective reads (``AlignmentOutput.frozen_features``, e.g. CWCL's soft targets). ``captions``: caption
     logits and targets from a caption decoder (CoCa). ``presence``: takes presence masks, so it can train models with
     optional modalities. ``nway_score``: how a model trained with it scores a tuple of modalities against a
-    candidate (a name in ``mmalign.eval.nway.NWAY_SCORES``).
+    candidate (a name in ``mmalign.eval.nway.NWAY_SCORES``). ``matching``: the modalities, in the order it reads
+    them, of the tuples a matching head classifies (GRAM's data-anchor matching): the model gets one.
     """
 
     logit_bias: bool = False
@@ -27,6 +29,7 @@ class Requirements:
     captions: bool = False
     presence: bool = False
     nway_score: str = "cosine"
+    matching: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,21 @@ class CaptionTargets:
 class AlignmentOutput:
     """What the model computes for a batch.
 
-    ``embeddings``: L2-normalised B x D per modality the batch carries. ``present``: the presence masks (B booleans)
+    ``embeddings``: B x D per modality the batch carries, normalised as the modality's ``output_norm`` says (unit
+    length by default). ``present``: the presence masks (B booleans)
     of the model's optional modalities, None when it has none (which masks are given depends only on the model, so
     every process makes the same collective calls in the loss). ``frozen_features``: tower outputs before projection
     of the modalities asked for (``Requirements.features``), from the same pass. ``caption``: the caption decoder's
     logits and targets, for a captioning model whose batch carries both the captioned modality and the text.
+    ``matching``: the model's matching head (``heads.MatchingHead``: a list of N x D embeddings in
+    ``Requirements.matching`` order -> N x 2 logits), for an objective that trains it; None when it has none.
     """
 
     embeddings: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor] | None = None
     frozen_features: dict[str, torch.Tensor] = field(default_factory=dict)
     caption: CaptionTargets | None = None
+    matching: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
 
     def float(self) -> AlignmentOutput:
         """Embeddings and features in float32 (what the objectives compute in, whatever the autocast dtype)."""
@@ -72,4 +79,4 @@ class AlignmentOutput:
         first = parts[0]
         return AlignmentOutput(cat([p.embeddings for p in parts]),
                                None if first.present is None else cat([p.present for p in parts]),
-                               cat([p.frozen_features for p in parts]))
+                               cat([p.frozen_features for p in parts]), matching=first.matching)

@@ -12,6 +12,7 @@ As in ``pairwise.py``, the ``*_rows_loss`` variants compute the loss of a block 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from ..distributed import gather_with_grad, world_size
 from ..errors import ConfigError
 from .contract import AlignmentOutput, Requirements
-from .objectives import PresenceObjective, Scale
+from .objectives import PresenceObjective, Rows, Scale
 from .registry import register_loss
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,44 @@ def gram_loss(
     return gram_rows_loss(feats, feats, logit_scale, 0, label_smoothing, eps=eps)
 
 
+def volume_hard_negatives(
+    volumes: torch.Tensor, logit_scale: torch.Tensor | float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRAM's hard negatives for data-anchor matching, drawn by volume: ``(tuple_of, anchor_of)``, B each.
+
+    ``volumes[i, j]`` is V(anchor_i, tuple_j) over a batch (B x B). Anchor i's negative tuple is drawn with
+    probability proportional to softmax_j(-s V[i, j]) + 1e-4, tuple j's negative anchor proportional to
+    softmax_i(-s V[i, j]) + 1e-4, never the sample's own (as GRAM's training code draws them; small volumes, i.e.
+    tuples that nearly align with the anchor, are the likely draws). No gradient.
+    """
+    with torch.no_grad():
+        logits = -float(logit_scale) * volumes.float()
+        own = torch.eye(volumes.shape[0], dtype=torch.bool, device=volumes.device)
+        weights = [(logits.softmax(dim=1) + 1e-4).masked_fill(own, 0),
+                   (logits.T.softmax(dim=1) + 1e-4).masked_fill(own, 0)]
+        tuple_of, anchor_of = (torch.multinomial(w, 1, generator=generator).squeeze(1) for w in weights)
+    return tuple_of, anchor_of
+
+
+def dam_rows_loss(
+    head, rows: list[torch.Tensor], cols: list[torch.Tensor], neg_tuple: torch.Tensor, neg_anchor: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Data-anchor matching loss of the local ``rows`` (anchor first, then the tuple's modalities; R each).
+
+    ``head`` (a matching head: a list of N x D embeddings -> N x 2 logits) classifies 3R pairs: each row's own
+    (anchor, tuple) as a match, and as mismatches its anchor with tuple ``neg_tuple[r]`` of ``cols`` and anchor
+    ``neg_anchor[r]`` of ``cols`` with its tuple. L = CE over the 3R pairs (GRAM's DTM term before ``itm_ratio``);
+    ``reduction="sum"`` sums over rows and divides by 3, so that a sum over all rows / B is the mean over 3B pairs.
+    """
+    pairs = [torch.cat([rows[0], rows[0], cols[0][neg_anchor]])]
+    pairs += [torch.cat([r, c[neg_tuple], r]) for r, c in zip(rows[1:], cols[1:])]
+    n = rows[0].shape[0]
+    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(rows[0].device)
+    loss = F.cross_entropy(head(pairs), labels, reduction=reduction)
+    return loss / 3 if reduction == "sum" else loss
+
+
 def text_anchor(modalities: list[str], kinds: dict[str, str] | None = None) -> str | None:
     """GRAM's default anchor, text as in the paper and its code: the modality named ``text``, else the first listed
     whose kind (``kinds``: name -> modality kind) is ``text``; None when there is none (the first listed then)."""
@@ -225,15 +264,18 @@ def text_anchor(modalities: list[str], kinds: dict[str, str] | None = None) -> s
 
 
 class _AllPresentObjective(PresenceObjective):
-    """Shared plumbing: gather with gradient, keep the rows where every modality is present, call a rows loss.
+    """Shared plumbing: gather with gradient, keep the rows where every modality is present, sum the row terms.
 
-    Each rank's loss is ``world / N * sum over its complete rows`` (N = complete rows on all ranks), so the mean
+    Each term of a rank is ``world / N * sum over its complete rows`` (N = complete rows on all ranks), so the mean
     over ranks equals the single-process mean over the concatenated batch, and the gathers' backward (a sum over
     ranks) gives each rank N_ranks x the global gradient, which DDP's averaging turns back into the global one.
     With ``missing="learned"`` every row is complete (absent modalities hold the model's missing embedding).
+    ``loss`` is the sum of the terms; with several, each is returned too.
     """
 
-    def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:  # pragma: no cover - abstract
+    def _row_terms(self, rows: Rows, logit_scale: Scale, output: AlignmentOutput
+                   ) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """The loss terms of ``rows.local`` against ``rows.columns``, each summed over the local rows."""
         raise NotImplementedError
 
     def forward(
@@ -245,50 +287,69 @@ class _AllPresentObjective(PresenceObjective):
         if rows.total == 0:
             log.warning("%s: no row has all of %s present; loss is 0", type(self).__name__, self.modalities)
             return {"loss": self.zero_in_graph(gathered)}
-        loss = self._rows_loss(rows.local, rows.columns, logit_scale, rows.offset) * (world_size() / rows.total)
-        return {"loss": loss, "complete_rows": torch.tensor(float(rows.total), device=loss.device)}
+        share = world_size() / rows.total
+        terms = {name: term * share for name, term in self._row_terms(rows, logit_scale, output).items()}
+        loss = sum(terms.values())
+        out = terms if len(terms) > 1 else {}
+        return {**out, "loss": loss, "complete_rows": torch.tensor(float(rows.total), device=loss.device)}
 
 
 @register_loss("symile")
 class SymileObjective(_AllPresentObjective):
     """Symile over all listed modalities (each one the anchor in turn).
 
-    ``negatives="n"`` in a distributed run: every rank holds a generator seeded with the same ``seed`` and draws
-    its permutations over the *gathered* batch in the same order, so all ranks use identical shuffled tuples and
-    the mean over ranks equals one process on the concatenated batch with the same generator state. The generator
-    state is not part of the checkpoint (a resumed run draws a different but equally valid sequence).
+    ``negatives="n"`` draws from a generator seeded with ``seed`` (a recipe's ``seed`` when it leaves this unset).
+    In a distributed run every rank holds a generator seeded with the same ``seed`` and draws its permutations over
+    the *gathered* batch in the same order, so all ranks use identical shuffled tuples and the mean over ranks
+    equals one process on the concatenated batch with the same generator state. The generator state is not part of
+    the checkpoint (a resumed run draws a different but equally valid sequence).
+
+    ``missing="learned"`` by default, as in the Symile paper: a sample lacking an optional modality takes part with
+    that modality's learned missing embedding (``"drop"`` uses only the rows where every modality is present).
     """
 
     requirements = Requirements(presence=True, nway_score="mip")
 
-    def __init__(self, modalities: list[str], negatives: str = "n_squared", seed: int = 0, missing: str = "drop"):
+    def __init__(self, modalities: list[str], negatives: str = "n_squared", seed: int | None = None,
+                 missing: str = "learned"):
         super().__init__(modalities, missing)
         if negatives not in NEGATIVES:
             raise ConfigError(f"symile negatives must be one of {NEGATIVES}, got {negatives!r}")
         self.negatives = negatives
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed or 0)
 
-    def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:
-        return symile_rows_loss(rows, cols, logit_scale, row_offset, self.negatives, self.generator, "sum")
+    def _row_terms(self, rows, logit_scale, output) -> dict[str, torch.Tensor]:
+        return {"loss": symile_rows_loss(rows.local, rows.columns, logit_scale, rows.offset, self.negatives,
+                                         self.generator, "sum")}
 
 
 @register_loss("gram")
 class GramObjective(_AllPresentObjective):
-    """GRAM volume contrast with ``anchor`` against the tuples of the other modalities.
+    """GRAM volume contrast with ``anchor`` against the tuples of the other modalities, and optionally GRAM's
+    data-anchor matching (DAM) term.
 
     The anchor defaults to :func:`text_anchor` of the modality names (text, as in the paper), else the first listed
     modality. For a text modality under another name, pass ``anchor`` (a caller that knows the kinds can compute
     it with ``text_anchor(names, kinds)``).
+
+    ``itm_ratio > 0`` (GRAM's code: 0.1) adds ``itm_ratio`` x :func:`dam_rows_loss`: the model's matching head
+    (``output.matching``; the model gets one, ``Requirements.matching``) classifies each (anchor, tuple) pair against
+    two negatives drawn by volume (:func:`volume_hard_negatives`) from a generator seeded with ``seed`` (a recipe's
+    ``seed`` when it leaves this unset). The draws are made for every row of the gathered batch on every rank from
+    the same generator, so a distributed run equals one process on the concatenated batch. ``loss`` is then
+    ``loss_volume + loss_dam`` (``loss_dam`` already weighted, as GRAM logs it).
     """
 
     requirements = Requirements(presence=True, nway_score="volume")
 
     def __init__(
         self, modalities: list[str], label_smoothing: float = 0.0, eps: float = 1e-6, anchor: str | None = None,
-        missing: str = "drop",
+        missing: str = "drop", itm_ratio: float = 0.0, seed: int | None = None,
     ):
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"gram label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not itm_ratio >= 0.0:
+            raise ConfigError(f"gram itm_ratio must be >= 0, got {itm_ratio}")
         anchor = anchor if anchor is not None else text_anchor(modalities)
         if anchor is not None:
             if anchor not in modalities:
@@ -297,6 +358,28 @@ class GramObjective(_AllPresentObjective):
         super().__init__(modalities, missing)
         self.label_smoothing = label_smoothing
         self.eps = eps
+        self.itm_ratio = float(itm_ratio)
+        self.seed = seed or 0
+        self.generator: torch.Generator | None = None  # on the features' device, made at the first draw
+        if self.itm_ratio:
+            self.requirements = replace(type(self).requirements, matching=tuple(self.modalities))
 
-    def _rows_loss(self, rows, cols, logit_scale, row_offset) -> torch.Tensor:
-        return gram_rows_loss(rows, cols, logit_scale, row_offset, self.label_smoothing, "sum", self.eps)
+    def _row_terms(self, rows, logit_scale, output) -> dict[str, torch.Tensor]:
+        volume = gram_rows_loss(rows.local, rows.columns, logit_scale, rows.offset, self.label_smoothing, "sum",
+                                self.eps)
+        if not self.itm_ratio:
+            return {"loss": volume}
+        if output.matching is None:
+            raise ConfigError("gram itm_ratio > 0 needs the model's matching head (model.matching)")
+        cols = rows.columns
+        with torch.no_grad():
+            volumes = gram_volume(cols[0], cols[1:], self.eps)  # all anchors x all tuples
+        neg_tuple, neg_anchor = volume_hard_negatives(volumes, logit_scale, self._generator(volumes.device))
+        local = slice(rows.offset, rows.offset + rows.local[0].shape[0])
+        dam = dam_rows_loss(output.matching, rows.local, cols, neg_tuple[local], neg_anchor[local], "sum")
+        return {"loss_volume": volume, "loss_dam": self.itm_ratio * dam}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return self.generator

@@ -1,4 +1,4 @@
-"""``ModalityAdapter``: any tower -> L2-normalised embeddings in the shared space.
+"""``ModalityAdapter``: any tower -> embeddings in the shared space (unit length, or as ``output_norm`` says).
 
 It wraps a tower with a projection head to the shared dimension (or, for the captioned modality of a CoCa model, with
 the head of ``coca.py``), applies locking or LoRA (``tuning.py``), averages the rows of one item (``inputs.py``) and
@@ -35,7 +35,8 @@ def build_projection(kind: str, in_dim: int, out_dim: int, hidden: int | None = 
 
 
 class ModalityAdapter(nn.Module):
-    """Tower + projection head -> L2-normalised embeddings in the shared space.
+    """Tower + projection head -> embeddings in the shared space, normalised as ``output_norm`` says (unit length by
+    default).
 
     An input dict may carry ``owner`` (several rows of one item, e.g. the windows of a long caption): the tower
     encodes every row and the item's feature is the mean over its rows.
@@ -68,10 +69,19 @@ class ModalityAdapter(nn.Module):
         elif cfg.lock:
             lock_tower(tower, cfg.unlocked_layers, cfg.unlock_norms)
         self.tower = tower
+        self.output_norm = cfg.output_norm
+        self.layer_norm = nn.LayerNorm(embed_dim) if cfg.output_norm == "layernorm" else None
         self.missing = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) if cfg.optional else None
         self.cache_frozen = cfg.cache_frozen and self.fully_locked
         self._cache: OrderedDict[bytes, torch.Tensor] | None = None  # chosen at first use, once weights are loaded
         self._cache_size = cache_size
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected rows as embeddings: unit length (``output_norm: l2``), through a LayerNorm (``layernorm``,
+        as Symile's real-data models) or as they are (``none``)."""
+        if self.layer_norm is not None:
+            return self.layer_norm(x)
+        return F.normalize(x, dim=-1) if self.output_norm == "l2" else x
 
     def train(self, mode: bool = True) -> "ModalityAdapter":
         super().train(mode)
@@ -115,16 +125,16 @@ class ModalityAdapter(nn.Module):
         if self.coca_head is not None:
             if return_features:
                 raise ConfigError("a tower read through a CoCa head gives tokens, not pooled features to return")
-            return F.normalize(self.coca_head.embed(*self.tower_tokens(inputs)), dim=-1)
+            return self.normalise(self.coca_head.embed(*self.tower_tokens(inputs)))
         index = None
         if self.missing is not None and present is not None:
             present = present.to(device=self.missing.device, dtype=torch.bool)
             index = present.nonzero().squeeze(1) if bool(present.any()) else present.new_zeros(1, dtype=torch.long)
             inputs = select_items(inputs, index)
         features = self.tower_features(inputs)
-        embeddings = F.normalize(self.proj(features), dim=-1)
+        embeddings = self.normalise(self.proj(features))
         if index is not None:
-            embeddings = place_rows(embeddings, index, present, F.normalize(self.missing, dim=0))
+            embeddings = place_rows(embeddings, index, present, self.normalise(self.missing[None])[0])
             features = place_rows(features, index, present, features.new_zeros(()))
         return (embeddings, features) if return_features else embeddings
 
@@ -132,11 +142,11 @@ class ModalityAdapter(nn.Module):
         """(normalised embedding B x D, caption context B x N x context_dim) from one pass of the tower."""
         if self.coca_head is None:  # the tower pools itself
             pooled, tokens, _ = self.tower_tokens(inputs, pooled=True)
-            return F.normalize(self.proj(pooled), dim=-1), tokens
+            return self.normalise(self.proj(pooled)), tokens
         out = self.coca_head(*self.tower_tokens(inputs))
-        return F.normalize(out["embedding"], dim=-1), out["context"]
+        return self.normalise(out["embedding"]), out["context"]
 
     def caption(self, inputs: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption decoder towers: (normalised text embedding B x D, logits B x T x V) in one pass."""
         features, logits = self.tower.caption(inputs, context)
-        return F.normalize(self.proj(features), dim=-1), logits
+        return self.normalise(self.proj(features)), logits

@@ -1,6 +1,7 @@
 """Time series towers: ``resnet1d`` (a 1-D ResNet) and ``patch_transformer`` (per-lead patches with lead and position
 embeddings, missing leads left out of attention), both from scratch for any channel count, or from a local checkpoint
-(``pretrained``: a safetensors file or a torch state dict, read with ``weights_only=True``).
+(``pretrained``: a safetensors file or a torch state dict, read with ``weights_only=True``); and ``flatten`` (the
+window's values as they are: precomputed feature vectors stored as D-channel records of one sample).
 """
 from __future__ import annotations
 
@@ -138,6 +139,21 @@ class PatchTransformer(nn.Module):
         return self.norm(tokens[:, 0])
 
 
+class Flatten(nn.Module):
+    """The window as it is, channels x samples flattened into one vector (no weights).
+
+    For precomputed feature vectors (a record of D channels and one sample at 1 Hz, ``window_s: 1``,
+    ``standardize: false``), read through the projection head (a linear probe), or as the embedding itself with
+    ``proj: none``."""
+
+    def __init__(self, channels: int, window: int):
+        super().__init__()
+        self.out_dim = channels * window
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return inputs["signal"].flatten(1)
+
+
 def _build(cls: type[nn.Module], cfg: TimeseriesConfig) -> nn.Module:
     try:
         tower = cls(channel_count(cfg), **cfg.tower_kwargs)
@@ -150,3 +166,5 @@ def _build(cls: type[nn.Module], cfg: TimeseriesConfig) -> nn.Module:
 
 register_tower("timeseries", "resnet1d", TowerSpec(build=lambda cfg: _build(ResNet1d, cfg)))
 register_tower("timeseries", "patch_transformer", TowerSpec(build=lambda cfg: _build(PatchTransformer, cfg)))
+register_tower("timeseries", "flatten", TowerSpec(
+    build=lambda cfg: Flatten(channel_count(cfg), int(round(cfg.window_s * cfg.sample_rate)))))

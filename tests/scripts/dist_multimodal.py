@@ -10,13 +10,25 @@ CASES = {
     "symile_n_squared": ("symile", {"negatives": "n_squared"}, False),
     "symile_n": ("symile", {"negatives": "n", "seed": 3}, False),
     "gram": ("gram", {"label_smoothing": 0.1}, False),
-    "symile_masked": ("symile", {}, True),
+    "symile_masked": ("symile", {"missing": "drop"}, True),
     "gram_masked": ("gram", {}, True),
     "clip_masked": ("clip", {}, True),
     "dcl_masked": ("dcl", {}, True),
     "clip_plus_masked": ("clip_plus", {"label_smoothing": 0.1, "align_weight": 0.5, "uniform_weight": 0.2}, True),
     "symile_learned": ("symile", {"missing": "learned"}, True),
+    "gram_dam": ("gram", {"label_smoothing": 0.1, "itm_ratio": 0.5, "seed": 2}, False),
+    "gram_dam_masked": ("gram", {"itm_ratio": 1.0, "seed": 5}, True),
 }
+
+
+def matching_head(kwargs: dict):
+    """The same matching head on every rank (float64), for the cases with a DAM term; else None."""
+    from mmalign.heads import MatchingHead
+
+    if not kwargs.get("itm_ratio"):
+        return None
+    torch.manual_seed(0)
+    return MatchingHead(D, 3).double()
 
 
 def batch() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -44,11 +56,13 @@ def main() -> None:
     for case, (name, kwargs, masked) in CASES.items():
         local = {m: f[rows].clone().requires_grad_(True) for m, f in feats.items()}
         mask = {m: p[rows] for m, p in present.items()} if masked else None
+        head = matching_head(kwargs)
         out = build_loss(name, list(feats), **kwargs)(
-            AlignmentOutput(local, mask), logit_scale=torch.tensor(8.0, dtype=torch.float64)
+            AlignmentOutput(local, mask, matching=head), logit_scale=torch.tensor(8.0, dtype=torch.float64)
         )
         out["loss"].backward()
-        result[case] = {"loss": out["loss"].item(), "grads": {m: t.grad.tolist() for m, t in local.items()}}
+        result[case] = {"loss": out["loss"].item(), "grads": {m: t.grad.tolist() for m, t in local.items()},
+                        "head_grads": [p.grad.tolist() for p in head.parameters()] if head is not None else []}
     report(result)
 
 
