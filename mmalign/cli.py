@@ -44,8 +44,9 @@ def cmd_eval(args) -> dict:
     model = load_model(args.model)
     if args.what == "zeroshot":
         return evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
-                                 args.batch_size, args.workers, args.score)
-    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score)
+                                 args.batch_size, args.workers, args.score, candidates=args.candidates)
+    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score,
+                              match=args.match, candidates=args.candidates, rerank=args.rerank)
 
 
 def cmd_caption(args) -> dict:
@@ -120,12 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the one the model was trained with")
         q.add_argument("--batch-size", type=int, default=256)
         q.add_argument("--workers", type=int, default=0)
+        q.add_argument("--candidates", default=None, metavar="FILE",
+                       help="JSON Lines {\"query\": KEY, \"candidates\": [...]}: evaluate the listed samples, each "
+                            "among its own candidates (sample keys; zeroshot: class names)")
+        if what == "retrieval":
+            q.add_argument("--match", choices=("item", "label"), default="item",
+                           help="a hit: the query sample's own item, or any with the query's label (Symile-M3)")
+            q.add_argument("--rerank", type=int, default=None, metavar="K",
+                           help="also re-rank each query's top K with the model's matching head (GRAM)")
         if what == "zeroshot":
             q.add_argument("--classes", required=True, help="file with one class name per line")
             q.add_argument("--templates", default=None, help="file with one prompt template per line, '{}' = class")
             q.add_argument("--text", default="text", help="text modality name")
         else:
-            q.add_argument("--gallery", default="text")
+            q.add_argument("--gallery", default="text",
+                           help="modality to retrieve; several, comma-separated, to rank the samples' tuples")
         q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")

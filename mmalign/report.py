@@ -280,9 +280,10 @@ def evaluate_run(cfg: Config, model, run_dir: Path) -> dict:
     zs, rt, cap = cfg.eval.zeroshot, cfg.eval.retrieval, cfg.eval.caption
     if zs.data and zs.classes:
         absorb("zeroshot", evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text,
-                                             cfg.eval.batch_size))
+                                             cfg.eval.batch_size, candidates=zs.candidates))
     if rt.data:
-        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size))
+        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size,
+                                               match=rt.match, candidates=rt.candidates, rerank=rt.rerank))
     if cap.data:
         out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
         out["_captions"] = out.pop("_examples")

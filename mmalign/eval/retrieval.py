@@ -1,7 +1,8 @@
 """Cross-modal retrieval metrics with several positives per query (multi-caption safe)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections import defaultdict
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -58,10 +59,46 @@ def retrieval_metrics(
 def positives_by_owner(owner: torch.Tensor | None, n_queries: int, n_items: int) -> list[list[int]]:
     """For each query row, the gallery items it owns: ``owner[j]`` is the row item j belongs to (several captions
     per image); without owners, row i owns item i."""
-    positives: list[list[int]] = [[] for _ in range(n_queries)]
-    for j, i in enumerate((owner if owner is not None else torch.arange(n_items)).tolist()):
-        positives[i].append(j)
-    return positives
+    return match_positives(torch.arange(n_queries), owner if owner is not None else torch.arange(n_items))
+
+
+def match_positives(query_samples: torch.Tensor, gallery_samples: torch.Tensor,
+                    labels: Sequence[Hashable] | None = None) -> list[list[int]]:
+    """The hits of each query row: the gallery rows of the same sample (``query_samples[i]`` and
+    ``gallery_samples[j]`` are the samples rows i and j come from), or, with ``labels`` (one per sample), the gallery
+    rows whose sample has the query sample's label (Symile-M3's protocol: any image of the query's class is a hit)."""
+    def key(sample: int) -> Hashable:
+        return sample if labels is None else labels[sample]
+
+    rows: dict[Hashable, list[int]] = defaultdict(list)
+    for j, sample in enumerate(gallery_samples.tolist()):
+        rows[key(sample)].append(j)
+    return [list(rows.get(key(sample), ())) for sample in query_samples.tolist()]
+
+
+def restrict_to(scores: torch.Tensor, allowed: list[torch.Tensor]) -> torch.Tensor:
+    """``scores`` (Q x G) with -inf outside each row's ``allowed`` columns: a ranking of its own candidates only
+    (the others rank last, after every candidate)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for i, columns in enumerate(allowed):
+        keep[i, columns] = True
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def rerank_top_k(scores: torch.Tensor, k: int, rescore: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Scores ranking each row's top ``k`` (by ``scores``) first, in the order of ``rescore``, then the rest as before.
+
+    ``rescore(top)`` takes the Q x k column indices of the top entries and returns Q x k values in [0, 1] (a matching
+    head's P(match), as GRAM re-ranks its top candidates). Columns at -inf (not candidates) stay last and are never
+    re-scored. Returned values: 1 + rescore for the re-ranked entries, -rank below them.
+    """
+    order = scores.argsort(dim=1, descending=True)
+    ranks = torch.arange(scores.shape[1], dtype=torch.float32).expand(scores.shape[0], -1)
+    out = torch.empty(scores.shape, dtype=torch.float32).scatter_(1, order, -ranks)
+    top = order[:, :min(k, scores.shape[1])]
+    candidate = torch.isfinite(scores.gather(1, top))
+    out.scatter_(1, top, torch.where(candidate, 1.0 + rescore(top).float(), out.gather(1, top)))
+    return out.masked_fill(~torch.isfinite(scores), float("-inf"))
 
 
 def bidirectional_retrieval(

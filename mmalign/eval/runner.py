@@ -27,7 +27,9 @@ from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
 from .embed import complete_samples, embed_shards
 from .nway import nway_scores
-from .retrieval import bidirectional_retrieval, positives_by_owner, retrieval_metrics
+from .candidates import read_candidates
+from .protocols import candidate_sets, make_side, matching_rescore, rank, score_function
+from .retrieval import restrict_to
 from .zeroshot import classification_metrics, read_lines, read_templates, zeroshot_classifier
 
 log = logging.getLogger(__name__)
@@ -75,17 +77,21 @@ def default_query(model, text: str = "text") -> str:
     raise ConfigError("no non-text modality to evaluate; pass the query modality")
 
 
-def query_modalities(model, query: str | list[str] | None, other: str) -> list[str]:
-    """``"image,audio"`` (or a list) -> ["image", "audio"]; None -> the default single query; names checked."""
-    if query is None:
-        names = [default_query(model, other)]
-    else:
-        names = [q.strip() for q in query.split(",")] if isinstance(query, str) else list(query)
-    for name in names + [other]:
+def modality_names(names: str | list[str]) -> list[str]:
+    """``"image,audio"`` (or a list) -> ["image", "audio"]."""
+    return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+
+
+def query_modalities(model, query: str | list[str] | None, other: str | list[str]) -> list[str]:
+    """``"image,audio"`` (or a list) -> ["image", "audio"]; None -> the default single query; names checked against
+    the model's and against ``other`` (the modality, or modalities, on the other side)."""
+    others = modality_names(other)
+    names = [default_query(model, others[0])] if query is None else modality_names(query)
+    for name in names + others:
         if name not in model.modalities:
             raise ConfigError(f"model has no modality {name!r}; it has {', '.join(model.modalities)}")
-    if len(set(names)) != len(names) or other in names:
-        raise ConfigError(f"query modalities {names} must be distinct and differ from {other!r}")
+    if len(set(names + others)) != len(names + others):
+        raise ConfigError(f"query modalities {names} must be distinct and differ from {', '.join(others)}")
     return names
 
 
@@ -94,17 +100,19 @@ def model_score(model, score: str | None) -> str:
     return score or model.config.nway_score or "cosine"
 
 
-def abbrev(query: str | list[str], gallery: str) -> str:
-    """``image``/``text`` -> ``i2t``, as in the CLIP literature; ``[image, audio]``/``text`` -> ``ia2t``."""
-    return f"{''.join(q[0] for q in ([query] if isinstance(query, str) else query))}2{gallery[0]}"
+def abbrev(query: str | list[str], gallery: str | list[str]) -> str:
+    """``image``/``text`` -> ``i2t``, as in the CLIP literature; ``[image, audio]``/``text`` -> ``ia2t``,
+    ``text``/``[image, audio]`` -> ``t2ia``."""
+    return f"{''.join(q[0] for q in modality_names(query))}2{''.join(g[0] for g in modality_names(gallery))}"
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
                       text: str = "text", batch_size: int = 256, num_workers: int = 0,
-                      score: str | None = None) -> dict:
+                      score: str | None = None, candidates: str | None = None) -> dict:
     """Zero-shot accuracy of ``query`` samples in ``data`` against class-name prompts; samples carry ``label.txt``.
 
-    With several query modalities the classes are scored against each sample's tuple (N-way zero-shot).
+    With several query modalities the classes are scored against each sample's tuple (N-way zero-shot). With
+    ``candidates`` (a file, :mod:`.candidates`) only the samples it lists are classified, each among its own classes.
     """
     queries = query_modalities(model, query, text)
     classnames = read_lines(classes, "classes")
@@ -125,6 +133,8 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         logits = emb["embeddings"][queries[0]] @ classifier
     else:
         logits = nway_scores({q: emb["embeddings"][q] for q in queries}, classifier.T, model_score(model, score))
+    if candidates is not None:
+        logits, target, labels = class_candidates(candidates, classes, emb["keys"], logits, target, classnames)
     k5 = min(5, len(classnames))
     acc = classification_metrics(logits, target, topk=(1, k5))
     per_class = {c: acc["per_class_recall"].get(i, 0.0) for c, i in index.items()}
@@ -142,68 +152,113 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
     }
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
+    if candidates is not None:
+        out["zeroshot_candidates"] = str(candidates)
     return out
 
 
+def class_candidates(path: str, classes: str, keys: list[str], logits: torch.Tensor, target: torch.Tensor,
+                     classnames: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(logits, targets, labels) of the samples the candidates file lists, each row's other classes at -inf."""
+    listed = read_candidates(path, classnames, f"a class of {classes}")
+    row = {key: i for i, key in enumerate(keys)}
+    absent = [key for key in listed if key not in row]
+    if absent:
+        raise DataError(f"{path}: query {absent[0]!r} is not a sample of the data with every evaluated modality")
+    index = {c: i for i, c in enumerate(classnames)}
+    rows = torch.tensor([row[key] for key in listed])
+    allowed = [torch.tensor([index[c] for c in classes_of]) for classes_of in listed.values()]
+    for key, r, columns in zip(listed, rows.tolist(), allowed):
+        if int(target[r]) not in columns.tolist():
+            raise DataError(f"{path}: the candidates of {key!r} lack its label {classnames[int(target[r])]!r}")
+    return restrict_to(logits[rows], allowed), target[rows], [classnames[int(t)] for t in target[rows]]
+
+
 def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
-                       num_workers: int = 0, score: str | None = None) -> dict:
+                       num_workers: int = 0, score: str | None = None, match: str = "item",
+                       candidates: str | None = None, rerank: int | None = None) -> dict:
     """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
 
     With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
     ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and ``image_retrieval_recall@k`` (each text
     retrieves its item; named "image" as in CLIP_benchmark whatever the non-text modality). ``_retrieval`` (the
-    embeddings, sample keys and owners) and ``_recall_curve`` are for the report. With several query modalities:
-    N-way retrieval of the gallery items from each sample's tuple (that direction only; see ``nway_retrieval``).
+    embeddings, sample keys and owners) and ``_recall_curve`` are for the report.
+
+    Either side may be a tuple of modalities (``"image,audio"``): each sample's tuple ranks the items of the other
+    side, or each item ranks the samples' tuples, by the model's N-way score (that direction only). The protocols
+    of :mod:`.protocols`: ``match="label"`` counts any gallery item with the query's label as a hit (Symile-M3);
+    ``candidates`` (a file, :mod:`.candidates`) evaluates the queries it lists, each ranking its own candidates
+    (Symile-MIMIC; that direction only); ``rerank=k`` also reports each ranking with its top k re-ranked by the
+    model's matching head (GRAM), under ``retrieval_<direction>_rerank_*``.
     """
-    queries = query_modalities(model, query, gallery)
-    names = queries + [gallery]
+    if match not in ("item", "label"):
+        raise ConfigError(f"match must be item or label, got {match!r}")
+    if rerank is not None and rerank < 1:
+        raise ConfigError(f"rerank must be >= 1, got {rerank}")
+    galleries = modality_names(gallery)
+    queries = query_modalities(model, query, galleries)
+    names = queries + galleries
     emb = complete_samples(embed_shards(model, data, names, batch_size, num_workers), names)
     if not emb["keys"]:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(names)} present)")
-    if len(queries) > 1:
-        return nway_retrieval(emb, queries, gallery, model_score(model, score))
-    query = queries[0]
-    q, g = emb["embeddings"][query], emb["embeddings"][gallery]
-    ks = recall_ks(max(g.shape[0], q.shape[0]))
-    metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0], ks=ks)
-    directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
-    out = {f"retrieval_{k}": v for k, v in metrics.items() if headline(k)}
-    out["retrieval_n"] = q.shape[0]
+    q, g = make_side(emb, queries), make_side(emb, galleries)
+    method = model_score(model, score)
+    labels = sample_labels(emb, data) if match == "label" else None
+    listed = read_candidates(candidates, emb["keys"], f"a sample key of {data}") if candidates else None
+    single = len(names) == 2
+    directions = [(q, g), (g, q)] if single and listed is None else [(q, g)]
+    ks = recall_ks(max(q.sample.shape[0], g.sample.shape[0]))
+    out: dict[str, Any] = {}
+    curves = {}
+    for a, b in directions:
+        direction = abbrev(a.names, b.names)
+        sets = candidate_sets(listed, a, b, emb["keys"], candidates) if listed is not None else None
+        scores = score_function(a, b, method)
+        metrics, n = rank(a, b, scores, ks, labels, sets)
+        out.update({f"retrieval_{direction}_{k}": v for k, v in metrics.items() if headline(k)})
+        curves[direction] = {k: metrics[f"R@{k}"] for k in ks}
+        if rerank is not None:
+            reranked, _ = rank(a, b, scores, ks, labels, sets, (rerank, matching_rescore(model, a, b)))
+            out.update({f"retrieval_{direction}_rerank_{k}": v for k, v in reranked.items() if headline(k)})
+        out.setdefault("retrieval_n", n)
+        if "_similarity" not in out:
+            out["_similarity"] = scores(torch.arange(min(32, a.sample.shape[0])))[:, :64]
+    if not single:
+        out["retrieval_score"] = method
+    out.update({k: v for k, v in (("retrieval_match", match if match != "item" else None),
+                                  ("retrieval_candidates", candidates), ("retrieval_rerank_k", rerank)) if v})
+    if single and listed is None:
+        out.update(single_modality_extras(model, data, emb, queries[0], galleries[0], curves, match))
+    out["_recall_curve"] = curves
+    out["skipped"] = emb["skipped"].get("counts", {})
+    return out
+
+
+def single_modality_extras(model, data: str, emb: dict, query: str, gallery: str, curves: dict,
+                           match: str) -> dict:
+    """Between two single modalities: CLIP_benchmark's keys (the standard protocol only) and the report's
+    ``_retrieval`` (embeddings, owners and keys, to show examples)."""
+    out: dict[str, Any] = {}
+    directions = (abbrev(query, gallery), abbrev(gallery, query))
     kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
-    if "text" in kinds and kinds[0] != kinds[1]:
+    if "text" in kinds and kinds[0] != kinds[1] and match == "item":
         to_text, to_other = directions if kinds[1] == "text" else directions[::-1]
         out["clip_benchmark"] = {
-            **{f"image_retrieval_recall@{k}": metrics[f"{to_other}_R@{k}"] for k in HEADLINE_KS},
-            **{f"text_retrieval_recall@{k}": metrics[f"{to_text}_R@{k}"] for k in HEADLINE_KS},
+            **{f"image_retrieval_recall@{k}": curves[to_other][k] for k in HEADLINE_KS},
+            **{f"text_retrieval_recall@{k}": curves[to_text][k] for k in HEADLINE_KS},
         }
-    out["_recall_curve"] = {d: {k: metrics[f"{d}_R@{k}"] for k in ks} for d in directions}
-    out["_retrieval"] = {"data": data, "query": query, "gallery": gallery, "query_embeddings": q,
-                         "gallery_embeddings": g, "owners": emb["owners"][gallery], "keys": emb["keys"]}
-    out["_similarity"] = (q[:32] @ g[:64].T)
-    out["skipped"] = emb["skipped"].get("counts", {})
+    out["_retrieval"] = {"data": data, "query": query, "gallery": gallery,
+                         "query_embeddings": emb["embeddings"][query], "gallery_embeddings": emb["embeddings"][gallery],
+                         "owners": emb["owners"][gallery], "keys": emb["keys"]}
     return out
 
 
-def nway_retrieval(emb: dict, queries: list[str], gallery: str, method: str) -> dict:
-    """Each sample's tuple of ``queries`` embeddings ranks all ``gallery`` items by ``method`` (its own are the
-    positives): R@k, mAP, mAP@10 under ``retrieval_<abbrev>_``, the recall curve and similarity for the report."""
-    g, owner = emb["embeddings"][gallery], emb["owners"][gallery]
-    tuples = torch.stack([emb["embeddings"][m] for m in queries], dim=1)  # N x K x D
-
-    def scores(rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return nway_scores(dict(zip(queries, rows.unbind(1))), items, method)
-
-    ks = recall_ks(g.shape[0])
-    metrics = retrieval_metrics(tuples, g, positives_by_owner(owner, tuples.shape[0], g.shape[0]), ks=ks, map_at=10,
-                                similarity=scores)
-    direction = abbrev(queries, gallery)
-    out = {f"retrieval_{direction}_{k}": v for k, v in metrics.items() if headline(k)}
-    out["retrieval_score"] = method
-    out["retrieval_n"] = tuples.shape[0]
-    out["_recall_curve"] = {direction: {k: metrics[f"R@{k}"] for k in ks}}
-    out["_similarity"] = scores(tuples[:32], g[:64])
-    out["skipped"] = emb["skipped"].get("counts", {})
-    return out
+def sample_labels(emb: dict, data: str) -> list[str]:
+    """Each evaluated sample's label (``label.txt``), for ``match="label"``; every sample needs one."""
+    unlabelled = next((key for key, label in zip(emb["keys"], emb["labels"]) if label is None), None)
+    if unlabelled is not None:
+        raise DataError(f"{data}: --match label needs a label.txt in every sample; {unlabelled!r} has none")
+    return emb["labels"]
 
 
 def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: int = 500, num_workers: int = 0) -> dict:

@@ -41,7 +41,8 @@ def fill(template: str, classname: str) -> str:
 def zeroshot_classifier(
     model, classnames: Sequence[str], templates: Sequence[str], text_modality: str = "text", batch_size: int = 256
 ) -> torch.Tensor:
-    """D x C classifier: for each class, the normalised mean of its normalised prompt embeddings."""
+    """D x C classifier: for each class, the normalised mean of its normalised prompt embeddings (for a text
+    modality whose ``output_norm`` is not ``l2``, the plain mean of its prompt embeddings, on their own scale)."""
     modality = model.modalities[text_modality]
     device = next(model.parameters()).device
     prompts = [fill(t, c) for c in classnames for t in templates]
@@ -50,6 +51,8 @@ def zeroshot_classifier(
         tokens = inputs_to(modality.tokenize(prompts[start:start + batch_size]), device)
         embeddings.append(model.encode(text_modality, tokens).float())
     per_prompt = torch.cat(embeddings).view(len(classnames), len(templates), -1)
+    if modality.cfg.output_norm != "l2":
+        return per_prompt.mean(dim=1).T
     return F.normalize(F.normalize(per_prompt, dim=-1).mean(dim=1), dim=-1).T
 
 
