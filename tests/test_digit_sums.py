@@ -30,9 +30,13 @@ def test_symile_comparison_variants_load_and_findings_name_only_summary_fields()
     from mmalign.demos import COMPARISONS, summarise
 
     symile = COMPARISONS["symile"]
-    losses = {v: recipes.load("symile", sets).loss for v, sets in symile.variants.items()}
-    assert {v: loss.name for v, loss in losses.items()} == {"symile": "symile", "gram": "gram", "clip": "clip"}
-    # GRAM as in its code: text anchor, label smoothing 0.1
-    assert losses["gram"].kwargs == recipes.load("gram").loss.kwargs == {"anchor": "text", "label_smoothing": 0.1}
+    configs = {v: symile.load(v, "symile.yaml", []) for v in symile.variants}
+    assert {v: cfg.loss.name for v, cfg in configs.items()} == {"symile": "symile", "gram": "gram", "clip": "clip"}
+    # GRAM as gram.yaml (as in its code: text anchor, label smoothing 0.1, DAM, learned temperature)
+    assert configs["gram"] == recipes.load("gram")
+    # pairwise CLIP on Symile's data and towers, with CLIP's unit-length embeddings and capped scale
+    clip = configs["clip"].model
+    assert {m.output_norm for m in clip.modalities.values()} == {"l2"} and clip.logit_scale.max == 100.0
+    assert configs["clip"].data == configs["symile"].data
     full = summarise({v: [{m: 0.5 for m in symile.metrics}] for v in symile.variants}, symile.metrics)
     recipes.text(symile.findings).format_map({**full, "seeds": 1, "run_dir": "x", "report": "x"})
