@@ -18,6 +18,7 @@ from mmalign.eval.candidates import read_candidates
 from mmalign.eval.protocols import Side, score_function
 from mmalign.eval.retrieval import match_positives, rerank_top_k, restrict_to
 from mmalign.eval.runner import evaluate_retrieval
+from mmalign.eval.zeroshot import zeroshot_classifier
 from mmalign.model import AlignmentModel
 from tests.conftest import last_json, run_cli, write_shard
 
@@ -183,3 +184,35 @@ def _write(tmp_path, text):
     path = tmp_path / "ok.jsonl"
     path.write_text(text)
     return path
+
+
+@pytest.mark.slow
+def test_zeroshot_candidates_classify_each_listed_sample_among_its_own_classes(features, tiny_text_model):
+    """Modality a (the vectors above) against prompts of cat, dog, bird through a tiny text tower. Listed: s0 among
+    [cat] alone (a hit whatever the scores), s2 among all three (as without the file), s3 among [cat, dog] (a hit
+    when a3 scores dog's prompt embedding above cat's): top-1 = (1 + [s2's top class is dog] + [dog > cat for s3]) / 3,
+    over 3 samples instead of 4."""
+    root = features["root"]
+    config = from_dict(ModelConfig, {"embed_dim": 2, "modalities": {
+        "a": dict(FEATURES), "text": {"tower": "hf", "model": tiny_text_model, "max_length": 16}}})
+    torch.manual_seed(0)
+    AlignmentModel(config).save_pretrained(root / "text_model")
+    model = AlignmentModel.from_pretrained(root / "text_model")
+    (root / "classes.txt").write_text("cat\ndog\nbird\n")
+    (root / "templates.txt").write_text("a {}\n")
+    path = root / "classes.jsonl"
+    path.write_text('{"query": "s0", "candidates": ["cat"]}\n{"query": "s2", "candidates": ["dog", "cat", "bird"]}\n'
+                    '{"query": "s3", "candidates": ["cat", "dog"]}\n')
+    classifier = zeroshot_classifier(model, ["cat", "dog", "bird"], ["a {}"])  # 2 x 3
+    scores = torch.tensor(VECTORS["a"], dtype=torch.float32) @ classifier
+    expected = (1 + int(scores[2].argmax() == 1) + int(scores[3, 1] > scores[3, 0])) / 3
+    out = last_json(run_cli("eval", "zeroshot", "--model", str(root / "text_model"), "--data", features["shards"],
+                            "--query", "a", "--classes", str(root / "classes.txt"), "--templates",
+                            str(root / "templates.txt"), "--candidates", str(path)))
+    assert out["zeroshot_top1"] == pytest.approx(expected) and out["zeroshot_n"] == 3
+    assert out["zeroshot_candidates"] == str(path)
+    lacking = root / "lacking.jsonl"
+    lacking.write_text('{"query": "s1", "candidates": ["dog", "bird"]}\n')  # s1 is a cat
+    proc = run_cli("eval", "zeroshot", "--model", str(root / "text_model"), "--data", features["shards"], "--query",
+                   "a", "--classes", str(root / "classes.txt"), "--candidates", str(lacking), check=False)
+    assert proc.returncode == 2 and "the candidates of 's1' lack its label 'cat'" in proc.stderr, proc.stderr
