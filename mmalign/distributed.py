@@ -5,8 +5,14 @@ process group is initialised, so the same loss code runs on one process and on m
 """
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.distributed as dist
+
+from .errors import MMAlignError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -63,3 +69,21 @@ def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process (rank 0) alone; its result, or the ``MMAlignError`` it raised, reaches every
+    process (pickled), so a failure the user can fix stops all of them with the same one-line message."""
+    if not is_distributed():
+        return fn()
+    outcome: list = [None]
+    if rank() == 0:
+        try:
+            outcome = [(True, fn())]
+        except MMAlignError as e:
+            outcome = [(False, e)]
+    dist.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
