@@ -97,6 +97,8 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     max_nonfinite_in_row: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
+    resume: bool = True  # false (`--no-resume`): start a new run; refused when run_dir already holds one
+    resume_from: Optional[str] = None  # a checkpoint folder to resume from instead of run_dir's newest (`--resume-from`)
 
 
 @dataclass
@@ -300,6 +302,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# What a resumed run may change: nothing here shapes the model or its data, and the checkpoint's optimiser state does
+# not hold it. Any other change (towers, sizes, embed_dim, loss, data, seed, optimiser settings) needs a new run.
+RESUMABLE = ("run_dir", "train.steps", "train.warmup_steps", "train.grad_accum", "train.gradcache_chunk",
+             "train.grad_clip", "train.precision", "train.device", "train.checkpoint_every", "train.keep_last",
+             "train.log_every", "train.max_nonfinite_in_row", "train.resume", "train.resume_from", "data.num_workers",
+             "data.max_bad_fraction", "eval")
+_UNSET = object()
+
+
+def recipe_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """What differs between a run's saved recipe and the one resuming it, as ``key: old -> new`` lines: (changes a
+    resumed run cannot take, changes it applies). Both are resolved recipes (``to_dict``); keys a newer mmalign
+    added read as their defaults."""
+    try:
+        saved = to_dict(from_dict(Config, saved))
+    except ConfigError:  # keys this mmalign no longer has: compare as saved
+        pass
+    refused, applied = [], []
+    for key, old, value in _differences(saved, new, ""):
+        resumable = any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+        (applied if resumable else refused).append(f"{key}: {_shown(old)} -> {_shown(value)}")
+    return refused, applied
+
+
+def _differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(old.keys() | new.keys(), key=str)
+                for d in _differences(old.get(key, _UNSET), new.get(key, _UNSET), _join(where, key))]
+    return [] if old == new else [(where, old, new)]
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is _UNSET else repr(value)
+
+
 def validate(cfg: Config, source: str = "config") -> None:
     """Check required keys, ranges and enums; raise ``ConfigError`` naming the key."""
     _require(cfg, source)
@@ -329,6 +366,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         (t.keep_last >= 1, "train.keep_last must be >= 1"),
         (t.log_every > 0, "train.log_every must be > 0"),
         (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
+        (t.resume or t.resume_from is None, "train.resume_from (--resume-from) needs train.resume (not --no-resume)"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
         (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),

@@ -158,15 +158,34 @@ def write_pairs_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of ``mmalign`` run by a test: this checkout, offline, one thread; plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
     """Run ``python -m mmalign ...`` as a user would (on one thread, like every test); returns the finished process
     (stdout, stderr, code)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd or REPO)
+                          timeout=timeout, env=env or cli_env(), cwd=cwd or REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"mmalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def torchrun_cli(*args: str) -> list[str]:
+    """The command that runs ``mmalign ARGS`` in 2 CPU processes under ``torchrun`` (environment:
+    ``cli_env(CUDA_VISIBLE_DEVICES="")``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "mmalign", *args]
+
+
+def start_cli(*args: str, log: Path) -> subprocess.Popen:
+    """Start ``python -m mmalign ...`` in the background, its stdout and stderr written to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "mmalign", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=cli_env(), cwd=REPO)
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
