@@ -475,3 +475,24 @@ def test_recipe_changes_that_shape_the_model_or_data_are_refused_others_applied(
     assert refused == ["model.modalities.image.image_size: 16 -> 96", "train.lr: 0.002 -> 0.001"]
     assert applied == ["data.num_workers: 1 -> 0", "eval.batch_size: 256 -> 64",
                        "run_dir: 'runs/demo-lit' -> 'elsewhere'", "train.steps: 300 -> 900"]
+
+
+@pytest.mark.slow
+def test_a_finished_run_rerun_with_another_image_size_is_refused_and_safe_changes_are_applied(finished, tmp_path):
+    """Issue 17's example: re-running a finished run with ``--set model.modalities.image.image_size=96`` evaluated
+    the 16-px model at 96 px and rewrote config.json to say 96."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    train = ["train", str(finished.parent / "run.yaml"), *LOCKED, "--set", f"run_dir={run}"]
+    before = snapshot(run)
+    proc = run_cli(*train, "--set", "model.modalities.image.image_size=96", check=False)
+    assert proc.returncode == 2
+    one_error_line(proc, "was trained with another recipe: model.modalities.image.image_size: 16 -> 96. A resumed run "
+                         "cannot change")
+    assert snapshot(run) == before  # config.json still says what the weights are
+
+    proc = run_cli(*train, "--set", "train.steps=8", "--set", "train.log_every=2")
+    assert "resuming with changed settings: " in proc.stderr and "train.steps: 6 -> 8" in proc.stderr
+    assert "train.log_every: 1 -> 2" in proc.stderr and last_json(proc)["steps"] == 8
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 8
+    assert json.loads((run / "model" / "config.json").read_text())["modalities"]["image"]["image_size"] == 16
