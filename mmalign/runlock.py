@@ -53,9 +53,14 @@ class RunLock:
                         holder.get("pid"), holder.get("host"), holder.get("started"), self.path)
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as e:  # e.g. a full disk
+            os.close(fd)
+            raise MMAlignError(f"cannot write {self.path} ({e.strerror}): free some space or choose another "
+                               f"run_dir") from None
         self.fd = fd
         return self
 

@@ -356,6 +356,15 @@ def test_without_file_locking_the_pid_and_host_decide(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------- full or read-only disks
 
 
+def test_a_lock_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(MMAlignError, match=r"cannot write .*train\.lock \(No space left on device\)"):
+        RunLock(tmp_path).__enter__()
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_keeps_earlier_ones_and_is_one_line(shards, tiny_text_model, tmp_path):
     train = ["train", str(recipe(tmp_path, "run", shards, tiny_text_model)), *LOCKED]
