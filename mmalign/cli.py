@@ -45,7 +45,8 @@ def cmd_eval(args) -> dict:
     if args.what == "zeroshot":
         return evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
                                  args.batch_size, args.workers, args.score)
-    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score)
+    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score,
+                              positives=args.positives)
 
 
 def cmd_caption(args) -> dict:
@@ -121,11 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch-size", type=int, default=256)
         q.add_argument("--workers", type=int, default=0)
         if what == "zeroshot":
-            q.add_argument("--classes", required=True, help="file with one class name per line")
+            q.add_argument("--classes", required=True,
+                           help="file with one class name per line (as the samples' label.txt names them), or "
+                                "'name: prompt' lines giving a class prompts of its own")
             q.add_argument("--templates", default=None, help="file with one prompt template per line, '{}' = class")
             q.add_argument("--text", default="text", help="text modality name")
         else:
             q.add_argument("--gallery", default="text")
+            q.add_argument("--positives", choices=("sample", "label"), default="sample",
+                           help="what a query should find: its own sample's items (default), or every item with its "
+                                "label.txt (when captions repeat across samples)")
         q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")

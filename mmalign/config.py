@@ -116,6 +116,7 @@ class RetrievalConfig:
     data: Optional[str] = None
     query: Optional[str] = None  # one modality, or several "a,b": N-way retrieval of the gallery from the tuple
     gallery: str = "text"
+    positives: str = "sample"  # "sample": a query's own sample's items are correct | "label": its class's items
 
 
 @dataclass
@@ -315,6 +316,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         (cfg.run_dir.strip() != "", "run_dir must not be empty"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
+        (cfg.eval.retrieval.positives in ("sample", "label"), "eval.retrieval.positives must be sample or label"),
         (ls.init is None or ls.init <= ls.max, "model.logit_scale.init must be in (0, model.logit_scale.max]"),
     ]
     for ok, message in checks:

@@ -144,21 +144,22 @@ def read_items(data: str, modalities: dict, keys: set[str]) -> dict[str, dict[st
 def retrieval_examples(retrieval: dict, model, n_queries: int) -> list[dict]:
     """For ``n_queries`` queries per direction, spread over the eval set: the query and its top items."""
     q, g = retrieval["query_embeddings"], retrieval["gallery_embeddings"]
-    keys, query, gallery = retrieval["keys"], retrieval["query"], retrieval["gallery"]
-    owners = retrieval["owners"] if retrieval["owners"] is not None else torch.arange(g.shape[0])
-    first = {}
-    for j, owner in enumerate(owners.tolist()):
-        first.setdefault(owner, j)
+    keys, modality = retrieval["keys"], {"query": retrieval["query"], "gallery": retrieval["gallery"]}
+    query, gallery = modality["query"], modality["gallery"]
+    samples = {side: retrieval[f"{side}_samples"].tolist() for side in modality}  # each row's sample
+    groups = {side: retrieval[f"{side}_groups"].tolist() for side in modality}  # equal groups: positives
+    first = {side: {} for side in modality}  # the first row of each sample
+    for side, rows in samples.items():
+        for j, sample in enumerate(rows):
+            first[side].setdefault(sample, j)
 
     def item(side: str, index: int) -> tuple[str, str, int]:
         """(modality, sample key, position among that sample's items of the modality) of a query/gallery row."""
-        if side == "query":
-            return query, keys[index], 0
-        owner = int(owners[index])
-        return gallery, keys[owner], index - first[owner]
+        sample = samples[side][index]
+        return modality[side], keys[sample], index - first[side][sample]
 
     def pair(side: str, index: int, hit: int) -> bool:
-        return int(owners[hit]) == index if side == "query" else int(owners[index]) == hit
+        return groups[side][index] == groups["gallery" if side == "query" else "query"][hit]
 
     sections = []
     for side, a_emb, b_emb, other in (("query", q, g, "gallery"), ("gallery", g, q, "query")):
@@ -282,7 +283,8 @@ def evaluate_run(cfg: Config, model, run_dir: Path) -> dict:
         absorb("zeroshot", evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text,
                                              cfg.eval.batch_size))
     if rt.data:
-        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size))
+        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size,
+                                               positives=rt.positives))
     if cap.data:
         out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
         out["_captions"] = out.pop("_examples")
