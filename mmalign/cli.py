@@ -38,21 +38,24 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .eval.runner import evaluate_retrieval, evaluate_zeroshot
-    from .rundir import load_model
+    from .eval.runner import evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot
+    from .rundir import load_scored_model
 
-    model = load_model(args.model)
+    model, scored = load_scored_model(args.model)
+    if args.what == "linear-probe":
+        return {**evaluate_linear_probe(model, args.train_data, args.data, args.query, args.batch_size, args.workers),
+                **scored}
     if args.what == "zeroshot":
-        return evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
-                                 args.batch_size, args.workers, args.score)
-    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score,
-                              positives=args.positives)
+        return {**evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
+                                    args.batch_size, args.workers, args.score), **scored}
+    return {**evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score,
+                                 positives=args.positives), **scored}
 
 
 def cmd_caption(args) -> dict:
     from .config import GenerationConfig, validate_generation
     from .eval.runner import evaluate_captions
-    from .rundir import load_model
+    from .rundir import load_scored_model
 
     gen = GenerationConfig(
         strategy=args.strategy, num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
@@ -60,13 +63,15 @@ def cmd_caption(args) -> dict:
         no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty, seed=args.seed,
     )
     validate_generation(gen, lambda key: "--" + key.replace("_", "-"))
-    return evaluate_captions(load_model(args.model), args.data, args.out, gen, args.batch_size)
+    model, scored = load_scored_model(args.model)
+    return {**evaluate_captions(model, args.data, args.out, gen, args.batch_size), **scored}
 
 
 def cmd_data(args) -> dict:
-    from .data.shards import write_shards
+    from .data.shards import parse_split, write_shards
 
-    return write_shards(args.source, args.out, args.shard_size)
+    return write_shards(args.source, args.out, args.shard_size, strict=args.strict, overwrite=args.overwrite,
+                        shuffle=not args.no_shuffle, seed=args.seed, split=parse_split(args.split))
 
 
 def cmd_export(args) -> dict:
@@ -107,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot classification or retrieval with a trained model")
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval or a linear probe with a trained model")
     ev = p.add_subparsers(dest="what", required=True)
     for what in ("zeroshot", "retrieval"):
         q = ev.add_parser(what)
@@ -133,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what a query should find: its own sample's items (default), or every item with its "
                                 "label.txt (when captions repeat across samples)")
         q.set_defaults(fn=cmd_eval)
+    q = ev.add_parser("linear-probe", help="logistic regression on the frozen embeddings of labelled training "
+                                           "shards, scored on --data (as CLIP_benchmark's linear probe)")
+    q.add_argument("--model", required=True, help="run directory or saved model folder")
+    q.add_argument("--train-data", required=True, help="labelled shards to fit the classifier on")
+    q.add_argument("--data", required=True, help="labelled shards to score it on")
+    q.add_argument("--query", default=None, help="modality whose embeddings are probed (default: the non-text one)")
+    q.add_argument("--batch-size", type=int, default=256)
+    q.add_argument("--workers", type=int, default=0)
+    q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")
     p.add_argument("--model", required=True, help="run directory or saved model folder")
@@ -159,7 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("shards", help="CSV / JSONL of files and captions, or a folder per class -> shards")
     q.add_argument("--from", dest="source", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--shard-size", type=int, default=1000)
+    q.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    q.add_argument("--strict", action="store_true",
+                   help="stop at the first file that does not decode, empty caption or missing file (default: skip "
+                        "it and list it in the summary)")
+    q.add_argument("--overwrite", action="store_true", help="replace the shards --out already holds")
+    q.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: shuffled, seeded)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
+    q.add_argument("--split", action="append", default=[], metavar="NAME=FRACTION",
+                   help="also write a stratified held-out set, e.g. test=0.2 (train-*.tar gets the rest); repeatable")
     q.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("export", help="write a trained model as a transformers or open_clip folder")

@@ -147,8 +147,9 @@ class AlignmentModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- save / load
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically."""
+    def save_pretrained(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically;
+        ``metadata`` goes into the safetensors header (e.g. the training step the weights are from)."""
         with atomic_dir(directory) as tmp:
             saved = copy.deepcopy(self.config)
             for name, modality in self.modalities.items():
@@ -156,7 +157,7 @@ class AlignmentModel(nn.Module):
                 for key, value in updates.items():
                     setattr(saved.modalities[name], key, value)
             write_json(tmp / CONFIG_NAME, to_dict(saved))
-            save_model(self, str(tmp / WEIGHTS_NAME))
+            save_model(self, str(tmp / WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "AlignmentModel":

@@ -29,7 +29,7 @@ from .eval.runner import (
     evaluate_captions, evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot, flat_results, merge_results,
 )
 from .plots import plot_run, plt
-from .rundir import RUN_CONFIG, load_model
+from .rundir import RUN_CONFIG, load_scored_model
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +266,10 @@ Modalities: {html.escape(", ".join(f"{n} ({model.modalities[n].kind}, {model.con
     return path
 
 
-def evaluate_run(cfg: Config, model, run_dir: Path) -> dict:
-    """The recipe's evaluations at the end of training, plus plots, report.md and report.html in the run directory."""
-    results: dict[str, Any] = {}
+def evaluate_run(cfg: Config, model, run_dir: Path, scored: dict | None = None) -> dict:
+    """The recipe's evaluations at the end of training (or of ``mmalign report``), plus plots, report.md and
+    report.html in the run directory; ``scored`` (``model``, ``model_step``) says which weights were evaluated."""
+    results: dict[str, Any] = dict(scored or {})
     extras: dict[str, Any] = {}
 
     def absorb(what: str, out: dict) -> None:
@@ -309,5 +310,6 @@ def report_run(run_dir: Path, n_examples: int | None = None) -> dict:
         raise ConfigError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
     saved = json.loads((run_dir / RUN_CONFIG).read_text())
     cfg = load_config(None, [f"eval.report_examples={n_examples}"] if n_examples is not None else [], base=saved)
-    results = evaluate_run(cfg, load_model(run_dir), run_dir)
+    model, scored = load_scored_model(run_dir)
+    results = evaluate_run(cfg, model, run_dir, scored)
     return {**results, "report": str(run_dir / REPORT_NAME), "report_md": str(run_dir / "report.md")}

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model as load_weights
 
 from .data import merge_skips
@@ -39,6 +40,7 @@ RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 TRAINER_STATE = "trainer_state.json"
+STEP_KEY = "step"  # safetensors header entry of a run's final model: the step its weights are from
 
 
 @dataclass
@@ -78,6 +80,31 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_model(path: str | Path) -> AlignmentModel:
     """The model of a saved model folder, a run directory or a run's newest checkpoint."""
     return AlignmentModel.from_pretrained(resolve_model_dir(path))
+
+
+def model_step(model_dir: str | Path) -> int | None:
+    """The training step a saved model's weights are from: a checkpoint's step, or the step recorded in the weights'
+    header when a run saves its final model; None for a model saved otherwise."""
+    model_dir = Path(model_dir)
+    if model_dir.parent.parent.name == CHECKPOINTS and model_dir.parent.name.startswith("step_"):
+        return int(model_dir.parent.name.split("_")[1])
+    with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
+        step = (f.metadata() or {}).get(STEP_KEY)
+    return int(step) if step is not None else None
+
+
+def load_scored_model(path: str | Path) -> tuple[AlignmentModel, dict]:
+    """The model to evaluate at ``path`` (see :func:`resolve_model_dir`) and what every evaluation output says
+    about it: ``model`` (the folder scored) and ``model_step`` (its training step, see :func:`model_step`). A run
+    without its final model (interrupted, or still training) is scored at its newest checkpoint, with a warning."""
+    model_dir = resolve_model_dir(path)
+    step = model_step(model_dir)
+    if model_dir.parent.parent.name == CHECKPOINTS:
+        log.warning("%s has no final model (interrupted or still training): scoring its newest checkpoint, step %s",
+                    path, step)
+    else:
+        log.info("scoring %s%s", model_dir, f" (step {step})" if step is not None else "")
+    return AlignmentModel.from_pretrained(model_dir), {"model": str(model_dir), "model_step": step}
 
 
 def source_run(model_dir: str | Path) -> dict | None:

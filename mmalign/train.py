@@ -33,8 +33,8 @@ from .metrics_logger import MetricsLogger
 from .model import AlignmentModel
 from .report import evaluate_run
 from .rundir import (
-    MODEL, RESULTS, RUN_CONFIG, TrainState, checkpoint_dirs, load_checkpoint, process_record, remove_stale_writes,
-    save_checkpoint,
+    MODEL, RESULTS, RUN_CONFIG, STEP_KEY, TrainState, checkpoint_dirs, load_checkpoint, process_record,
+    remove_stale_writes, save_checkpoint,
 )
 from .training_data import batch_stream, check_bad_fraction, check_inputs, n_skipped, to_device
 
@@ -303,8 +303,9 @@ def finish(run: Run) -> dict[str, Any]:
     if run.accelerator.is_main_process:
         if skipped:
             log.warning("skipped while training: %s; examples: %s", skipped["counts"], skipped["examples"])
-        run.model.save_pretrained(run.run_dir / MODEL)
-        results.update(evaluate_run(run.cfg, run.model, run.run_dir))
+        run.model.save_pretrained(run.run_dir / MODEL, metadata={STEP_KEY: str(run.state.step)})
+        scored = {"model": str(run.run_dir / MODEL), "model_step": run.state.step}
+        results.update(evaluate_run(run.cfg, run.model, run.run_dir, scored))
         results["skipped"] = skipped.get("counts", {})
         results["nonfinite_steps"] = run.state.nonfinite_steps
         write_json(run.run_dir / RESULTS, results)

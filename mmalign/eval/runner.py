@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import GenerationConfig
 from ..data import expand_urls
-from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
+from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member, shard_labels
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from ..modalities import Modality, inputs_to
@@ -26,6 +26,7 @@ from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
 from .embed import complete_samples, embed_shards
+from .linear_probe import linear_probe
 from .nway import nway_scores
 from .retrieval import bidirectional_retrieval, positives_by_group, retrieval_metrics, row_samples, shared_items
 from .zeroshot import check_labels, classification_metrics, read_classes, read_templates, zeroshot_classifier
@@ -143,6 +144,47 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
     return out
+
+
+def evaluate_linear_probe(model, train_data: str, data: str, query: str | None = None, batch_size: int = 256,
+                          num_workers: int = 0) -> dict:
+    """Linear probe: logistic regression on the frozen ``query`` embeddings of ``train_data`` (its L2 strength chosen
+    on a held-out fifth), scored on ``data`` (:mod:`~.linear_probe`). Classes are the training labels; every sample
+    needs a ``label.txt``, and the labels are checked before anything is encoded."""
+    query = query or default_query(model)
+    if query not in model.modalities:
+        raise ConfigError(f"model has no modality {query!r} (a linear probe reads one modality's embeddings); it has "
+                          f"{', '.join(model.modalities)}")
+    queries = [query]
+    counts = shard_labels(expand_urls(train_data))
+    if counts.get(None):
+        raise DataError(f"{train_data}: {counts[None]} sample(s) have no label.txt (each needs one naming its class)")
+    classnames = sorted(counts)
+    if len(classnames) < 2:
+        raise DataError(f"{train_data}: a linear probe needs at least 2 classes, the labels name {len(classnames)}")
+    check_labels(data, classnames, f"the training labels of {train_data}")
+    index = {c: i for i, c in enumerate(classnames)}
+    sets = {}
+    for name, spec in (("train", train_data), ("test", data)):
+        emb = complete_samples(embed_shards(model, spec, queries, batch_size, num_workers), queries)
+        if not emb["keys"]:
+            raise DataError(f"{spec}: no usable samples (with {queries[0]} present)")
+        sets[name] = (emb["embeddings"][queries[0]], torch.tensor([index[lab] for lab in emb["labels"]]),
+                      emb["skipped"].get("counts", {}))
+    logits, weight_decay = linear_probe(sets["train"][0], sets["train"][1], sets["test"][0], len(classnames))
+    k5 = min(5, len(classnames))
+    acc = classification_metrics(logits, sets["test"][1], topk=(1, k5))
+    return {
+        "linear_probe_top1": acc["acc1"],
+        f"linear_probe_top{k5}": acc[f"acc{k5}"],
+        "linear_probe_mean_per_class_recall": acc["mean_per_class_recall"],
+        "linear_probe_per_class_recall": {c: acc["per_class_recall"].get(i) for c, i in index.items()},
+        "linear_probe_n": len(sets["test"][1]),
+        "linear_probe_n_train": len(sets["train"][1]),
+        "linear_probe_weight_decay": weight_decay,
+        "linear_probe_query": queries[0],
+        "skipped": {"train": sets["train"][2], "test": sets["test"][2]},
+    }
 
 
 POSITIVES = ("sample", "label")  # what counts as a correct retrieval: the query's own sample's items, or its class's

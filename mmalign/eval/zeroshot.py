@@ -60,20 +60,20 @@ def read_templates(path: str | Path | None) -> list[str]:
     return templates
 
 
-def check_labels(data: str, classnames: Sequence[str], classes_file: str | Path) -> Counter:
-    """Fail before anything is encoded when a sample of ``data`` has no label or one the classes file lacks (read
-    from the shards' label members only); returns the samples per label."""
+def check_labels(data: str, classnames: Sequence[str], source: str | Path) -> Counter:
+    """Fail before anything is encoded when a sample of ``data`` has no label or one not in ``classnames`` (read
+    from the shards' label members only; ``source`` names where the classes come from, e.g. the classes file);
+    returns the samples per label."""
     counts = shard_labels(expand_urls(data))
     known = set(classnames)
     unknown = sorted(label for label in counts if label is not None and label not in known)
     if unknown:
         n = sum(counts[label] for label in unknown)
-        raise DataError(f"{data}: {n} sample(s) have labels not in {classes_file}: {', '.join(unknown[:5])}"
+        raise DataError(f"{data}: {n} sample(s) have labels not in {source}: {', '.join(unknown[:5])}"
                         + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
                         + f"{closest(unknown[0], known)}; each sample's label.txt must name one of the classes")
     if counts.get(None):
-        raise DataError(f"{data}: {counts[None]} sample(s) have no label.txt (a zero-shot sample needs one naming its "
-                        f"class)")
+        raise DataError(f"{data}: {counts[None]} sample(s) have no label.txt (each needs one naming its class)")
     return counts
 
 
