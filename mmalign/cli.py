@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .errors import MMAlignError
@@ -101,8 +102,31 @@ def cmd_recipes(args) -> None:
     print(recipes.text(args.name) if args.what == "show" else recipes.listing(), end="" if args.what else "\n")
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one ``mmalign: error:`` line and exit status 2, like every other error (subcommands too)."""
+
+    def error(self, message: str):
+        print(f"mmalign: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
+    parser = Parser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--score", default=None,
                        help="N-way score: mip (Symile), volume (GRAM), cosine (sum of cosines, pairwise); "
                             "default: the one the model was trained with")
-        q.add_argument("--batch-size", type=int, default=256)
-        q.add_argument("--workers", type=int, default=0)
+        q.add_argument("--batch-size", type=integer(1), default=256)
+        q.add_argument("--workers", type=integer(0), default=0)
         if what == "zeroshot":
             q.add_argument("--classes", required=True,
                            help="file with one class name per line (as the samples' label.txt names them), or "
@@ -144,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-data", required=True, help="labelled shards to fit the classifier on")
     q.add_argument("--data", required=True, help="labelled shards to score it on")
     q.add_argument("--query", default=None, help="modality whose embeddings are probed (default: the non-text one)")
-    q.add_argument("--batch-size", type=int, default=256)
-    q.add_argument("--workers", type=int, default=0)
+    q.add_argument("--batch-size", type=integer(1), default=256)
+    q.add_argument("--workers", type=integer(0), default=0)
     q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")
@@ -165,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam: score / length ** penalty")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=integer(1), default=64)
     p.set_defaults(fn=cmd_caption)
 
     p = sub.add_parser("data", help="build WebDataset shards")
@@ -173,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("shards", help="CSV / JSONL of files and captions, or a folder per class -> shards")
     q.add_argument("--from", dest="source", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    q.add_argument("--shard-size", type=integer(1), default=1000, help="samples per shard")
     q.add_argument("--strict", action="store_true",
                    help="stop at the first file that does not decode, empty caption or missing file (default: skip "
                         "it and list it in the summary)")
     q.add_argument("--overwrite", action="store_true", help="replace the shards --out already holds")
     q.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: shuffled, seeded)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the split")
+    q.add_argument("--seed", type=integer(0), default=0, help="seed of the shuffle and the split")
     q.add_argument("--split", action="append", default=[], metavar="NAME=FRACTION",
                    help="also write a stratified held-out set, e.g. test=0.2 (train-*.tar gets the rest); repeatable")
     q.set_defaults(fn=cmd_data)
@@ -192,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="evaluate a run again; write report.html (+ report.md): plots, examples")
     p.add_argument("run", help="run directory")
-    p.add_argument("--examples", type=int, default=None,
+    p.add_argument("--examples", type=integer(0), default=None,
                    help="queries per direction shown with their top retrieved items (default: eval.report_examples)")
     p.set_defaults(fn=cmd_report)
 

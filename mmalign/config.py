@@ -342,6 +342,25 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: model.caption does not combine with train.gradcache_chunk (GradCache "
                               f"encodes each modality alone; the caption decoder reads both at once)")
     validate_generation(cfg.eval.caption, lambda key: f"{source}: eval.caption.{key}")
+    _check_eval_modalities(cfg, source)
+
+
+def _check_eval_modalities(cfg: Config, source: str) -> None:
+    """The modalities an evaluation the recipe runs names exist and differ (checked before training, not after)."""
+    zs, rt, names = cfg.eval.zeroshot, cfg.eval.retrieval, list(cfg.model.modalities)
+    for run, other_key, other, query_key, query in ((zs.data and zs.classes, "text", zs.text, "query", zs.query),
+                                                    (rt.data, "gallery", rt.gallery, "query", rt.query)):
+        if not run:
+            continue
+        section = "eval.zeroshot" if other_key == "text" else "eval.retrieval"
+        queries = [q.strip() for q in query.split(",")] if query else []
+        for key, name in [(other_key, other)] + [(query_key, q) for q in queries]:
+            if name not in names:
+                raise ConfigError(f"{source}: {section}.{key}: the model has no modality {name!r}{closest(name, names)}"
+                                  f" (it has {', '.join(names)})")
+        if other in queries or len(set(queries)) != len(queries):
+            raise ConfigError(f"{source}: {section}: query modalities {queries} must be distinct and differ from "
+                              f"{other_key} {other!r}")
 
 
 def validate_generation(gen: GenerationConfig, name: Callable[[str], str]) -> None:

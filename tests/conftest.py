@@ -158,15 +158,35 @@ def write_pairs_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m mmalign ...`` as a user would (on one thread, like every test); returns the finished process
-    (stdout, stderr, code)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, threads: int | None = 1
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m mmalign ...`` as a user would (on one thread, like every test, unless ``threads`` is None: then
+    as many as mmalign chooses); returns the finished process (stdout, stderr, code)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    if threads is None:
+        del env["OMP_NUM_THREADS"]
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"mmalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    """``mmalign ARGS`` through ``mmalign.cli.main`` in this process (no seconds of imports per call): (exit status,
+    stdout, stderr). Logs go to the test's log capture (``caplog``), not to the returned stderr."""
+    import contextlib
+    import io
+
+    from mmalign.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
