@@ -36,6 +36,7 @@ from .rundir import (
     MODEL, RESULTS, RUN_CONFIG, STEP_KEY, TrainState, checkpoint_dirs, load_checkpoint, process_record,
     remove_stale_writes, save_checkpoint,
 )
+from .threads import ComputeThreads
 from .training_data import batch_stream, check_bad_fraction, check_inputs, n_skipped, to_device
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Run:
     logger: MetricsLogger
     bar: tqdm
     trainable: list[torch.nn.Parameter]
+    threads: ComputeThreads  # on CPU: as many as the cores left after the data workers' measured load
     started: float = field(default_factory=time.time)
     last: dict = field(default_factory=dict)  # the last logged row of metrics.jsonl
     last_losses: tuple[str, ...] = ()  # the objective's outputs in that row (loss and its components)
@@ -73,6 +75,7 @@ def train(cfg: Config) -> dict[str, Any]:
     t = run.cfg.train
     while run.state.step < t.steps:
         losses, grad_norm, scale = step(run)
+        run.threads.observe(run.state.step)
         done = run.state.step == t.steps
         if run.state.step % t.log_every == 0 or done:
             log_step(run, losses, grad_norm, scale)
@@ -92,9 +95,8 @@ def setup(cfg: Config) -> Run:
     # Without an accelerator, say so: accelerate would otherwise set up a process group without all-to-all on CPU.
     cpu = cfg.train.device == "cpu" or not torch.accelerator.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
-    if accelerator.device.type == "cpu" and cfg.data.num_workers:
-        # Leave a core to each data worker: oversubscribed cores slowed CPU steps several-fold in our runs.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes - cfg.data.num_workers))
+    threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
+                             int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if accelerator.is_main_process:
         remove_stale_writes(run_dir)
     accelerator.wait_for_everyone()
@@ -122,7 +124,7 @@ def setup(cfg: Config) -> Run:
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     return Run(cfg, accelerator, model, ddp_model, objective, optimizer, scheduler, temperature, state, stream,
-               logger, bar, trainable)
+               logger, bar, trainable, threads)
 
 
 def warn_about_setup(cfg: Config, model: AlignmentModel, objective: Objective) -> None:
