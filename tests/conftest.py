@@ -189,6 +189,28 @@ def run_main(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def bounded_fields(cls: type, where: str = "") -> list:
+    """(dotted key, ``Bounds``) of every bounded field of a config class and its nested sections, optional ones
+    included."""
+    import dataclasses
+    import typing
+
+    from mmalign.bounds import BOUNDS
+
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if BOUNDS in f.metadata:
+            out.append((key, f.metadata[BOUNDS]))
+        hint = hints[f.name]
+        optional = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else ()
+        section = next((t for t in (hint, *optional) if dataclasses.is_dataclass(t)), None)  # a section, or optional
+        if section is not None:
+            out += bounded_fields(section, key)
+    return out
+
+
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

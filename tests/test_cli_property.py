@@ -7,20 +7,17 @@ derandomised and bounded: a fixed number of examples, every broken value failing
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
-import typing
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mmalign.bounds import BOUNDS
 from mmalign.config import Config
 from mmalign.modality_config import MODALITY_CONFIGS
-from tests.conftest import run_main, tiny_recipe
+from conftest import bounded_fields, run_main, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -75,22 +72,6 @@ VALID = {  # recipe key -> values that train cheaply (one of them is drawn per k
 }
 
 
-def bounded_keys(cls: type = Config, where: str = "") -> list[tuple[str, typing.Any]]:
-    """(key, bounds) of every bounded field of the recipe schema, optional sections included."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{where}.{f.name}" if where else f.name
-        if BOUNDS in f.metadata:
-            out.append((key, f.metadata[BOUNDS]))
-        hint = hints[f.name]
-        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
-        for t in options:
-            if dataclasses.is_dataclass(t):
-                out += bounded_keys(t, key)
-    return out
-
-
 def outside(bounds) -> list:
     """Values just outside ``bounds``, and values of the wrong kind (or length)."""
     values = [float("nan"), "many"] + ([[1.0] * (bounds.length + 1)] if bounds.length else [])
@@ -103,9 +84,9 @@ def outside(bounds) -> list:
 
 IMAGE, TEXT = "model.modalities.image", "model.modalities.text"
 BROKEN = list(itertools.chain(  # (key, broken value): every bounded key out of its bounds, and the other kinds of slip
-    ((key, value) for key, bounds in bounded_keys() for value in outside(bounds)),
+    ((key, value) for key, bounds in bounded_fields(Config) for value in outside(bounds)),
     ((f"{section}.{key}", value) for section, kind in ((IMAGE, "image"), (TEXT, "text"))
-     for key, bounds in bounded_keys(MODALITY_CONFIGS[kind]) for value in outside(bounds)),
+     for key, bounds in bounded_fields(MODALITY_CONFIGS[kind]) for value in outside(bounds)),
     [(f"{IMAGE}.tower_kwargs", {"width": 16, "detph": 4}), (f"{IMAGE}.tower_kwargs", {"width": "wide"}),
      (f"{IMAGE}.tower", "small_cnm"), (f"{IMAGE}.kind", "imagee"), (f"{IMAGE}.proj", "quadratic"),
      (f"{IMAGE}.mean", [0.5, "x", 0.5]), (f"{IMAGE}.std", [0, 1, 1]), (f"{TEXT}.model", "/no/such/model"),

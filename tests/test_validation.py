@@ -1,32 +1,17 @@
 """Validation before work: every bounded config field, and tower_kwargs against the tower's signature."""
-import dataclasses
+
 import typing
 
 import pytest
 
-from mmalign.bounds import BOUNDS, Bounds, check_bounds
+from mmalign.bounds import Bounds, check_bounds
 from mmalign.config import Config, load_config
 from mmalign.errors import ConfigError
 from mmalign.modality_config import MODALITY_CONFIGS
 from mmalign.modalities.registry import check_kwargs
+from conftest import bounded_fields
 
 RECIPE = "recipes/lit_image_text.yaml"
-
-
-def bounded_fields(cls: type, where: str = "") -> list[tuple[str, Bounds]]:
-    """(dotted key, bounds) of every bounded field of a config class and its nested sections."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{where}.{f.name}" if where else f.name
-        if BOUNDS in f.metadata:
-            out.append((key, f.metadata[BOUNDS]))
-        hint = hints[f.name]
-        optional = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else ()
-        section = next((t for t in (hint, *optional) if dataclasses.is_dataclass(t)), None)  # a section, or optional
-        if section is not None:
-            out += bounded_fields(section, key)
-    return out
 
 
 def out_of_bounds(b: Bounds):
