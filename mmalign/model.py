@@ -168,8 +168,10 @@ class AlignmentModel(nn.Module):
         """The weights of modality ``name``'s tower alone, as safetensors (``load_weights(..., towers=)`` reads them)."""
         save_model(self.adapters[name].tower, str(path))
 
-    def save_pretrained(self, directory: str | Path, skip_towers: Collection[str] = ()) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically.
+    def save_pretrained(self, directory: str | Path, skip_towers: Collection[str] = (),
+                        metadata: dict[str, str] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically;
+        ``metadata`` goes into the safetensors header (e.g. the training step the weights are from).
 
         The weights of the towers in ``skip_towers`` are left out (a run's checkpoints store frozen towers once,
         ``mmalign.rundir``): loading such a folder needs them from their own files (``from_pretrained(towers=)``).
@@ -181,7 +183,7 @@ class AlignmentModel(nn.Module):
                 for key, value in updates.items():
                     setattr(saved.modalities[name], key, value)
             write_json(tmp / CONFIG_NAME, to_dict(saved))
-            save_file(self.weights(skip_towers), str(tmp / WEIGHTS_NAME))
+            save_file(self.weights(skip_towers), str(tmp / WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu",

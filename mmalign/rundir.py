@@ -33,6 +33,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from .config import TrainConfig, recipe_changes
 from .data import merge_skips
@@ -57,6 +58,7 @@ RECIPE = "recipe.json"
 # What loading a damaged or foreign checkpoint raises: safetensors and the model (ConfigError), weights_only
 # unpickling, JSON, and state dicts that do not fit.
 LOAD_ERRORS = (MMAlignError, OSError, EOFError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, TypeError)
+STEP_KEY = "step"  # safetensors header entry of a run's final model: the step its weights are from
 
 
 @dataclass
@@ -130,6 +132,31 @@ def load_model_dir(model_dir: Path) -> AlignmentModel:
     checkpoint = model_dir.parent
     towers = frozen_tower_files(checkpoint) if (checkpoint / MANIFEST).is_file() else None
     return AlignmentModel.from_pretrained(model_dir, towers=towers)
+
+
+def model_step(model_dir: str | Path) -> int | None:
+    """The training step a saved model's weights are from: a checkpoint's step, or the step recorded in the weights'
+    header when a run saves its final model; None for a model saved otherwise."""
+    model_dir = Path(model_dir)
+    if model_dir.parent.parent.name == CHECKPOINTS and model_dir.parent.name.startswith("step_"):
+        return int(model_dir.parent.name.split("_")[1])
+    with safe_open(str(model_dir / WEIGHTS_NAME), "pt") as f:
+        step = (f.metadata() or {}).get(STEP_KEY)
+    return int(step) if step is not None else None
+
+
+def load_scored_model(path: str | Path) -> tuple[AlignmentModel, dict]:
+    """The model to evaluate at ``path`` (see :func:`resolve_model_dir`) and what every evaluation output says
+    about it: ``model`` (the folder scored) and ``model_step`` (its training step, see :func:`model_step`). A run
+    without its final model (interrupted, or still training) is scored at its newest checkpoint, with a warning."""
+    model_dir = resolve_model_dir(path)
+    step = model_step(model_dir)
+    if model_dir.parent.parent.name == CHECKPOINTS:
+        log.warning("%s has no final model (interrupted or still training): scoring its newest checkpoint, step %s",
+                    path, step)
+    else:
+        log.info("scoring %s%s", model_dir, f" (step {step})" if step is not None else "")
+    return load_model_dir(model_dir), {"model": str(model_dir), "model_step": step}
 
 
 def source_run(model_dir: str | Path) -> dict | None:

@@ -35,8 +35,9 @@ from .model import AlignmentModel
 from .preemption import StopRequests
 from .report import evaluate_run
 from .rundir import (
-    MODEL, RESULTS, TrainState, checkpoint_dirs, claim_run_dir, process_record, resume, save_checkpoint,
+    MODEL, RESULTS, STEP_KEY, TrainState, checkpoint_dirs, claim_run_dir, process_record, resume, save_checkpoint,
 )
+from .threads import ComputeThreads
 from .training_data import batch_stream, check_bad_fraction, check_inputs, n_skipped, to_device
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Run:
     logger: MetricsLogger
     bar: tqdm
     trainable: list[torch.nn.Parameter]
+    threads: ComputeThreads  # on CPU: as many as the cores left after the data workers' measured load
     started: float = field(default_factory=time.time)
     last: dict = field(default_factory=dict)  # the last logged row of metrics.jsonl
     last_losses: tuple[str, ...] = ()  # the objective's outputs in that row (loss and its components)
@@ -82,6 +84,7 @@ def train(cfg: Config) -> dict[str, Any]:
         with run.stop:
             while run.state.step < t.steps:
                 losses, grad_norm, scale = step(run)
+                run.threads.observe(run.state.step)
                 done = run.state.step == t.steps
                 if run.state.step % t.log_every == 0 or done:
                     log_step(run, losses, grad_norm, scale)
@@ -105,9 +108,8 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     # Without an accelerator, say so: accelerate would otherwise set up a process group without all-to-all on CPU.
     cpu = cfg.train.device == "cpu" or not torch.accelerator.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
-    if accelerator.device.type == "cpu" and cfg.data.num_workers:
-        # Leave a core to each data worker: oversubscribed cores slowed CPU steps several-fold in our runs.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes - cfg.data.num_workers))
+    threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
+                             int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     set_seed(cfg.seed)
     cfg, model, objective = build(cfg)
@@ -127,7 +129,7 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     bar = held.enter_context(tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
                                   disable=not accelerator.is_main_process, dynamic_ncols=True))  # closed on errors too
     return Run(cfg, accelerator, model, ddp_model, objective, optimizer, scheduler, temperature, state, stream,
-               logger, bar, trainable)
+               logger, bar, trainable, threads)
 
 
 def warn_about_setup(cfg: Config, model: AlignmentModel, objective: Objective) -> None:
@@ -315,8 +317,9 @@ def finish(run: Run) -> dict[str, Any]:
         if skipped:
             log.warning("skipped while training: %s; examples: %s", skipped["counts"], skipped["examples"])
         with writing(run.run_dir):  # a full disk: one error line, the last checkpoint is complete
-            run.model.save_pretrained(run.run_dir / MODEL)
-            results.update(evaluate_run(run.cfg, run.model, run.run_dir))
+            run.model.save_pretrained(run.run_dir / MODEL, metadata={STEP_KEY: str(run.state.step)})
+            scored = {"model": str(run.run_dir / MODEL), "model_step": run.state.step}
+            results.update(evaluate_run(run.cfg, run.model, run.run_dir, scored))
             results["skipped"] = skipped.get("counts", {})
             results["nonfinite_steps"] = run.state.nonfinite_steps
             write_json(run.run_dir / RESULTS, results)

@@ -92,7 +92,8 @@ def test_bad_input_is_one_clear_line(tmp_path, case, shards, tiny_text_model):
         csv = tmp_path / "pairs.csv"
         csv.write_text("image,text\nnot_there.png,a red square\n")
         proc = run_cli("data", "shards", "--from", str(csv), "--out", str(tmp_path / "s"), check=False)
-        expected = f"{csv} line 2: image file not found: {tmp_path / 'not_there.png'}"
+        expected = (f"{csv}: no usable samples to write (skipped: {{'file not found': 1}}; e.g. {csv} line 2: "
+                    f"image file not found: {tmp_path / 'not_there.png'})")
     else:
         recipe = tiny_recipe(tmp_path / "r.yaml", tmp_path / "run", str(tmp_path / "none-{000..003}.tar"),
                              tiny_text_model)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import tarfile
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..distributed import rank, world_size
 from ..errors import DataError
@@ -248,6 +249,28 @@ class Decoder:
         if all(out[name] is None for name in self.modalities):
             raise SkipSample("missing every modality", where)
         return out
+
+
+def shard_labels(urls: list[str]) -> Counter:
+    """Samples per label (``label.txt``/``cls``; ``None`` for samples without one) over ``urls``, from the tar headers
+    and the label members only: nothing is decoded, so a check of the labels costs a read of the shards, not an
+    evaluation. A shard that cannot be read is left out (the evaluation that reads it counts it as skipped)."""
+    counts: Counter = Counter()
+    for url in urls:
+        labels: dict[str, str | None] = {}  # sample key -> its label
+        try:
+            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                    if key is None:
+                        continue
+                    labels.setdefault(key, None)
+                    if ext in LABEL_KEYS:
+                        labels[key] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+        except Exception as e:  # unreadable or corrupt: what was read before still counts
+            log.debug("labels of %s: %s", url, describe_error(e))
+        counts.update(labels.values())
+    return counts
 
 
 def decode_label(sample: dict, where: str) -> str | None:

@@ -153,7 +153,7 @@ class SmallCNN(nn.Module):
         return self.blocks(x).flatten(2).transpose(1, 2), None
 
 
-register_tower("image", "small_cnn", TowerSpec(build=lambda cfg: SmallCNN(**cfg.tower_kwargs)))
+register_tower("image", "small_cnn", TowerSpec(build=lambda cfg: SmallCNN(**cfg.tower_kwargs), tower_kwargs=SmallCNN))
 
 
 class OpenClipVisual(nn.Module):
