@@ -30,7 +30,7 @@ from .gradcache import gradcache_step
 from .io import crash_point, write_json
 from .losses import AlignmentOutput, Objective, TemperatureSchedule
 from .metrics_logger import MetricsLogger
-from .model import AlignmentModel
+from .model import AlignmentModel, check_gradients
 from .report import evaluate_run
 from .rundir import (
     MODEL, RESULTS, RUN_CONFIG, TrainState, checkpoint_dirs, load_checkpoint, process_record, remove_stale_writes,
@@ -61,6 +61,7 @@ class Run:
     started: float = field(default_factory=time.time)
     last: dict = field(default_factory=dict)  # the last logged row of metrics.jsonl
     last_losses: tuple[str, ...] = ()  # the objective's outputs in that row (loss and its components)
+    gradients_checked: bool = False  # whether every trainable parameter got a gradient (checked at the first step)
 
     @property
     def run_dir(self) -> Path:
@@ -156,6 +157,9 @@ def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + v.item() / accum
         state.samples += len(batch["__key__"])
+    if not run.gradients_checked:
+        check_gradients(model, run.accelerator.device)
+        run.gradients_checked = True
     if cfg.train.gradcache_chunk:
         average_gradients(run.trainable)  # GradCache encodes outside DDP's hooks
     grad_norm = run.accelerator.clip_grad_norm_(run.trainable, cfg.train.grad_clip or math.inf)  # inf: norm only
