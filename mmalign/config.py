@@ -81,6 +81,19 @@ class DataConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Fully sharded data parallel (PyTorch FSDP2, ``fully_shard``, through Accelerate's
+    ``FullyShardedDataParallelPlugin``): each process holds a shard of the parameters, gradients and optimiser state,
+    for towers that do not fit one device. Each tower's blocks are sharded as units
+    (``AlignmentModel._no_split_modules``). GPUs (or other accelerators) only: Accelerate runs CPU processes with
+    DistributedDataParallel."""
+
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (ZeRO-3), or keep them
+    cpu_offload: bool = False  # keep the sharded parameters and optimiser state in CPU memory
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     lr: float = 1e-3
@@ -93,6 +106,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
+    fsdp: Optional[FsdpConfig] = None  # shard the model over the processes instead of replicating it (GPUs)
     checkpoint_every: int = 500
     keep_last: int = 2
     log_every: int = 10
@@ -331,6 +345,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
+        (t.fsdp is None or not t.gradcache_chunk,
+         "train.fsdp does not combine with train.gradcache_chunk (GradCache encodes outside the sharded forward)"),
         (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
         (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
         (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),

@@ -24,6 +24,7 @@ from .io import atomic_dir, write_json
 from .losses.caption import caption_targets
 from .losses.contract import AlignmentOutput
 from .modalities import Modality, ModalityAdapter, build_modality, merge_lora
+from .modalities.tuning import tower_blocks
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ class AlignmentModel(nn.Module):
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names of the towers' blocks (``tuning.tower_blocks``; generic containers left out): the units that
+        FSDP shards. Accelerate's transformer-based wrap policy reads this, as it does for a transformers model."""
+        names = {type(block).__name__ for adapter in self.adapters.values()
+                 for block in (tower_blocks(adapter.tower) or ())}
+        return sorted(names - {"Sequential", "ModuleList"})
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp()

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from .build import build, build_optimizer, temperature_schedule
+from .build import build, build_accelerator, build_optimizer, temperature_schedule
 from .config import Config, to_dict
 from .data import merge_skips
 from .distributed import sum_over_ranks, world_size
@@ -90,9 +90,7 @@ def setup(cfg: Config) -> Run:
     urls = check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Without an accelerator, say so: accelerate would otherwise set up a process group without all-to-all on CPU.
-    cpu = cfg.train.device == "cpu" or not torch.accelerator.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
+    accelerator = build_accelerator(cfg)
     if accelerator.device.type == "cpu" and cfg.data.num_workers:
         # Leave a core to each data worker: oversubscribed cores slowed CPU steps several-fold in our runs.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes - cfg.data.num_workers))
