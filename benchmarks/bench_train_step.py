@@ -3,8 +3,7 @@
 The model is one tiny open_clip CLIP architecture (ViT image tower, text transformer, registered from
 ``TINY_CLIP``) built from scratch on both sides: open_clip's ``CLIP`` as ``open_clip_train.main`` builds it, and an
 mmalign ``AlignmentModel`` whose image and text towers are that architecture's (``tower: open_clip``) with
-``proj: none``, so both compute the same network (mmalign's text tower keeps the CLIP model's own ``logit_scale``,
-one unused parameter). Same batch size, CLIP loss, AdamW settings (lr, betas, eps, weight decay off for gains and
+``proj: none``, so both compute the same network. Same batch size, CLIP loss, AdamW settings (lr, betas, eps, weight decay off for gains and
 biases), warm-up + cosine schedule, gradient clipping at norm 1, logging interval, one process, float32.
 
 * ``open_clip``: ``open_clip_train.train.train_one_epoch`` with the model, optimizer, scheduler, loss and data

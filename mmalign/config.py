@@ -82,6 +82,19 @@ class DataConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Fully sharded data parallel (PyTorch FSDP2, ``fully_shard``, through Accelerate's
+    ``FullyShardedDataParallelPlugin``): each process holds a shard of the parameters, gradients and optimiser state,
+    for towers that do not fit one device. Each tower's blocks are sharded as units
+    (``AlignmentModel._no_split_modules``). GPUs (or other accelerators) only: Accelerate runs CPU processes with
+    DistributedDataParallel."""
+
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (ZeRO-3), or keep them
+    cpu_offload: bool = False  # keep the sharded parameters and optimiser state in CPU memory
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+
+
+@dataclass
 class TrainConfig:
     steps: int = bounded(1000, ge=1)
     lr: float = bounded(1e-3, gt=0)
@@ -95,6 +108,7 @@ class TrainConfig:
     grad_clip: Optional[float] = bounded(1.0, gt=0)  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
     device: str = "auto"  # "auto" | "cpu"
+    fsdp: Optional[FsdpConfig] = None  # shard the model over the processes instead of replicating it (GPUs)
     checkpoint_every: int = bounded(500, ge=1)
     keep_last: int = bounded(2, ge=1)
     log_every: int = bounded(10, ge=1)
@@ -354,6 +368,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         (t.resume or t.resume_from is None, "train.resume_from (--resume-from) needs train.resume (not --no-resume)"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
+        (t.fsdp is None or not t.gradcache_chunk,
+         "train.fsdp does not combine with train.gradcache_chunk (GradCache encodes outside the sharded forward)"),
         (cfg.eval.retrieval.positives in ("sample", "label"), "eval.retrieval.positives must be sample or label"),
         (ls.init is None or ls.init <= ls.max, "model.logit_scale.init must be in (0, model.logit_scale.max]"),
     ]

@@ -18,12 +18,14 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from .config import GenerationConfig, ModelConfig, from_dict, to_dict
-from .errors import ConfigError
+from .distributed import sum_over_ranks
+from .errors import ConfigError, MMAlignError
 from .heads.generation import generate
 from .io import atomic_dir, write_json
 from .losses.caption import caption_targets
 from .losses.contract import AlignmentOutput
 from .modalities import Modality, ModalityAdapter, build_modality, merge_lora
+from .modalities.tuning import tower_blocks
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,14 @@ class AlignmentModel(nn.Module):
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names of the towers' blocks (``tuning.tower_blocks``; generic containers left out): the units that
+        FSDP shards. Accelerate's transformer-based wrap policy reads this, as it does for a transformers model."""
+        names = {type(block).__name__ for adapter in self.adapters.values()
+                 for block in (tower_blocks(adapter.tower) or ())}
+        return sorted(names - {"Sequential", "ModuleList"})
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp()
@@ -245,3 +255,32 @@ def build_adapters(config: ModelConfig, modalities: dict[str, Modality]) -> dict
             raise ConfigError(f"modality {name!r}: a caption decoder tower needs model.caption "
                               f"(context: the modality to caption, text: {name})")
     return {name: adapters[name] for name in modalities}
+
+
+def parameters_without_gradient(model: AlignmentModel) -> dict[str, list[str]]:
+    """Parameters that require grad but got no gradient in the backward passes since ``.grad`` was last cleared,
+    by where they live: ``"<modality> tower (<tower>)"``, ``"<modality> head"`` or ``"model"``."""
+    found: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is None:
+            parts = name.split(".")
+            if parts[0] == "adapters" and len(parts) > 2:
+                cfg = model.config.modalities[parts[1]]
+                where = f"{parts[1]} tower ({cfg.tower})" if parts[2] == "tower" else f"{parts[1]} head"
+            else:
+                where = "model"
+            found.setdefault(where, []).append(name)
+    return found
+
+
+def check_gradients(model: AlignmentModel, device: torch.device | str = "cpu") -> None:
+    """After the first backward pass of a run, on every process: stop, with one line naming them, when trainable
+    parameters got no gradient. DistributedDataParallel would otherwise stop at the next step with "Expected to have
+    finished reduction in the prior iteration"; on one process they would silently never train."""
+    missing = parameters_without_gradient(model)
+    if not sum_over_ranks([len(missing)], device)[0]:
+        return
+    listed = "; ".join(f"{where}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                       for where, names in missing.items()) or "on another process"
+    raise MMAlignError(f"trainable parameters got no gradient in the first step ({listed}): a tower must use every "
+                       f"parameter it trains (freeze or remove the others; several processes fail on them)")

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from .build import build, build_optimizer, temperature_schedule
+from .build import build, build_accelerator, build_optimizer, temperature_schedule
 from .config import Config, to_dict
 from .data import merge_skips
 from .distributed import on_main, sum_over_ranks, world_size
@@ -31,7 +31,7 @@ from .gradcache import gradcache_step
 from .io import crash_point, write_json, writing
 from .losses import AlignmentOutput, Objective, TemperatureSchedule
 from .metrics_logger import MetricsLogger
-from .model import AlignmentModel
+from .model import AlignmentModel, check_gradients
 from .preemption import StopRequests
 from .report import evaluate_run
 from .rundir import (
@@ -67,6 +67,7 @@ class Run:
     stop: StopRequests = field(default_factory=StopRequests)  # stop signals received by this process
     stopping: bool = False  # some process received one: all stop after this step, with a checkpoint
     frozen: dict = field(default_factory=dict)  # frozen towers stored for the checkpoints (``save_checkpoint``)
+    gradients_checked: bool = False  # whether every trainable parameter got a gradient (checked at the first step)
 
     @property
     def run_dir(self) -> Path:
@@ -105,9 +106,7 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     from a checkpoint, start the data stream."""
     urls = check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    # Without an accelerator, say so: accelerate would otherwise set up a process group without all-to-all on CPU.
-    cpu = cfg.train.device == "cpu" or not torch.accelerator.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
+    accelerator = build_accelerator(cfg)
     threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
@@ -163,6 +162,9 @@ def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + v.item() / accum
         state.samples += len(batch["__key__"])
+    if not run.gradients_checked:
+        check_gradients(model, run.accelerator.device)
+        run.gradients_checked = True
     if cfg.train.gradcache_chunk:
         average_gradients(run.trainable)  # GradCache encodes outside DDP's hooks
     grad_norm = run.accelerator.clip_grad_norm_(run.trainable, cfg.train.grad_clip or math.inf)  # inf: norm only

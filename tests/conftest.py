@@ -298,3 +298,31 @@ def tiny_hf_clip(tmp_path_factory) -> str:
                        image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(path)
     save_clip_tokenizer(path)
     return str(path)
+
+
+def exported_embedding(out: Path, name: str, inputs: dict):
+    """An embedding computed from a towers-layout export (``mmalign export --format hf``) as its documentation says,
+    with no mmalign code."""
+    import importlib
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    info = json.loads((out / "mmalign_export.json").read_text())
+    heads, spec = load_file(out / info["heads"]), info["modalities"][name]
+    net = getattr(importlib.import_module(spec["module"]), spec["class"]).from_pretrained(out / spec["folder"])
+    with torch.no_grad():
+        hidden = net.eval()(**inputs)
+        if spec["pooling"] in ("pooler_output", "audio_embeds"):
+            h = getattr(hidden, spec["pooling"])
+        else:
+            mask = inputs.get("attention_mask", torch.ones(hidden.last_hidden_state.shape[:2]))
+            mask = mask.unsqueeze(-1).float()
+            h = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1)
+        for layer in spec["head"]:
+            if layer["type"] == "linear":
+                h = F.linear(h, heads[layer["weight"]], heads[layer["bias"]] if layer["bias"] else None)
+            else:
+                h = getattr(F, layer["type"])(h)
+    return F.normalize(h, dim=-1)
