@@ -89,6 +89,23 @@ def test_fully_locked_tower_stays_in_eval_mode_and_caches(tiny_text_model):
     torch.testing.assert_close(model.encode("text", tokens), first)
 
 
+def test_locked_cached_image_tower_sees_each_image_once(tiny_open_clip):
+    """A cached frozen image tower gets the evaluation transform in training (random crops would miss the cache
+    every epoch) and its cache holds a digest per image, not the pixels; a trainable one keeps its random crops."""
+    from PIL import Image
+
+    image = Image.fromarray(torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8).numpy())
+    spec = {"tower": "open_clip", "model": tiny_open_clip, "image_size": 32}
+    model = _model({"image": {**spec, "lock": True, "cache_frozen": True}}).train()
+    frozen = model.modalities["image"]
+    views = [frozen.transform(image, train=True) for _ in range(3)]
+    assert all(torch.equal(v, frozen.transform(image, train=False)) for v in views)
+    model.encode("image", torch.stack(views))
+    assert [len(k) for k in model.adapters["image"]._cache] == [16]  # three rows, one image, one 16-byte key
+    trained = _model({"image": spec}).modalities["image"]
+    assert not torch.equal(trained.transform(image, train=True), trained.transform(image, train=True))
+
+
 def test_truncation_is_counted_and_warned(tiny_text_model, caplog):
     model = _model({"text": {"model": tiny_text_model, "max_length": 6}})
     text = model.modalities["text"]

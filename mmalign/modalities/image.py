@@ -81,6 +81,10 @@ class ImageModality(Modality):
         return math.ceil(self.cfg.image_size / math.sqrt(scale * min(ratio[0], 1 / ratio[1])))
 
     def transform(self, item, train: bool) -> torch.Tensor:
+        """open_clip's training (random crop, ``augment``) or evaluation transform (resize, centre crop). A locked
+        tower whose features are cached (``cache_frozen``) gets the evaluation transform in training too, so each
+        image is encoded once, as LiT precomputes them: random crops would miss the cache every epoch."""
+        train = train and not self.cfg.caches_features
         if train not in self._transforms:
             import open_clip
 
