@@ -92,6 +92,7 @@ class TrainConfig:
     gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
     grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
+    compile: bool = False  # torch.compile the model (inductor); the first steps take longer while it compiles
     device: str = "auto"  # "auto" | "cpu"
     checkpoint_every: int = 500
     keep_last: int = 2

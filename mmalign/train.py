@@ -113,6 +113,8 @@ def setup(cfg: Config) -> Run:
     if accelerator.is_main_process:
         write_json(run_dir / RUN_CONFIG, to_dict(cfg))
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:  # here, not through Accelerator(dynamo_backend=): its state is one per process
+        ddp_model = torch.compile(ddp_model)
     logger = MetricsLogger(run_dir, state.step, enabled=accelerator.is_main_process)
     stream = batch_stream(cfg, urls, model.modalities, state, pin_memory=accelerator.device.type == "cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
