@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N-way score: mip (Symile), volume (GRAM), cosine (sum of cosines, pairwise); "
                             "default: the one the model was trained with")
         q.add_argument("--batch-size", type=int, default=256)
-        q.add_argument("--workers", type=int, default=0)
+        q.add_argument("--workers", type=int, default=None,
+                       help="DataLoader workers decoding the shards (default: one per shard, at most 4 and the CPUs)")
         if what == "zeroshot":
             q.add_argument("--classes", required=True, help="file with one class name per line")
             q.add_argument("--templates", default=None, help="file with one prompt template per line, '{}' = class")

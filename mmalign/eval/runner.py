@@ -100,9 +100,11 @@ def abbrev(query: str | list[str], gallery: str) -> str:
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
-                      text: str = "text", batch_size: int = 256, num_workers: int = 0,
+                      text: str = "text", batch_size: int = 256, num_workers: int | None = 0,
                       score: str | None = None) -> dict:
     """Zero-shot accuracy of ``query`` samples in ``data`` against class-name prompts; samples carry ``label.txt``.
+    ``zeroshot_samples_per_s``: samples decoded and embedded per second (``num_workers`` None: one worker per shard,
+    see :func:`~mmalign.eval.embed.eval_workers`).
 
     With several query modalities the classes are scored against each sample's tuple (N-way zero-shot).
     """
@@ -139,6 +141,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         "_per_class": per_class,
         "_confusion": (target.tolist(), acc["predictions"], classnames),
         "skipped": emb["skipped"].get("counts", {}),
+        "zeroshot_samples_per_s": round(emb["samples_per_s"], 1),
     }
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
@@ -146,7 +149,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
 
 
 def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
-                       num_workers: int = 0, score: str | None = None) -> dict:
+                       num_workers: int | None = 0, score: str | None = None) -> dict:
     """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
 
     With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
@@ -161,7 +164,8 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     if not emb["keys"]:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(names)} present)")
     if len(queries) > 1:
-        return nway_retrieval(emb, queries, gallery, model_score(model, score))
+        return {**nway_retrieval(emb, queries, gallery, model_score(model, score)),
+                "retrieval_samples_per_s": round(emb["samples_per_s"], 1)}
     query = queries[0]
     q, g = emb["embeddings"][query], emb["embeddings"][gallery]
     ks = recall_ks(max(g.shape[0], q.shape[0]))
@@ -169,6 +173,7 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
     out = {f"retrieval_{k}": v for k, v in metrics.items() if headline(k)}
     out["retrieval_n"] = q.shape[0]
+    out["retrieval_samples_per_s"] = round(emb["samples_per_s"], 1)
     kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
     if "text" in kinds and kinds[0] != kinds[1]:
         to_text, to_other = directions if kinds[1] == "text" else directions[::-1]
