@@ -193,3 +193,27 @@ def test_lock_without_block_list_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="has no block list"):
         lock_tower(torch.nn.Linear(2, 2), unlocked_layers=1)
+
+
+def test_image_transforms_give_open_clips_pixels():
+    """ToTensor + Normalize fused into one step: open_clip's pixels up to float rounding, train (same random crop)
+    and evaluation transforms, every resize mode."""
+    import open_clip
+    from PIL import Image
+
+    from mmalign.modalities.image import ImageModality, NormalizedTensor
+
+    image = Image.fromarray(torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8).numpy())
+    for mode in ("shortest", "longest", "squash"):
+        modality = ImageModality("image", ImageModality.config_class(kind="image", image_size=32, resize_mode=mode))
+        for train in (True, False):
+            cfg = modality.cfg
+            reference = open_clip.image_transform(32, is_train=train, mean=cfg.mean, std=cfg.std, resize_mode=mode,
+                                                  interpolation=cfg.interpolation,
+                                                  aug_cfg=modality.train_augment if train else None)
+            torch.manual_seed(0)
+            ours = modality.transform(image, train)
+            assert isinstance(modality._transforms[train].transforms[-1], NormalizedTensor)
+            torch.manual_seed(0)
+            torch.testing.assert_close(ours, reference(image), rtol=0, atol=1e-6)
+            assert ours.is_contiguous() and ours.dtype == torch.float32
