@@ -84,3 +84,16 @@ def test_quick_train_step_bench_times_both_loops(tmp_path):
     assert by[("lit_locked_image", False, "mmalign")]["trainable"] < by[("clip", False, "mmalign")]["trainable"]
     assert all(r["ratio"] > 0 for r in rows if r["kind"] == "ratio")
     assert "## train_step_cpu_quick" in md and "| lit_locked_text | mmalign |" in md and "| open_clip |" in md
+
+
+@pytest.mark.slow
+def test_quick_eval_bench_compares_mmalign_with_a_plain_loop(tmp_path):
+    from benchmarks import bench_eval
+
+    assert bench_eval.main(["--quick", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
+    section, md = _section(tmp_path, "eval_zeroshot_cpu_quick")
+    passes = [r for r in section["rows"] if r["kind"] == "pass"]
+    assert sorted(r["method"] for r in passes) == sorted(bench_eval.METHODS)
+    assert all(r["images"] == 64 and 0 <= r["top1"] <= 1 and r["samples_per_s"] > 0 for r in passes)
+    assert {r["method"] for r in section["rows"] if r["kind"] == "ratio"} == {"mmalign", "mmalign, 0 workers"}
+    assert "## eval_zeroshot_cpu_quick" in md and "| plain loop |" in md
