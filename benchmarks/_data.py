@@ -57,8 +57,8 @@ def image_text_shards(n_samples: int, shard_size: int, image_px: int | tuple[int
     def build(path: Path) -> dict:
         rng = random.Random(0)
         samples = ({"__key__": f"s{i:06d}", f"image.{fmt}": photo(rng, side(rng), side(rng), fmt),
-                    "text.txt": caption(rng).encode(), **({"label.txt": rng.choice(THINGS).encode()} if labelled else {})}
-                   for i in range(n_samples))
+                    "text.txt": caption(rng).encode(),
+                    **({"label.txt": rng.choice(THINGS).encode()} if labelled else {})} for i in range(n_samples))
         write_samples(samples, path, "train", shard_size)
         return {"shards": sorted(str(p) for p in path.glob("train-*.tar"))}
 

@@ -150,8 +150,8 @@ def markdown(rows: list[dict], quick: bool) -> str:
         out.append(f"| {s['method']} | {s['samples_per_s']:,.0f} | {s['min']:,.0f} | {s['max']:,.0f} | "
                    f"{s['samples_per_cpu_s']:,.0f} | {rel} |")
     out.append("")
-    out += [f"{m} / plain loop images/s = {r['ratio']:.2f}; per round {', '.join(f'{x:.2f}' for x in r['per_round'])}."
-            for m, r in ratios.items()]
+    out += [f"{m} / plain loop images/s = {r['ratio']:.2f}; per round "
+            f"{', '.join(f'{x:.2f}' for x in r['per_round'])}." for m, r in ratios.items()]
     return "\n".join(out) + "\n"
 
 

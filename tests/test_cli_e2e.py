@@ -45,7 +45,8 @@ def test_train_resume_and_evaluate(tmp_path, shards, shapes_dataset, tiny_text_m
     zs = last_json(run_cli("eval", "zeroshot", "--model", str(run_dir), "--data", shards,
                            "--classes", str(shapes_dataset["classes"]), "--templates", str(shapes_dataset["templates"])))
     assert zs["zeroshot_n"] == 48 and 0.0 <= zs["zeroshot_top1"] <= 1.0
-    proc = run_cli("eval", "retrieval", "--model", str(run_dir), "--data", shards, "--query", "image", "--gallery", "text")
+    proc = run_cli("eval", "retrieval", "--model", str(run_dir), "--data", shards, "--query", "image",
+                   "--gallery", "text")
     rt = last_json(proc)
     assert rt["retrieval_n"] == 48
     assert {"retrieval_i2t_R@1", "retrieval_i2t_R@5", "retrieval_t2i_R@10", "retrieval_i2t_mAP"} <= set(rt)
