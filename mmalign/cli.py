@@ -130,6 +130,13 @@ def integer(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
+    """How an evaluation reads and embeds its shards: batch size and DataLoader workers."""
+    parser.add_argument("--batch-size", type=integer(1), default=256)
+    parser.add_argument("--workers", type=integer(0), default=None,
+                        help="DataLoader workers decoding the shards (default: one per shard, at most 4 and the CPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -160,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--score", default=None,
                        help="N-way score: mip (Symile), volume (GRAM), cosine (sum of cosines, pairwise); "
                             "default: the one the model was trained with")
-        q.add_argument("--batch-size", type=integer(1), default=256)
-        q.add_argument("--workers", type=integer(0), default=0)
+        add_encoding_flags(q)
         if what == "zeroshot":
             q.add_argument("--classes", required=True,
                            help="file with one class name per line (as the samples' label.txt names them), or "
@@ -180,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-data", required=True, help="labelled shards to fit the classifier on")
     q.add_argument("--data", required=True, help="labelled shards to score it on")
     q.add_argument("--query", default=None, help="modality whose embeddings are probed (default: the non-text one)")
-    q.add_argument("--batch-size", type=integer(1), default=256)
-    q.add_argument("--workers", type=integer(0), default=0)
+    add_encoding_flags(q)
     q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")

@@ -107,6 +107,7 @@ class TrainConfig:
     gradcache_chunk: Optional[int] = bounded(None, ge=1)
     grad_clip: Optional[float] = bounded(1.0, gt=0)  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
+    compile: bool = False  # torch.compile the model (inductor); the first steps take longer while it compiles
     device: str = "auto"  # "auto" | "cpu"
     fsdp: Optional[FsdpConfig] = None  # shard the model over the processes instead of replicating it (GPUs)
     checkpoint_every: int = bounded(500, ge=1)

@@ -62,11 +62,13 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise sums of ``values`` over all ranks (``values`` itself on one process); every rank must call it."""
+def sum_over_ranks(values: list[float | torch.Tensor], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (``values`` itself on one process); every rank must call it.
+
+    Entries may be numbers or 0-d tensors on ``device``; the host reads the result once (one host-device sync)."""
     if not is_distributed():
         return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(t)
     return t.tolist()
 

@@ -84,7 +84,7 @@ def train(cfg: Config) -> dict[str, Any]:
         t = run.cfg.train
         with run.stop:
             while run.state.step < t.steps:
-                losses, grad_norm, scale = step(run)
+                losses, grad_norm, scale = step(run)  # tensors, read only when logged
                 run.threads.observe(run.state.step)
                 done = run.state.step == t.steps
                 if run.state.step % t.log_every == 0 or done:
@@ -114,11 +114,13 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     cfg, model, objective = build(cfg)
     temperature = temperature_schedule(cfg, model)
     warn_about_setup(cfg, model, objective)
-    optimizer, scheduler = build_optimizer(cfg, model)
     model.to(accelerator.device)
+    optimizer, scheduler = build_optimizer(cfg, model)  # on the device: its kernel depends on it
 
     state = resume(cfg.train, run_dir, to_dict(cfg), model, optimizer, scheduler)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:  # here, not through Accelerator(dynamo_backend=): its state is one per process
+        ddp_model = torch.compile(ddp_model)
     logger = MetricsLogger(run_dir, state.step, enabled=accelerator.is_main_process)
     stream = batch_stream(cfg, urls, model.modalities, state, pin_memory=accelerator.device.type == "cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -146,13 +148,16 @@ def warn_about_setup(cfg: Config, model: AlignmentModel, objective: Objective) -
 # ----------------------------------------------------------------------------------------------- one step
 
 
-def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float]:
+def step(run: Run) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | float]:
     """One optimiser step over ``train.grad_accum`` micro-batches; returns the objective's outputs (mean over
-    micro-batches), the gradient norm and the logit scale the loss used."""
+    micro-batches), the gradient norm and the logit scale the loss used, as tensors on the device.
+
+    The host reads one value from the device per step: whether every output and the gradient norm are finite
+    (``update``); the outputs themselves are read only when they are logged."""
     cfg, model, state = run.cfg, run.model, run.state
     accum = cfg.train.grad_accum
     run.ddp_model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     buffers = snapshot_buffers(model)  # a skipped step must not leave e.g. non-finite BatchNorm statistics behind
     for micro in range(accum):
         batch = next(run.stream)
@@ -160,7 +165,7 @@ def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float
         scale = run.temperature.logit_scale(state.step, learned=model.logit_scale())
         out = forward_backward(run, inputs, scale, sync=micro == accum - 1)
         for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + v.item() / accum
+            totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
         state.samples += len(batch["__key__"])
     if not run.gradients_checked:
         check_gradients(model, run.accelerator.device)
@@ -168,8 +173,13 @@ def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float
     if cfg.train.gradcache_chunk:
         average_gradients(run.trainable)  # GradCache encodes outside DDP's hooks
     grad_norm = run.accelerator.clip_grad_norm_(run.trainable, cfg.train.grad_clip or math.inf)  # inf: norm only
-    update(run, all(math.isfinite(v) for v in totals.values()) and bool(torch.isfinite(grad_norm)), buffers)
+    update(run, all_finite([*totals.values(), grad_norm]), buffers)
     return totals, grad_norm, scale
+
+
+def all_finite(values: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every one of ``values`` (0-d tensors) is finite, as a 0-d bool tensor (not read here)."""
+    return torch.stack([v.float() for v in values]).isfinite().all()
 
 
 def forward_backward(run: Run, inputs: dict, scale: torch.Tensor | float, sync: bool) -> dict[str, torch.Tensor]:
@@ -202,14 +212,14 @@ def forward_backward(run: Run, inputs: dict, scale: torch.Tensor | float, sync: 
     return {k: v.detach() for k, v in out.items()}
 
 
-def update(run: Run, finite: bool, buffers: dict[str, torch.Tensor]) -> None:
+def update(run: Run, finite: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
     """The optimiser step, skipped on every process when any saw a non-finite loss or gradient (``finite`` here);
     then the schedule and step count advance. Stops the run on too many bad steps in a row or unusable samples."""
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     # One decision for all processes: the step is skipped everywhere if any process saw a non-finite value; all stop
-    # after it if any received a stop signal.
+    # after it if any received a stop signal. The step's one read from the device (with the sums over processes).
     bad_processes, bad_items, used, stops = sum_over_ranks(
-        [not finite, n_skipped(state.skipped), state.samples, run.stop.requested], accelerator.device)
+        [finite.logical_not(), n_skipped(state.skipped), state.samples, run.stop.requested], accelerator.device)
     if stops and not run.stopping:
         log.warning("stop requested (%s): writing a checkpoint after step %d, then stopping",
                     run.stop.signal or "on another process", state.step + 1)
@@ -265,7 +275,8 @@ def restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> N
 # ----------------------------------------------------------------------------------------------- log, checkpoint
 
 
-def log_step(run: Run, losses: dict[str, float], grad_norm: torch.Tensor, scale: torch.Tensor | float) -> None:
+def log_step(run: Run, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+             scale: torch.Tensor | float) -> None:
     """One row of ``metrics.jsonl`` (losses averaged over processes), the progress bar, an early clamp warning."""
     cfg, state, model = run.cfg, run.state, run.model
     losses = mean_over_processes(losses, run.accelerator)
@@ -284,11 +295,11 @@ def log_step(run: Run, losses: dict[str, float], grad_norm: torch.Tensor, scale:
                     cfg.model.logit_scale.max)
 
 
-def mean_over_processes(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
     """Each process computes the loss of its own rows: their mean is the loss of the global batch."""
-    if accelerator.num_processes == 1:
-        return values
-    stacked = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
+    stacked = torch.stack([v.float() for v in values.values()])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, "mean")
     return dict(zip(values, stacked.tolist()))
 
 
