@@ -254,10 +254,14 @@ def test_hf_tower_loads_from_local_folder_trains_and_round_trips(kind, tower, tm
     assert torch.allclose(expected, again, atol=1e-5)
 
 
-def test_hf_tower_rejects_mismatched_settings(tmp_path):
+def test_hf_tower_resamples_to_its_rate_and_rejects_mismatched_settings(tmp_path, caplog):
     folder = save_tiny_hf("wav2vec2", tmp_path / "w2v")
-    with pytest.raises(ConfigError, match="expects 16000 Hz"):
-        audio_model(tower="hf", model=folder, sample_rate=22050)
+    with caplog.at_level("WARNING", logger="mmalign.modalities.audio"):
+        model = audio_model(tower="hf", model=folder, sample_rate=22050, clip_seconds=0.5)
+    assert "trained on 16000 Hz audio: audio is resampled to 16000 Hz" in caplog.text
+    modality = model.modalities["audio"]
+    assert modality.rate == model.config.modalities["audio"].sample_rate == 16000
+    assert peak_hz(modality.decode(tone(1000, 0.5, 22050), "wav"), 16000) == pytest.approx(1000, abs=4)
     with pytest.raises(ConfigError, match="SpecAugment needs spectrogram"):
         audio_model(tower="hf", model=folder, augment={"time_masks": 1})
     with pytest.raises(ConfigError, match="longer than"):
@@ -296,12 +300,18 @@ def tone_dataset(tmp_path_factory) -> dict:
 def test_pipeline_skips_and_counts_bad_audio(tone_dataset, tmp_path):
     from mmalign.data import expand_urls, iterate_batches
     from mmalign.data.shards import write_shards
+    from mmalign.demo_data.common import write_samples
 
     summary = write_shards(tone_dataset["csv"], tmp_path / "shards", shard_size=100)
-    assert summary["samples"] == 38
+    assert summary["samples"] == 36 and summary["skipped"] == {"bad audio": 2}  # packing decodes every file
+    reasons = " ".join(f["reason"] for f in summary["skipped_files"])
+    assert "silent" in reasons and "cannot decode" in reasons
+    bad = write_samples([{"__key__": name, "audio.wav": (tone_dataset["root"] / f"{name}.wav").read_bytes(),
+                          "text.txt": b"a tone"} for name in ("corrupt", "silent")], tmp_path / "bad", "bad", 10)
     model = audio_model()
     skips: dict = {}
-    batches = list(iterate_batches(expand_urls(summary["shards"]), model.modalities, 16, train=False, skips=skips))
+    urls = expand_urls(summary["shards"]) + expand_urls(bad)  # shards written by other tools may hold bad files
+    batches = list(iterate_batches(urls, model.modalities, 16, train=False, skips=skips))
     assert sum(len(b["__key__"]) for b in batches) == 36
     assert skips["counts"] == {"bad audio": 2}
     assert any("silent" in e for e in skips["examples"]["bad audio"])
@@ -341,8 +351,9 @@ eval:
   zeroshot: {{data: '{shards}', classes: '{tone_dataset["classes"]}', templates: '{tone_dataset["templates"]}'}}
   retrieval: {{data: '{shards}', query: audio, gallery: text}}
 """)
+    assert out["skipped"] == {"bad audio": 2}  # the corrupt and the silent clip are left out, and listed
     result = last_json(run_cli("train", str(recipe)))
-    assert result["steps"] == 8 and result["skipped"]["bad audio"] >= 1
+    assert result["steps"] == 8 and result["skipped"] == {}
     for key in ("zeroshot_top1", "retrieval_a2t_R@1", "retrieval_t2a_R@10", "retrieval_a2t_mAP@10"):
         assert 0.0 <= result[key] <= 1.0
     assert result["retrieval_n"] == 36

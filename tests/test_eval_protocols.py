@@ -85,7 +85,7 @@ def test_match_label_counts_an_item_with_the_query_label(features):
     assert item["retrieval_a2b_R@1"] == 0.25 and item["retrieval_b2a_R@1"] == 0.25
     label = _eval(features, "--query", "a", "--gallery", "b", "--match", "label")
     assert label["retrieval_a2b_R@1"] == 1.0 and label["retrieval_b2a_R@1"] == 0.75
-    assert label["retrieval_match"] == "label" and "retrieval_match" not in item
+    assert label["retrieval_match"] == "label" and item["retrieval_match"] == "item"
 
 
 @pytest.mark.slow

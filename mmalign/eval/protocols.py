@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .nway import nway_scores
-from .retrieval import match_positives, rerank_top_k, restrict_to, retrieval_metrics
+from .retrieval import match_positives, rerank_top_k, restrict_to, retrieval_metrics, row_samples
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # query row indices (Qc) -> Qc x G scores
 
@@ -39,8 +39,7 @@ def make_side(emb: dict, names: list[str]) -> Side:
     n_samples = len(emb["keys"])
     if len(names) == 1:
         rows = emb["embeddings"][names[0]]
-        owner = emb["owners"][names[0]]
-        return Side(names, {names[0]: rows}, owner if owner is not None else torch.arange(rows.shape[0]))
+        return Side(names, {names[0]: rows}, row_samples(emb["owners"][names[0]], rows.shape[0]))
     for name in names:
         owner = emb["owners"][name]
         if owner is not None and not torch.equal(owner, torch.arange(n_samples)):
@@ -120,9 +119,8 @@ def matching_rescore(model, query: Side, gallery: Side) -> Callable[[torch.Tenso
 
 
 def rank(query: Side, gallery: Side, scores: Scores, ks: tuple[int, ...], labels: Sequence[Hashable] | None = None,
-         candidates: Candidates | None = None, rerank: tuple[int, Callable] | None = None
-         ) -> tuple[dict[str, float], int]:
-    """R@k, mAP and mAP@10 of the query rows ranking the gallery rows by ``scores``; returns (metrics, queries).
+         candidates: Candidates | None = None, rerank: tuple[int, Callable] | None = None) -> dict[str, float]:
+    """R@k, mAP and mAP@10 of the query rows ranking the gallery rows by ``scores``.
 
     ``labels`` (one per sample): hits are the rows with the query's label, else of its own sample. ``candidates``:
     only the listed query rows, each ranking its own gallery rows. ``rerank``: ``(k, rescore)``, the top k of each
@@ -147,6 +145,5 @@ def rank(query: Side, gallery: Side, scores: Scores, ks: tuple[int, ...], labels
             s = rerank_top_k(s, k, lambda top: rescore(idx, top))
         return s
 
-    metrics = retrieval_metrics(rows, torch.arange(gallery.sample.shape[0]), positives, ks, map_at=10,
-                                similarity=similarity)
-    return metrics, len(rows)
+    return retrieval_metrics(rows, torch.arange(gallery.sample.shape[0]), positives, ks, map_at=10,
+                             similarity=similarity)

@@ -5,6 +5,7 @@ from collections import defaultdict
 from typing import Callable, Hashable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def retrieval_metrics(
@@ -56,24 +57,30 @@ def retrieval_metrics(
     return out
 
 
-def positives_by_owner(owner: torch.Tensor | None, n_queries: int, n_items: int) -> list[list[int]]:
-    """For each query row, the gallery items it owns: ``owner[j]`` is the row item j belongs to (several captions
-    per image); without owners, row i owns item i."""
-    return match_positives(torch.arange(n_queries), owner if owner is not None else torch.arange(n_items))
+def row_samples(owner: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    """The sample each row belongs to: ``owner`` where rows have one (several per sample), else row i is sample i."""
+    return owner if owner is not None else torch.arange(n_rows)
+
+
+def row_groups(samples: torch.Tensor, labels: Sequence[Hashable] | None = None) -> torch.Tensor:
+    """What decides a hit for each row: its sample (``samples[i]``), or with ``labels`` (one per sample) its
+    sample's label, as an index into the distinct labels in order of appearance."""
+    if labels is None:
+        return samples
+    index = {label: i for i, label in enumerate(dict.fromkeys(labels))}
+    return torch.tensor([index[labels[s]] for s in samples.tolist()], dtype=torch.long)
 
 
 def match_positives(query_samples: torch.Tensor, gallery_samples: torch.Tensor,
                     labels: Sequence[Hashable] | None = None) -> list[list[int]]:
     """The hits of each query row: the gallery rows of the same sample (``query_samples[i]`` and
-    ``gallery_samples[j]`` are the samples rows i and j come from), or, with ``labels`` (one per sample), the gallery
-    rows whose sample has the query sample's label (Symile-M3's protocol: any image of the query's class is a hit)."""
-    def key(sample: int) -> Hashable:
-        return sample if labels is None else labels[sample]
-
-    rows: dict[Hashable, list[int]] = defaultdict(list)
-    for j, sample in enumerate(gallery_samples.tolist()):
-        rows[key(sample)].append(j)
-    return [list(rows.get(key(sample), ())) for sample in query_samples.tolist()]
+    ``gallery_samples[j]`` are the samples rows i and j come from; several rows per sample on either side), or,
+    with ``labels`` (one per sample), the gallery rows whose sample has the query sample's label (Symile-M3's
+    protocol: any image of the query's class is a hit). Any group ids work as samples (:func:`row_groups`)."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for j, group in enumerate(row_groups(gallery_samples, labels).tolist()):
+        members[group].append(j)
+    return [list(members.get(group, ())) for group in row_groups(query_samples, labels).tolist()]
 
 
 def restrict_to(scores: torch.Tensor, allowed: list[torch.Tensor]) -> torch.Tensor:
@@ -103,17 +110,39 @@ def rerank_top_k(scores: torch.Tensor, k: int, rescore: Callable[[torch.Tensor],
 
 def bidirectional_retrieval(
     a: torch.Tensor, b: torch.Tensor, b_owner: torch.Tensor | None = None, a_name: str = "a", b_name: str = "b",
-    ks: tuple[int, ...] = (1, 5, 10), map_at: int | None = 10,
+    ks: tuple[int, ...] = (1, 5, 10), map_at: int | None = 10, a_owner: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Retrieval a->b and b->a. ``b_owner[j]`` is the row of ``a`` that item j of ``b`` belongs to (several
-    captions per image); without it, row i of ``a`` pairs with row i of ``b``."""
-    owner = b_owner if b_owner is not None else torch.arange(b.shape[0])
-    a2b = positives_by_owner(owner, a.shape[0], b.shape[0])
-    b2a = [[i] for i in owner.tolist()]
+    """Retrieval a->b and b->a. ``b_owner[j]`` is the sample item j of ``b`` belongs to, ``a_owner[i]`` that of row
+    i of ``a`` (several captions per image, on either side); without one, row i is sample i. Rows of the same sample
+    are each other's positives. Any group ids work as owners, e.g. labels (same-class items are positives)."""
+    groups_a, groups_b = row_samples(a_owner, a.shape[0]), row_samples(b_owner, b.shape[0])
     out = {}
     for name, m in (
-        (f"{a_name}2{b_name}", retrieval_metrics(a, b, a2b, ks, map_at)),
-        (f"{b_name}2{a_name}", retrieval_metrics(b, a, b2a, ks, map_at)),
+        (f"{a_name}2{b_name}", retrieval_metrics(a, b, match_positives(groups_a, groups_b), ks, map_at)),
+        (f"{b_name}2{a_name}", retrieval_metrics(b, a, match_positives(groups_b, groups_a), ks, map_at)),
     ):
         out.update({f"{name}_{k}": v for k, v in m.items()})
     return out
+
+
+def first_equal_rows(x: torch.Tensor, tolerance: float = 1e-6, chunk: int = 1024) -> torch.Tensor:
+    """For each row of ``x``, the first row equal to it (cosine >= 1 - ``tolerance``; the same caption in two
+    batches differs by about 1e-7): rows that embed the same input (a caption repeated across samples), or that the
+    model maps to one point, share one index."""
+    x = F.normalize(x.float(), dim=-1)  # embeddings without output_norm l2 (Symile's LayerNorm) are not unit length
+    first = torch.empty(x.shape[0], dtype=torch.long)
+    for start in range(0, x.shape[0], chunk):
+        equal = (x[start:start + chunk].float() @ x.float().T) >= 1 - tolerance
+        first[start:start + chunk] = equal.float().argmax(dim=1)  # the first True (a row always equals itself)
+    return first
+
+
+def shared_items(x: torch.Tensor, samples: torch.Tensor) -> tuple[int, int]:
+    """(distinct embeddings, items whose embedding equals one of another sample) among the rows of ``x``
+    (``samples``: each row's sample). Shared items make retrieval ambiguous: a query finds the equal items of other
+    samples as high as its own, and they count as wrong."""
+    first = first_equal_rows(x).tolist()
+    samples_of: dict[int, set[int]] = defaultdict(set)
+    for f, sample in zip(first, samples.tolist()):
+        samples_of[f].add(sample)
+    return len(samples_of), sum(len(samples_of[f]) > 1 for f in first)

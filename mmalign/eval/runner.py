@@ -16,21 +16,22 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from ..config import GenerationConfig
+from ..config import RETRIEVAL_MATCHES, GenerationConfig
 from ..data import expand_urls
-from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
+from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member, shard_labels
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from ..modalities import Modality, inputs_to
 from ..modalities.text import TextModality, parse_captions
+from .candidates import read_candidates
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
 from .embed import complete_samples, embed_shards
+from .linear_probe import linear_probe
 from .nway import nway_scores
-from .candidates import read_candidates
-from .protocols import candidate_sets, make_side, matching_rescore, rank, score_function
-from .retrieval import restrict_to
-from .zeroshot import classification_metrics, read_lines, read_templates, zeroshot_classifier
+from .protocols import Side, candidate_sets, make_side, matching_rescore, rank, score_function
+from .retrieval import restrict_to, row_groups, shared_items
+from .zeroshot import check_labels, classification_metrics, read_classes, read_templates, zeroshot_classifier
 
 log = logging.getLogger(__name__)
 
@@ -107,27 +108,29 @@ def abbrev(query: str | list[str], gallery: str | list[str]) -> str:
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
-                      text: str = "text", batch_size: int = 256, num_workers: int = 0,
+                      text: str = "text", batch_size: int = 256, num_workers: int | None = 0,
                       score: str | None = None, candidates: str | None = None) -> dict:
-    """Zero-shot accuracy of ``query`` samples in ``data`` against class-name prompts; samples carry ``label.txt``.
+    """Zero-shot accuracy of ``query`` samples in ``data`` against class prompts; samples carry ``label.txt``.
+    ``zeroshot_samples_per_s``: samples decoded and embedded per second (``num_workers`` None: one worker per shard,
+    see :func:`~mmalign.eval.embed.eval_workers`).
 
-    With several query modalities the classes are scored against each sample's tuple (N-way zero-shot). With
-    ``candidates`` (a file, :mod:`.candidates`) only the samples it lists are classified, each among its own classes.
+    ``classes``: a classes file (:func:`~.zeroshot.read_classes`: names, or names with prompts of their own); the
+    shard labels are checked against it before anything is encoded. With several query modalities the classes are
+    scored against each sample's tuple (N-way zero-shot). With ``candidates`` (a file, :mod:`.candidates`) only the
+    samples it lists are classified, each among its own classes. Returns top-1/top-5, mean per-class recall, the
+    recall of each class (None for a class without samples) and the confusion matrix (rows: true class, columns:
+    predicted).
     """
     queries = query_modalities(model, query, text)
-    classnames = read_lines(classes, "classes")
+    prompts = read_classes(classes)
+    classnames = list(prompts)
+    check_labels(data, classnames, classes)
     index = {c: i for i, c in enumerate(classnames)}
     emb = complete_samples(embed_shards(model, data, queries, batch_size, num_workers), queries)
     labels = emb["labels"]
     if not labels:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(queries)} present)")
-    unknown = sorted({str(lab) for lab in labels if lab not in index})
-    if unknown:
-        raise DataError(
-            f"{data}: sample labels not in {classes}: {', '.join(unknown[:5])}"
-            + (" ..." if len(unknown) > 5 else "") + " (each sample needs a label.txt naming one of the classes)"
-        )
-    classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size).cpu()
+    classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size, prompts).cpu()
     target = torch.tensor([index[lab] for lab in labels])
     if len(queries) == 1:
         logits = emb["embeddings"][queries[0]] @ classifier
@@ -137,18 +140,20 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         logits, target, labels = class_candidates(candidates, classes, emb["keys"], logits, target, classnames)
     k5 = min(5, len(classnames))
     acc = classification_metrics(logits, target, topk=(1, k5))
-    per_class = {c: acc["per_class_recall"].get(i, 0.0) for c, i in index.items()}
+    confusion = torch.zeros(len(classnames), len(classnames), dtype=torch.long)
+    confusion.index_put_((target, torch.tensor(acc["predictions"])), torch.tensor(1), accumulate=True)
     out = {
         "zeroshot_top1": acc["acc1"],
         f"zeroshot_top{k5}": acc[f"acc{k5}"],
         "zeroshot_mean_per_class_recall": acc["mean_per_class_recall"],
         "zeroshot_n": len(labels),
+        "zeroshot_per_class_recall": {c: acc["per_class_recall"].get(i) for c, i in index.items()},
+        "zeroshot_confusion": {"classes": classnames, "matrix": confusion.tolist()},
         # CLIP_benchmark's keys (acc5 is top-min(5, classes), as every class is within the top 5 of fewer classes)
         "clip_benchmark": {"acc1": acc["acc1"], "acc5": acc[f"acc{k5}"],
                            "mean_per_class_recall": acc["mean_per_class_recall"]},
-        "_per_class": per_class,
-        "_confusion": (target.tolist(), acc["predictions"], classnames),
         "skipped": emb["skipped"].get("counts", {}),
+        "zeroshot_samples_per_s": round(emb["samples_per_s"], 1),
     }
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
@@ -174,25 +179,70 @@ def class_candidates(path: str, classes: str, keys: list[str], logits: torch.Ten
     return restrict_to(logits[rows], allowed), target[rows], [classnames[int(t)] for t in target[rows]]
 
 
-def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
-                       num_workers: int = 0, score: str | None = None, match: str = "item",
-                       candidates: str | None = None, rerank: int | None = None) -> dict:
-    """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
+def evaluate_linear_probe(model, train_data: str, data: str, query: str | None = None, batch_size: int = 256,
+                          num_workers: int | None = 0) -> dict:
+    """Linear probe: logistic regression on the frozen ``query`` embeddings of ``train_data`` (its L2 strength chosen
+    on a held-out fifth), scored on ``data`` (:mod:`~.linear_probe`). Classes are the training labels; every sample
+    needs a ``label.txt``, and the labels are checked before anything is encoded."""
+    query = query or default_query(model)
+    if query not in model.modalities:
+        raise ConfigError(f"model has no modality {query!r} (a linear probe reads one modality's embeddings); it has "
+                          f"{', '.join(model.modalities)}")
+    queries = [query]
+    counts = shard_labels(expand_urls(train_data))
+    if counts.get(None):
+        raise DataError(f"{train_data}: {counts[None]} sample(s) have no label.txt (each needs one naming its class)")
+    classnames = sorted(counts)
+    if len(classnames) < 2:
+        raise DataError(f"{train_data}: a linear probe needs at least 2 classes, the labels name {len(classnames)}")
+    check_labels(data, classnames, f"the training labels of {train_data}")
+    index = {c: i for i, c in enumerate(classnames)}
+    sets = {}
+    for name, spec in (("train", train_data), ("test", data)):
+        emb = complete_samples(embed_shards(model, spec, queries, batch_size, num_workers), queries)
+        if not emb["keys"]:
+            raise DataError(f"{spec}: no usable samples (with {queries[0]} present)")
+        sets[name] = (emb["embeddings"][queries[0]], torch.tensor([index[lab] for lab in emb["labels"]]),
+                      emb["skipped"].get("counts", {}))
+    logits, weight_decay = linear_probe(sets["train"][0], sets["train"][1], sets["test"][0], len(classnames))
+    k5 = min(5, len(classnames))
+    acc = classification_metrics(logits, sets["test"][1], topk=(1, k5))
+    return {
+        "linear_probe_top1": acc["acc1"],
+        f"linear_probe_top{k5}": acc[f"acc{k5}"],
+        "linear_probe_mean_per_class_recall": acc["mean_per_class_recall"],
+        "linear_probe_per_class_recall": {c: acc["per_class_recall"].get(i) for c, i in index.items()},
+        "linear_probe_n": len(sets["test"][1]),
+        "linear_probe_n_train": len(sets["train"][1]),
+        "linear_probe_weight_decay": weight_decay,
+        "linear_probe_query": queries[0],
+        "skipped": {"train": sets["train"][2], "test": sets["test"][2]},
+    }
 
-    With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
-    ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and ``image_retrieval_recall@k`` (each text
-    retrieves its item; named "image" as in CLIP_benchmark whatever the non-text modality). ``_retrieval`` (the
-    embeddings, sample keys and owners) and ``_recall_curve`` are for the report.
+
+def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
+                       num_workers: int | None = 0, score: str | None = None, match: str = "item",
+                       candidates: str | None = None, rerank: int | None = None) -> dict:
+    """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several items per sample on either side allowed.
+
+    ``match``: what counts as a hit, ``item`` (the items of the query's own sample) or ``label`` (every item whose
+    sample has the query's ``label.txt``; Symile-M3's protocol). With ``item``, items equal to one of another sample
+    (a caption several samples carry) are counted and warned about: retrieval cannot tell such samples apart
+    (``retrieval_distinct_*``). ``retrieval_samples_per_s``: samples decoded and embedded per second.
+    With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``
+    (``match="item"`` only): ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and
+    ``image_retrieval_recall@k`` (each text retrieves its item; named "image" as in CLIP_benchmark whatever the
+    non-text modality). ``_retrieval`` (the embeddings, each row's sample and group, the sample keys) and
+    ``_recall_curve`` are for the report.
 
     Either side may be a tuple of modalities (``"image,audio"``): each sample's tuple ranks the items of the other
     side, or each item ranks the samples' tuples, by the model's N-way score (that direction only). The protocols
-    of :mod:`.protocols`: ``match="label"`` counts any gallery item with the query's label as a hit (Symile-M3);
-    ``candidates`` (a file, :mod:`.candidates`) evaluates the queries it lists, each ranking its own candidates
-    (Symile-MIMIC; that direction only); ``rerank=k`` also reports each ranking with its top k re-ranked by the
-    model's matching head (GRAM), under ``retrieval_<direction>_rerank_*``.
+    of :mod:`.protocols`: ``candidates`` (a file, :mod:`.candidates`) evaluates the queries it lists, each ranking
+    its own candidates (Symile-MIMIC; that direction only); ``rerank=k`` also reports each ranking with its top k
+    re-ranked by the model's matching head (GRAM), under ``retrieval_<direction>_rerank_*``.
     """
-    if match not in ("item", "label"):
-        raise ConfigError(f"match must be item or label, got {match!r}")
+    if match not in RETRIEVAL_MATCHES:
+        raise ConfigError(f"match must be {' or '.join(RETRIEVAL_MATCHES)}, got {match!r}")
     if rerank is not None and rerank < 1:
         raise ConfigError(f"rerank must be >= 1, got {rerank}")
     galleries = modality_names(gallery)
@@ -208,57 +258,81 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     single = len(names) == 2
     directions = [(q, g), (g, q)] if single and listed is None else [(q, g)]
     ks = recall_ks(max(q.sample.shape[0], g.sample.shape[0]))
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"retrieval_n": len(emb["keys"]) if listed is None else len(listed),
+                           "retrieval_match": match}
     curves = {}
     for a, b in directions:
         direction = abbrev(a.names, b.names)
         sets = candidate_sets(listed, a, b, emb["keys"], candidates) if listed is not None else None
         scores = score_function(a, b, method)
-        metrics, n = rank(a, b, scores, ks, labels, sets)
+        metrics = rank(a, b, scores, ks, labels, sets)
         out.update({f"retrieval_{direction}_{k}": v for k, v in metrics.items() if headline(k)})
         curves[direction] = {k: metrics[f"R@{k}"] for k in ks}
         if rerank is not None:
-            reranked, _ = rank(a, b, scores, ks, labels, sets, (rerank, matching_rescore(model, a, b)))
+            reranked = rank(a, b, scores, ks, labels, sets, (rerank, matching_rescore(model, a, b)))
             out.update({f"retrieval_{direction}_rerank_{k}": v for k, v in reranked.items() if headline(k)})
-        out.setdefault("retrieval_n", n)
         if "_similarity" not in out:
             out["_similarity"] = scores(torch.arange(min(32, a.sample.shape[0])))[:, :64]
     if not single:
         out["retrieval_score"] = method
-    out.update({k: v for k, v in (("retrieval_match", match if match != "item" else None),
-                                  ("retrieval_candidates", candidates), ("retrieval_rerank_k", rerank)) if v})
+    out.update({k: v for k, v in (("retrieval_candidates", candidates), ("retrieval_rerank_k", rerank)) if v})
+    if match == "item":
+        out.update(warn_about_shared_items([q, g]))
+    out["retrieval_samples_per_s"] = round(emb["samples_per_s"], 1)
     if single and listed is None:
-        out.update(single_modality_extras(model, data, emb, queries[0], galleries[0], curves, match))
+        out.update(single_modality_extras(model, data, q, g, curves, labels, emb["keys"]))
     out["_recall_curve"] = curves
     out["skipped"] = emb["skipped"].get("counts", {})
     return out
 
 
-def single_modality_extras(model, data: str, emb: dict, query: str, gallery: str, curves: dict,
-                           match: str) -> dict:
-    """Between two single modalities: CLIP_benchmark's keys (the standard protocol only) and the report's
-    ``_retrieval`` (embeddings, owners and keys, to show examples)."""
+def single_modality_extras(model, data: str, q: Side, g: Side, curves: dict, labels: list | None,
+                           keys: list[str]) -> dict:
+    """Between two single modalities: CLIP_benchmark's keys (hits by item only, its protocol) and the report's
+    ``_retrieval`` (embeddings, each row's sample and group, the sample keys: to show examples)."""
     out: dict[str, Any] = {}
+    query, gallery = q.names[0], g.names[0]
     directions = (abbrev(query, gallery), abbrev(gallery, query))
     kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
-    if "text" in kinds and kinds[0] != kinds[1] and match == "item":
+    if "text" in kinds and kinds[0] != kinds[1] and labels is None:
         to_text, to_other = directions if kinds[1] == "text" else directions[::-1]
         out["clip_benchmark"] = {
             **{f"image_retrieval_recall@{k}": curves[to_other][k] for k in HEADLINE_KS},
             **{f"text_retrieval_recall@{k}": curves[to_text][k] for k in HEADLINE_KS},
         }
-    out["_retrieval"] = {"data": data, "query": query, "gallery": gallery,
-                         "query_embeddings": emb["embeddings"][query], "gallery_embeddings": emb["embeddings"][gallery],
-                         "owners": emb["owners"][gallery], "keys": emb["keys"]}
+    out["_retrieval"] = {"data": data, "query": query, "gallery": gallery, "query_embeddings": q.rows[query],
+                         "gallery_embeddings": g.rows[gallery], "query_groups": row_groups(q.sample, labels),
+                         "gallery_groups": row_groups(g.sample, labels), "query_samples": q.sample,
+                         "gallery_samples": g.sample, "keys": keys}
     return out
 
 
 def sample_labels(emb: dict, data: str) -> list[str]:
     """Each evaluated sample's label (``label.txt``), for ``match="label"``; every sample needs one."""
-    unlabelled = next((key for key, label in zip(emb["keys"], emb["labels"]) if label is None), None)
-    if unlabelled is not None:
-        raise DataError(f"{data}: --match label needs a label.txt in every sample; {unlabelled!r} has none")
+    unlabelled = [key for key, label in zip(emb["keys"], emb["labels"]) if label is None]
+    if unlabelled:
+        raise DataError(f"{data}: {len(unlabelled)} of {len(emb['keys'])} samples have no label.txt (e.g. "
+                        f"{unlabelled[0]!r}); --match label counts the items with the query's label as hits, so "
+                        f"every sample needs one")
     return emb["labels"]
+
+
+def warn_about_shared_items(sides: list[Side]) -> dict:
+    """``retrieval_distinct_<name>``: how many distinct embeddings a modality's items have, where several samples
+    share one (a repeated caption, or inputs the model maps to one point), with a warning: a query then finds the
+    other samples' equal items as high as its own, and those count as wrong."""
+    out = {}
+    for side in sides:
+        for name, rows in side.rows.items():
+            distinct, shared = shared_items(rows, side.sample)
+            if shared:
+                out[f"retrieval_distinct_{name}"] = distinct
+                log.warning("retrieval: the %d %s items have only %d distinct embeddings (repeated items, or inputs "
+                            "the model maps to one point); %d items share theirs with other samples, and retrieval "
+                            "cannot tell those apart: an equal item of another sample counts as wrong, so R@k is low "
+                            "by construction. --match label counts the items with the query's label as hits",
+                            rows.shape[0], name, distinct, shared)
+    return out
 
 
 def evaluate_diagnostics(model, data: str, batch_size: int = 256, max_samples: int = 500, num_workers: int = 0) -> dict:
