@@ -102,16 +102,16 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def setup(cfg: Config, held: ExitStack) -> Run:
-    """Check the inputs, claim the run directory (its lock stays in ``held``), build model and objective, resume
+    """Check the inputs, build model and objective, claim the run directory (its lock stays in ``held``), resume
     from a checkpoint, start the data stream."""
     urls = check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = build_accelerator(cfg)
     threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     set_seed(cfg.seed)
-    cfg, model, objective = build(cfg)
+    cfg, model, objective = build(cfg)  # before the claim: a recipe the model cannot take leaves no file behind
+    claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     temperature = temperature_schedule(cfg, model)
     warn_about_setup(cfg, model, objective)
     model.to(accelerator.device)
