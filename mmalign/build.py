@@ -120,10 +120,28 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """AdamW over the trainable parameters and a cosine learning-rate schedule with linear warmup."""
+    """AdamW over the trainable parameters and a cosine learning-rate schedule with linear warmup.
+
+    Build it once the model is on its device: the update runs as one fused kernel over all parameters where torch
+    has one for their device and dtype (:func:`adamw_implementation`)."""
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    groups = param_groups(model, t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                  **adamw_implementation([p for g in groups for p in g["params"]]))
     return optimizer, get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.steps)
+
+
+def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """``fused=True`` when torch has a fused AdamW kernel for every parameter's device and floating dtype (CUDA,
+    CPU, MPS, XPU, ...), else ``foreach=True`` (one kernel per operation over all parameters). Torch's default on
+    CPU is a loop over the parameters: the fused kernel made the tiny CLIP's step in benchmarks/bench_train_step.py
+    ~6x faster in the optimiser."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices  # what AdamW(fused=True) checks
+
+    fused = _get_fused_kernels_supported_devices()
+    if all(p.device.type in fused and torch.is_floating_point(p) for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def temperature_schedule(cfg: Config, model: AlignmentModel) -> TemperatureSchedule:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .errors import MMAlignError
@@ -29,29 +30,38 @@ def cmd_train(args) -> dict:
     from .recipes import recipe_file
     from .train import train
 
+    overrides = list(args.set)
+    if args.resume_from:
+        overrides.append(f"train.resume_from={args.resume_from}")
+    if args.no_resume:
+        overrides.append("train.resume=false")
     try:
         with recipe_file(args.recipe) as path:
-            cfg = load_config(path, args.set)
+            cfg = load_config(path, overrides)
         return train(cfg)
     finally:
         leave_process_group()
 
 
 def cmd_eval(args) -> dict:
-    from .eval.runner import evaluate_retrieval, evaluate_zeroshot
-    from .rundir import load_model
+    from .eval.runner import evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot
+    from .rundir import load_scored_model
 
-    model = load_model(args.model)
+    model, scored = load_scored_model(args.model)
+    if args.what == "linear-probe":
+        return {**evaluate_linear_probe(model, args.train_data, args.data, args.query, args.batch_size, args.workers),
+                **scored}
     if args.what == "zeroshot":
-        return evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
-                                 args.batch_size, args.workers, args.score)
-    return evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score)
+        return {**evaluate_zeroshot(model, args.data, args.classes, args.templates, args.query, args.text,
+                                    args.batch_size, args.workers, args.score), **scored}
+    return {**evaluate_retrieval(model, args.data, args.query, args.gallery, args.batch_size, args.workers, args.score,
+                                 positives=args.positives), **scored}
 
 
 def cmd_caption(args) -> dict:
     from .config import GenerationConfig, validate_generation
     from .eval.runner import evaluate_captions
-    from .rundir import load_model
+    from .rundir import load_scored_model
 
     gen = GenerationConfig(
         strategy=args.strategy, num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length,
@@ -59,21 +69,23 @@ def cmd_caption(args) -> dict:
         no_repeat_ngram_size=args.no_repeat_ngram_size, length_penalty=args.length_penalty, seed=args.seed,
     )
     validate_generation(gen, lambda key: "--" + key.replace("_", "-"))
-    return evaluate_captions(load_model(args.model), args.data, args.out, gen, args.batch_size)
+    model, scored = load_scored_model(args.model)
+    return {**evaluate_captions(model, args.data, args.out, gen, args.batch_size), **scored}
 
 
 def cmd_data(args) -> dict:
-    from .data.shards import write_shards
+    from .data.shards import parse_split, write_shards
 
-    return write_shards(args.source, args.out, args.shard_size)
+    return write_shards(args.source, args.out, args.shard_size, strict=args.strict, overwrite=args.overwrite,
+                        shuffle=not args.no_shuffle, seed=args.seed, split=parse_split(args.split))
 
 
 def cmd_export(args) -> dict:
     from .export import export_model
-    from .rundir import load_model, resolve_model_dir, source_run
+    from .rundir import load_model_dir, resolve_model_dir, source_run
 
     model_dir = resolve_model_dir(args.model)
-    return export_model(load_model(model_dir), args.to, args.format, run=source_run(model_dir))
+    return export_model(load_model_dir(model_dir), args.to, args.format, run=source_run(model_dir))
 
 
 def cmd_report(args) -> dict:
@@ -95,18 +107,55 @@ def cmd_recipes(args) -> None:
     print(recipes.text(args.name) if args.what == "show" else recipes.listing(), end="" if args.what else "\n")
 
 
+class Parser(argparse.ArgumentParser):
+    """A usage error is one ``mmalign: error:`` line and exit status 2, like every other error (subcommands too)."""
+
+    def error(self, message: str):
+        print(f"mmalign: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
+    """How an evaluation reads and embeds its shards: batch size and DataLoader workers."""
+    parser.add_argument("--batch-size", type=integer(1), default=256)
+    parser.add_argument("--workers", type=integer(0), default=None,
+                        help="DataLoader workers decoding the shards (default: one per shard, at most 4 and the CPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmalign", description=__doc__.splitlines()[0])
+    parser = Parser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a recipe (resumes from the run directory's last checkpoint)")
+    p = sub.add_parser("train", help="train from a recipe (resumes from the run directory's last checkpoint)",
+                       epilog="exit codes: 0 done, 2 error (one line), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after "
+                              "writing a checkpoint (run the same command to resume), 130 second Ctrl-C")
     p.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (`mmalign recipes` lists them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    resuming = p.add_mutually_exclusive_group()
+    resuming.add_argument("--resume-from", metavar="CHECKPOINT",
+                          help="resume from this checkpoint folder instead of the run's newest (train.resume_from)")
+    resuming.add_argument("--no-resume", action="store_true",
+                          help="start a new run; refused if run_dir already holds one (train.resume: false)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot classification or retrieval with a trained model")
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval or a linear probe with a trained model")
     ev = p.add_subparsers(dest="what", required=True)
     for what in ("zeroshot", "retrieval"):
         q = ev.add_parser(what)
@@ -118,15 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--score", default=None,
                        help="N-way score: mip (Symile), volume (GRAM), cosine (sum of cosines, pairwise); "
                             "default: the one the model was trained with")
-        q.add_argument("--batch-size", type=int, default=256)
-        q.add_argument("--workers", type=int, default=0)
+        add_encoding_flags(q)
         if what == "zeroshot":
-            q.add_argument("--classes", required=True, help="file with one class name per line")
+            q.add_argument("--classes", required=True,
+                           help="file with one class name per line (as the samples' label.txt names them), or "
+                                "'name: prompt' lines giving a class prompts of its own")
             q.add_argument("--templates", default=None, help="file with one prompt template per line, '{}' = class")
             q.add_argument("--text", default="text", help="text modality name")
         else:
             q.add_argument("--gallery", default="text")
+            q.add_argument("--positives", choices=("sample", "label"), default="sample",
+                           help="what a query should find: its own sample's items (default), or every item with its "
+                                "label.txt (when captions repeat across samples)")
         q.set_defaults(fn=cmd_eval)
+    q = ev.add_parser("linear-probe", help="logistic regression on the frozen embeddings of labelled training "
+                                           "shards, scored on --data (as CLIP_benchmark's linear probe)")
+    q.add_argument("--model", required=True, help="run directory or saved model folder")
+    q.add_argument("--train-data", required=True, help="labelled shards to fit the classifier on")
+    q.add_argument("--data", required=True, help="labelled shards to score it on")
+    q.add_argument("--query", default=None, help="modality whose embeddings are probed (default: the non-text one)")
+    add_encoding_flags(q)
+    q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")
     p.add_argument("--model", required=True, help="run directory or saved model folder")
@@ -145,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam: score / length ** penalty")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=integer(1), default=64)
     p.set_defaults(fn=cmd_caption)
 
     p = sub.add_parser("data", help="build WebDataset shards")
@@ -153,7 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("shards", help="CSV / JSONL of files and captions, or a folder per class -> shards")
     q.add_argument("--from", dest="source", required=True)
     q.add_argument("--out", required=True)
-    q.add_argument("--shard-size", type=int, default=1000)
+    q.add_argument("--shard-size", type=integer(1), default=1000, help="samples per shard")
+    q.add_argument("--strict", action="store_true",
+                   help="stop at the first file that does not decode, empty caption or missing file (default: skip "
+                        "it and list it in the summary)")
+    q.add_argument("--overwrite", action="store_true", help="replace the shards --out already holds")
+    q.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: shuffled, seeded)")
+    q.add_argument("--seed", type=integer(0), default=0, help="seed of the shuffle and the split")
+    q.add_argument("--split", action="append", default=[], metavar="NAME=FRACTION",
+                   help="also write a stratified held-out set, e.g. test=0.2 (train-*.tar gets the rest); repeatable")
     q.set_defaults(fn=cmd_data)
 
     p = sub.add_parser("export", help="write a trained model as a transformers or open_clip folder")
@@ -164,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="evaluate a run again; write report.html (+ report.md): plots, examples")
     p.add_argument("run", help="run directory")
-    p.add_argument("--examples", type=int, default=None,
+    p.add_argument("--examples", type=integer(0), default=None,
                    help="queries per direction shown with their top retrieved items (default: eval.report_examples)")
     p.set_defaults(fn=cmd_report)
 
@@ -191,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.fn(args)
     except MMAlignError as e:
-        print(f"mmalign: error: {e}", file=sys.stderr)
-        return 2
+        print(f"mmalign: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("mmalign: interrupted", file=sys.stderr)
         return 130

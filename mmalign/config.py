@@ -7,7 +7,6 @@ Modality sections are typed per modality kind (``ImageConfig``, ``TextConfig``, 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from .bounds import bounded, check_bounds
 from .errors import ConfigError, closest
 from .modality_config import MODALITY_CONFIGS, ModalityConfig
 
@@ -26,18 +26,18 @@ MISSING_REQUIRED = "???"  # marker default for keys a recipe must set
 class TemperatureScheduleConfig:
     """Temperature tau (s = 1/tau) from ``tau_start`` to ``tau_end`` over ``steps`` (default: train.steps)."""
 
-    tau_start: float = 0.07
-    tau_end: float = 0.01
+    tau_start: float = bounded(0.07, gt=0)
+    tau_end: float = bounded(0.01, gt=0)
     kind: str = "cosine"  # "cosine" | "linear" | "exponential" | "constant"
-    steps: Optional[int] = None
+    steps: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass
 class LogitScaleConfig:
-    init: Optional[float] = None  # multiplier s; default 1/0.07 (CLIP) or 10 (SigLIP)
+    init: Optional[float] = bounded(None, gt=0)  # multiplier s; default 1/0.07 (CLIP) or 10 (SigLIP)
     learnable: bool = True  # false: s stays fixed at init
-    max: float = 100.0
-    bias_init: Optional[float] = None  # SigLIP bias; default -10 when the loss needs a bias
+    max: float = bounded(100.0, gt=0)
+    bias_init: Optional[float] = bounded(None)  # SigLIP bias; default -10 when the loss needs a bias
     schedule: Optional[TemperatureScheduleConfig] = None  # when set, s follows it (not learned, whatever learnable says)
 
 
@@ -49,15 +49,15 @@ class CaptionConfig:
 
     context: str = MISSING_REQUIRED  # modality whose tower offers tokens (image, audio, ...): what is captioned
     text: str = "text"  # text modality whose tower is a caption decoder
-    n_queries: int = 64  # learned queries of the caption pooler = context length the decoder attends to;
+    n_queries: int = bounded(64, ge=0)  # learned queries of the caption pooler = context length the decoder attends to;
     #                      0: the tower's own tokens and pooled output as they are (open_clip CoCa ViTs)
-    heads: int = 8  # attention heads of both poolers (must divide the decoder width)
+    heads: int = bounded(8, ge=1)  # attention heads of both poolers (must divide the decoder width)
 
 
 @dataclass
 class ModelConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
-    embed_dim: int = 256
+    embed_dim: int = bounded(256, ge=1)
     logit_scale: LogitScaleConfig = field(default_factory=LogitScaleConfig)
     logit_bias: bool = False  # set for a run whose loss needs it (``build.resolve_model_config``)
     nway_score: Optional[str] = None  # how a tuple of modalities scores a candidate (mip | volume | cosine); from the loss
@@ -73,11 +73,12 @@ class LossConfig:
 @dataclass
 class DataConfig:
     train: str = MISSING_REQUIRED  # shard path(s): brace pattern "dir/train-{000000..000009}.tar", "::"-separated list
-    batch_size: int = 64
-    shuffle_buffer: int = 1000
-    num_workers: int = 2
+    batch_size: int = bounded(64, ge=1)
+    shuffle_buffer: int = bounded(1000, ge=0)
+    num_workers: int = bounded(2, ge=0)
     resampled: bool = False  # draw shards with replacement (an epoch: as many draws as shards) instead of each once
-    max_bad_fraction: float = 0.1  # stop when more than this fraction of samples is unusable (from 100 samples on)
+    # stop when more than this fraction of samples is unusable (from 100 samples on)
+    max_bad_fraction: float = bounded(0.1, ge=0, le=1)
 
 
 @dataclass
@@ -95,22 +96,27 @@ class FsdpConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    grad_accum: int = 1  # micro-batches per optimiser step (each micro-batch has its own negatives)
-    gradcache_chunk: Optional[int] = None  # GradCache: encode in chunks of this many rows, loss over the whole batch
-    grad_clip: Optional[float] = 1.0  # max gradient norm; null: no clipping
+    steps: int = bounded(1000, ge=1)
+    lr: float = bounded(1e-3, gt=0)
+    weight_decay: float = bounded(0.1, ge=0)
+    betas: tuple = bounded((0.9, 0.98), ge=0, lt=1, length=2)
+    eps: float = bounded(1e-6, gt=0)
+    warmup_steps: int = bounded(100, ge=0)
+    grad_accum: int = bounded(1, ge=1)  # micro-batches per optimiser step (each micro-batch has its own negatives)
+    # GradCache: encode in chunks of this many rows, loss over the whole batch
+    gradcache_chunk: Optional[int] = bounded(None, ge=1)
+    grad_clip: Optional[float] = bounded(1.0, gt=0)  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
+    compile: bool = False  # torch.compile the model (inductor); the first steps take longer while it compiles
     device: str = "auto"  # "auto" | "cpu"
     fsdp: Optional[FsdpConfig] = None  # shard the model over the processes instead of replicating it (GPUs)
-    checkpoint_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
-    max_nonfinite_in_row: int = 20  # stop after this many consecutive steps with a non-finite loss or gradient
+    checkpoint_every: int = bounded(500, ge=1)
+    keep_last: int = bounded(2, ge=1)
+    log_every: int = bounded(10, ge=1)
+    # stop after this many consecutive steps with a non-finite loss or gradient
+    max_nonfinite_in_row: int = bounded(20, ge=1)
+    resume: bool = True  # false (`--no-resume`): start a new run; refused when run_dir already holds one
+    resume_from: Optional[str] = None  # a checkpoint folder to resume from instead of run_dir's newest (`--resume-from`)
 
 
 @dataclass
@@ -127,6 +133,7 @@ class RetrievalConfig:
     data: Optional[str] = None
     query: Optional[str] = None  # one modality, or several "a,b": N-way retrieval of the gallery from the tuple
     gallery: str = "text"
+    positives: str = "sample"  # "sample": a query's own sample's items are correct | "label": its class's items
 
 
 @dataclass
@@ -134,7 +141,7 @@ class DiagnosticsConfig:
     """Embedding-space diagnostics written at the end of every run (gap, alignment, uniformity, PCA plot)."""
 
     data: Optional[str] = None  # default: eval.retrieval.data, else eval.zeroshot.data, else data.train
-    max_samples: int = 500
+    max_samples: int = bounded(500, ge=2)
 
 
 @dataclass
@@ -142,16 +149,17 @@ class GenerationConfig:
     """How captions are decoded (``mmalign.heads.generation.generate``)."""
 
     strategy: str = "greedy"  # "greedy" | "beam" | "sample"
-    num_beams: int = 3
-    max_length: Optional[int] = None  # most tokens generated after BOS; default: the text modality's max_length - 1
-    min_length: int = 0
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    length_penalty: float = 1.0
-    seed: int = 0  # sampling
+    num_beams: int = bounded(3, ge=1)
+    # most tokens after BOS; default: the text modality's max_length - 1
+    max_length: Optional[int] = bounded(None, ge=1)
+    min_length: int = bounded(0, ge=0)
+    top_k: int = bounded(0, ge=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    temperature: float = bounded(1.0, gt=0)
+    repetition_penalty: float = bounded(1.0, gt=0)
+    no_repeat_ngram_size: int = bounded(0, ge=0)
+    length_penalty: float = bounded(1.0)
+    seed: int = bounded(0, ge=0)  # sampling
 
 
 @dataclass
@@ -162,8 +170,8 @@ class CaptionEvalConfig(GenerationConfig):
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 256
-    report_examples: int = 6  # retrieval queries shown in report.html with their top items
+    batch_size: int = bounded(256, ge=1)
+    report_examples: int = bounded(6, ge=0)  # retrieval queries shown in report.html with their top items
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
@@ -173,7 +181,7 @@ class EvalConfig:
 @dataclass
 class Config:
     run_dir: str = MISSING_REQUIRED
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -314,43 +322,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# What a resumed run may change: nothing here shapes the model or its data, and the checkpoint's optimiser state does
+# not hold it. Any other change (towers, sizes, embed_dim, loss, data, seed, optimiser settings) needs a new run.
+RESUMABLE = ("run_dir", "train.steps", "train.warmup_steps", "train.grad_accum", "train.gradcache_chunk",
+             "train.grad_clip", "train.precision", "train.device", "train.checkpoint_every", "train.keep_last",
+             "train.log_every", "train.max_nonfinite_in_row", "train.resume", "train.resume_from", "data.num_workers",
+             "data.max_bad_fraction", "eval")
+_UNSET = object()
+
+
+def recipe_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """What differs between a run's saved recipe and the one resuming it, as ``key: old -> new`` lines: (changes a
+    resumed run cannot take, changes it applies). Both are resolved recipes (``to_dict``); keys a newer mmalign
+    added read as their defaults."""
+    try:
+        saved = to_dict(from_dict(Config, saved))
+    except ConfigError:  # keys this mmalign no longer has: compare as saved
+        pass
+    refused, applied = [], []
+    for key, old, value in _differences(saved, new, ""):
+        resumable = any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+        (applied if resumable else refused).append(f"{key}: {_shown(old)} -> {_shown(value)}")
+    return refused, applied
+
+
+def _differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(old.keys() | new.keys(), key=str)
+                for d in _differences(old.get(key, _UNSET), new.get(key, _UNSET), _join(where, key))]
+    return [] if old == new else [(where, old, new)]
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is _UNSET else repr(value)
+
+
 def validate(cfg: Config, source: str = "config") -> None:
-    """Check required keys, ranges and enums; raise ``ConfigError`` naming the key."""
+    """Check required keys, ranges (every field's ``bounds``) and enums; raise ``ConfigError`` naming the key."""
     _require(cfg, source)
     if not cfg.model.modalities:
         raise ConfigError(f"{source}: model.modalities is required (e.g. image: {{tower: small_cnn}}, text: {{...}})")
+    check_bounds(cfg, lambda key: f"{source}: {key}")
     t, ls = cfg.train, cfg.model.logit_scale
     checks = [
         (cfg.run_dir.strip() != "", "run_dir must not be empty"),
-        (cfg.seed >= 0, "seed must be >= 0"),
-        (cfg.model.embed_dim > 0, "model.embed_dim must be > 0"),
-        (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
-        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
-        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
-        (0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]"),
-        (t.steps > 0, "train.steps must be > 0"),
-        (t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number"),
-        (t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay must be >= 0"),
-        (len(t.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in t.betas),
-         "train.betas must be two numbers in [0, 1)"),
-        (t.eps > 0 and math.isfinite(t.eps), "train.eps must be a positive number"),
-        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
-        (t.gradcache_chunk is None or t.gradcache_chunk > 0, "train.gradcache_chunk must be > 0"),
-        (t.grad_clip is None or (t.grad_clip > 0 and math.isfinite(t.grad_clip)),
-         "train.grad_clip must be a positive number or null"),
-        (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
-        (t.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
-        (t.keep_last >= 1, "train.keep_last must be >= 1"),
-        (t.log_every > 0, "train.log_every must be > 0"),
-        (t.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row must be >= 1"),
+        (t.resume or t.resume_from is None, "train.resume_from (--resume-from) needs train.resume (not --no-resume)"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
         (t.fsdp is None or not t.gradcache_chunk,
          "train.fsdp does not combine with train.gradcache_chunk (GradCache encodes outside the sharded forward)"),
-        (ls.max > 0 and math.isfinite(ls.max), "model.logit_scale.max must be a positive number"),
-        (ls.init is None or (0 < ls.init <= ls.max), "model.logit_scale.init must be in (0, model.logit_scale.max]"),
-        (ls.bias_init is None or math.isfinite(ls.bias_init), "model.logit_scale.bias_init must be a finite number"),
-        (cfg.eval.diagnostics.max_samples >= 2, "eval.diagnostics.max_samples must be >= 2"),
+        (cfg.eval.retrieval.positives in ("sample", "label"), "eval.retrieval.positives must be sample or label"),
+        (ls.init is None or ls.init <= ls.max, "model.logit_scale.init must be in (0, model.logit_scale.max]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -363,8 +385,6 @@ def validate(cfg: Config, source: str = "config") -> None:
         if getattr(m, "long_text", None) == "windows" and cfg.train.gradcache_chunk:
             raise ConfigError(f"{source}: model.modalities.{name}.long_text: windows does not combine with "
                               f"train.gradcache_chunk (GradCache splits batches by rows, windows add rows)")
-        if m.lora is not None and (m.lora.r <= 0 or not 0 <= m.lora.dropout < 1):
-            raise ConfigError(f"{source}: model.modalities.{name}.lora needs r > 0 and 0 <= dropout < 1")
     cap = cfg.model.caption
     if cap is not None:
         for key in ("context", "text"):
@@ -373,33 +393,36 @@ def validate(cfg: Config, source: str = "config") -> None:
                                   f"model.modalities ({', '.join(cfg.model.modalities)})")
         if cap.context == cap.text:
             raise ConfigError(f"{source}: model.caption.context and model.caption.text must differ")
-        if cap.n_queries < 0 or cap.heads < 1:
-            raise ConfigError(f"{source}: model.caption.n_queries must be >= 0 and model.caption.heads >= 1")
         if cfg.train.gradcache_chunk:
             raise ConfigError(f"{source}: model.caption does not combine with train.gradcache_chunk (GradCache "
                               f"encodes each modality alone; the caption decoder reads both at once)")
     validate_generation(cfg.eval.caption, lambda key: f"{source}: eval.caption.{key}")
+    _check_eval_modalities(cfg, source)
+
+
+def _check_eval_modalities(cfg: Config, source: str) -> None:
+    """The modalities an evaluation the recipe runs names exist and differ (checked before training, not after)."""
+    zs, rt, names = cfg.eval.zeroshot, cfg.eval.retrieval, list(cfg.model.modalities)
+    for run, other_key, other, query_key, query in ((zs.data and zs.classes, "text", zs.text, "query", zs.query),
+                                                    (rt.data, "gallery", rt.gallery, "query", rt.query)):
+        if not run:
+            continue
+        section = "eval.zeroshot" if other_key == "text" else "eval.retrieval"
+        queries = [q.strip() for q in query.split(",")] if query else []
+        for key, name in [(other_key, other)] + [(query_key, q) for q in queries]:
+            if name not in names:
+                raise ConfigError(f"{source}: {section}.{key}: the model has no modality {name!r}{closest(name, names)}"
+                                  f" (it has {', '.join(names)})")
+        if other in queries or len(set(queries)) != len(queries):
+            raise ConfigError(f"{source}: {section}: query modalities {queries} must be distinct and differ from "
+                              f"{other_key} {other!r}")
 
 
 def validate_generation(gen: GenerationConfig, name: Callable[[str], str]) -> None:
     """Check generation options; ``name(field)`` says how the error names a field (recipe key or CLI flag)."""
-    checks = [
-        (gen.strategy in ("greedy", "beam", "sample"), "strategy", "must be greedy, beam or sample"),
-        (gen.num_beams >= 1, "num_beams", "must be >= 1"),
-        (gen.max_length is None or gen.max_length >= 1, "max_length", "must be >= 1"),
-        (gen.min_length >= 0, "min_length", "must be >= 0"),
-        (gen.top_k >= 0, "top_k", "must be >= 0"),
-        (0 < gen.top_p <= 1, "top_p", "must be in (0, 1]"),
-        (gen.temperature > 0, "temperature", "must be > 0"),
-        (gen.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
-    ]
-    for ok, key, rule in checks:
-        if not ok:
-            raise ConfigError(f"{name(key)} {rule}")
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if gen.strategy not in ("greedy", "beam", "sample"):
+        raise ConfigError(f"{name('strategy')} must be greedy, beam or sample")
+    check_bounds(gen, name)
 
 
 def _require(obj: Any, source: str, where: str = "") -> None:

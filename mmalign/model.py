@@ -10,10 +10,11 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Mapping
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from .config import GenerationConfig, ModelConfig, from_dict, to_dict
@@ -157,8 +158,34 @@ class AlignmentModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- save / load
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically."""
+    def frozen_towers(self) -> list[str]:
+        """The modalities whose tower never changes in training (fully locked: no trainable layer, norm or LoRA)."""
+        return [name for name, adapter in self.adapters.items() if adapter.fully_locked]
+
+    def weights(self, skip_towers: Collection[str] = ()) -> dict[str, torch.Tensor]:
+        """The tensors ``model.safetensors`` holds: the state dict without the towers of ``skip_towers``; a storage
+        shared by several names (tied weights) is kept once, under its first name, as ``safetensors`` needs."""
+        skip = tuple(f"adapters.{name}.tower." for name in skip_towers)
+        kept, seen = {}, set()
+        for key, tensor in self.state_dict().items():
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+            if not key.startswith(skip) and ident not in seen:
+                kept[key] = tensor.contiguous()
+            seen.add(ident)
+        return kept
+
+    def save_tower(self, name: str, path: str | Path) -> None:
+        """The weights of modality ``name``'s tower alone, as safetensors (``load_weights(..., towers=)`` reads them)."""
+        save_model(self.adapters[name].tower, str(path))
+
+    def save_pretrained(self, directory: str | Path, skip_towers: Collection[str] = (),
+                        metadata: dict[str, str] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically;
+        ``metadata`` goes into the safetensors header (e.g. the training step the weights are from).
+
+        The weights of the towers in ``skip_towers`` are left out (a run's checkpoints store frozen towers once,
+        ``mmalign.rundir``): loading such a folder needs them from their own files (``from_pretrained(towers=)``).
+        """
         with atomic_dir(directory) as tmp:
             saved = copy.deepcopy(self.config)
             for name, modality in self.modalities.items():
@@ -166,14 +193,19 @@ class AlignmentModel(nn.Module):
                 for key, value in updates.items():
                     setattr(saved.modalities[name], key, value)
             write_json(tmp / CONFIG_NAME, to_dict(saved))
-            save_model(self, str(tmp / WEIGHTS_NAME))
+            save_file(self.weights(skip_towers), str(tmp / WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "AlignmentModel":
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu",
+                        towers: Mapping[str, str | Path] | None = None) -> "AlignmentModel":
+        """The model saved in ``directory``; ``towers`` names the files of towers its weights leave out."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise ConfigError(f"{directory}: not a saved mmalign model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = from_dict(ModelConfig, json.loads((directory / CONFIG_NAME).read_text()))
+        try:
+            config = from_dict(ModelConfig, json.loads((directory / CONFIG_NAME).read_text()))
+        except ValueError as e:
+            raise ConfigError(f"{directory / CONFIG_NAME}: not valid JSON ({e})") from None
         for m in config.modalities.values():
             m.init = "scratch"  # every weight comes from model.safetensors
             m.pretrained = None
@@ -182,8 +214,24 @@ class AlignmentModel(nn.Module):
                 if value and value.startswith("./"):
                     setattr(m, key, str(directory / value[2:]))
         model = cls(config)
-        load_model(model, str(directory / WEIGHTS_NAME), device=map_location)
+        model.load_weights(directory / WEIGHTS_NAME, towers or {}, device=map_location)
         return model
+
+    def load_weights(self, path: str | Path, towers: Mapping[str, str | Path] | None = None,
+                     device: str = "cpu") -> None:
+        """Load ``model.safetensors`` at ``path`` and the towers it leaves out, each from its file in ``towers``
+        (``save_tower``). A file that cannot be read or does not fit this model raises ``ConfigError``."""
+        towers = dict(towers or {})
+        try:
+            missing, unexpected = load_model(self, str(path), strict=False, device=device)
+            for name, file in towers.items():
+                load_model(self.adapters[name].tower, str(file), device=device)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ConfigError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+        missing = [k for k in missing if not k.startswith(tuple(f"adapters.{n}.tower." for n in towers))]
+        if missing or unexpected:
+            raise ConfigError(f"{path} does not fit the model of its {CONFIG_NAME}: "
+                              f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
 
 
 def build_adapters(config: ModelConfig, modalities: dict[str, Modality]) -> dict[str, ModalityAdapter]:

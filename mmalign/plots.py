@@ -53,15 +53,16 @@ def plot_run(run_dir: Path, results: dict, extras: dict[str, Any]) -> list[Path]
         ax.set(xlabel="k", ylabel="recall@k", ylim=(0, 1.02), title="retrieval recall@k", xscale="log")
         ax.legend()
         written.append(_save(fig, run_dir / "retrieval_recall.png"))
-    if "_per_class" in extras:
-        per_class = extras["_per_class"]
+    if "zeroshot_per_class_recall" in results:  # None: a class without samples
+        per_class = results["zeroshot_per_class_recall"]
         fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(per_class)), 3.5))
-        ax.bar(range(len(per_class)), list(per_class.values()))
+        ax.bar(range(len(per_class)), [r or 0.0 for r in per_class.values()])
         ax.set_xticks(range(len(per_class)), list(per_class), rotation=45, ha="right")
         ax.set(ylabel="accuracy", ylim=(0, 1.02), title="zero-shot accuracy per class")
         written.append(_save(fig, run_dir / "per_class_accuracy.png"))
-    if "_confusion" in extras:
-        written.append(plot_confusion(*extras["_confusion"], run_dir / "confusion_matrix.png"))
+    if "zeroshot_confusion" in results:
+        confusion = results["zeroshot_confusion"]
+        written.append(plot_confusion(confusion["matrix"], confusion["classes"], run_dir / "confusion_matrix.png"))
     if "_embeddings" in extras:
         from .eval.diagnostics import embedding_pca_plot
 
@@ -78,13 +79,12 @@ def _recall_from_results(results: dict) -> dict[str, dict[int, float]]:
     return curves
 
 
-def plot_confusion(targets: list[int], predictions: list[int], classnames: list[str], path: Path) -> Path:
+def plot_confusion(matrix: list[list[int]], classnames: list[str], path: Path) -> Path:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
     import numpy as np
 
     n = len(classnames)
-    counts = np.zeros((n, n), dtype=int)
-    np.add.at(counts, (np.asarray(targets), np.asarray(predictions)), 1)
+    counts = np.asarray(matrix, dtype=int)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = min(max(4.0, 0.45 * n + 2), 16)
     fig, ax = plt.subplots(figsize=(size + 1, size))

@@ -29,7 +29,7 @@ from .eval.runner import (
     evaluate_captions, evaluate_diagnostics, evaluate_retrieval, evaluate_zeroshot, flat_results, merge_results,
 )
 from .plots import plot_run, plt
-from .rundir import RUN_CONFIG, load_model
+from .rundir import RUN_CONFIG, load_scored_model
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +144,22 @@ def read_items(data: str, modalities: dict, keys: set[str]) -> dict[str, dict[st
 def retrieval_examples(retrieval: dict, model, n_queries: int) -> list[dict]:
     """For ``n_queries`` queries per direction, spread over the eval set: the query and its top items."""
     q, g = retrieval["query_embeddings"], retrieval["gallery_embeddings"]
-    keys, query, gallery = retrieval["keys"], retrieval["query"], retrieval["gallery"]
-    owners = retrieval["owners"] if retrieval["owners"] is not None else torch.arange(g.shape[0])
-    first = {}
-    for j, owner in enumerate(owners.tolist()):
-        first.setdefault(owner, j)
+    keys, modality = retrieval["keys"], {"query": retrieval["query"], "gallery": retrieval["gallery"]}
+    query, gallery = modality["query"], modality["gallery"]
+    samples = {side: retrieval[f"{side}_samples"].tolist() for side in modality}  # each row's sample
+    groups = {side: retrieval[f"{side}_groups"].tolist() for side in modality}  # equal groups: positives
+    first = {side: {} for side in modality}  # the first row of each sample
+    for side, rows in samples.items():
+        for j, sample in enumerate(rows):
+            first[side].setdefault(sample, j)
 
     def item(side: str, index: int) -> tuple[str, str, int]:
         """(modality, sample key, position among that sample's items of the modality) of a query/gallery row."""
-        if side == "query":
-            return query, keys[index], 0
-        owner = int(owners[index])
-        return gallery, keys[owner], index - first[owner]
+        sample = samples[side][index]
+        return modality[side], keys[sample], index - first[side][sample]
 
     def pair(side: str, index: int, hit: int) -> bool:
-        return int(owners[hit]) == index if side == "query" else int(owners[index]) == hit
+        return groups[side][index] == groups["gallery" if side == "query" else "query"][hit]
 
     sections = []
     for side, a_emb, b_emb, other in (("query", q, g, "gallery"), ("gallery", g, q, "query")):
@@ -265,9 +266,10 @@ Modalities: {html.escape(", ".join(f"{n} ({model.modalities[n].kind}, {model.con
     return path
 
 
-def evaluate_run(cfg: Config, model, run_dir: Path) -> dict:
-    """The recipe's evaluations at the end of training, plus plots, report.md and report.html in the run directory."""
-    results: dict[str, Any] = {}
+def evaluate_run(cfg: Config, model, run_dir: Path, scored: dict | None = None) -> dict:
+    """The recipe's evaluations at the end of training (or of ``mmalign report``), plus plots, report.md and
+    report.html in the run directory; ``scored`` (``model``, ``model_step``) says which weights were evaluated."""
+    results: dict[str, Any] = dict(scored or {})
     extras: dict[str, Any] = {}
 
     def absorb(what: str, out: dict) -> None:
@@ -282,7 +284,8 @@ def evaluate_run(cfg: Config, model, run_dir: Path) -> dict:
         absorb("zeroshot", evaluate_zeroshot(model, zs.data, zs.classes, zs.templates, zs.query, zs.text,
                                              cfg.eval.batch_size))
     if rt.data:
-        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size))
+        absorb("retrieval", evaluate_retrieval(model, rt.data, rt.query, rt.gallery, cfg.eval.batch_size,
+                                               positives=rt.positives))
     if cap.data:
         out = evaluate_captions(model, cap.data, run_dir / cap.out, cap, cfg.eval.batch_size)
         out["_captions"] = out.pop("_examples")
@@ -307,5 +310,6 @@ def report_run(run_dir: Path, n_examples: int | None = None) -> dict:
         raise ConfigError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
     saved = json.loads((run_dir / RUN_CONFIG).read_text())
     cfg = load_config(None, [f"eval.report_examples={n_examples}"] if n_examples is not None else [], base=saved)
-    results = evaluate_run(cfg, load_model(run_dir), run_dir)
+    model, scored = load_scored_model(run_dir)
+    results = evaluate_run(cfg, model, run_dir, scored)
     return {**results, "report": str(run_dir / REPORT_NAME), "report_md": str(run_dir / "report.md")}

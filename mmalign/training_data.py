@@ -11,12 +11,14 @@ from .config import Config
 from .data import counted_batches, expand_urls, pass_items
 from .distributed import rank
 from .errors import ConfigError, DataError
+from .eval.zeroshot import check_labels, read_classes, read_templates
 from .modalities import Modality, inputs_to
 from .rundir import TrainState
 
 
 def check_inputs(cfg: Config) -> list[str]:
-    """Fail before building anything if a data path does not exist; returns the training shard urls."""
+    """Fail before building anything if a data path does not exist, or the zero-shot eval set has a label its
+    classes file lacks (read from the label members only); returns the training shard urls."""
     urls = expand_urls(cfg.data.train)
     zs, rt = cfg.eval.zeroshot, cfg.eval.retrieval
     for key, spec in (("eval.zeroshot.data", zs.data), ("eval.retrieval.data", rt.data)):
@@ -28,6 +30,12 @@ def check_inputs(cfg: Config) -> list[str]:
     for key, file in (("eval.zeroshot.classes", zs.classes), ("eval.zeroshot.templates", zs.templates)):
         if file and not Path(file).is_file():
             raise ConfigError(f"{key}: file not found: {file}")
+    if zs.data and zs.classes:
+        try:
+            check_labels(zs.data, list(read_classes(zs.classes)), zs.classes)
+            read_templates(zs.templates)
+        except DataError as e:
+            raise DataError(f"eval.zeroshot: {e}") from None
     return urls
 
 

@@ -158,15 +158,76 @@ def write_pairs_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m mmalign ...`` as a user would (on one thread, like every test); returns the finished process
-    (stdout, stderr, code)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of ``mmalign`` run by a test: this checkout, offline, one thread; plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, env: dict | None = None,
+            threads: int | None = 1) -> subprocess.CompletedProcess:
+    """Run ``python -m mmalign ...`` as a user would (on one thread, like every test, unless ``threads`` is None: then
+    as many as mmalign chooses); returns the finished process (stdout, stderr, code)."""
+    env = env or cli_env()
+    if threads is None:
+        env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"mmalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def torchrun_cli(*args: str) -> list[str]:
+    """The command that runs ``mmalign ARGS`` in 2 CPU processes under ``torchrun`` (environment:
+    ``cli_env(CUDA_VISIBLE_DEVICES="")``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "mmalign", *args]
+
+
+def start_cli(*args: str, log: Path) -> subprocess.Popen:
+    """Start ``python -m mmalign ...`` in the background, its stdout and stderr written to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "mmalign", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=cli_env(), cwd=REPO)
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    """``mmalign ARGS`` through ``mmalign.cli.main`` in this process (no seconds of imports per call): (exit status,
+    stdout, stderr). Logs go to the test's log capture (``caplog``), not to the returned stderr."""
+    import contextlib
+    import io
+
+    from mmalign.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def bounded_fields(cls: type, where: str = "") -> list:
+    """(dotted key, ``Bounds``) of every bounded field of a config class and its nested sections, optional ones
+    included."""
+    import dataclasses
+    import typing
+
+    from mmalign.bounds import BOUNDS
+
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if BOUNDS in f.metadata:
+            out.append((key, f.metadata[BOUNDS]))
+        hint = hints[f.name]
+        optional = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else ()
+        section = next((t for t in (hint, *optional) if dataclasses.is_dataclass(t)), None)  # a section, or optional
+        if section is not None:
+            out += bounded_fields(section, key)
+    return out
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:

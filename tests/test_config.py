@@ -84,10 +84,10 @@ def test_unknown_modality_kind(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr=-1", "train.lr must be a positive number"),
+    ("train.lr=-1", "train.lr must be a number > 0, got -1"),
     ("train.precision=fp8", "train.precision must be one of"),
     ("data.batch_size=many", "data.batch_size: expected an integer"),
-    ("train.steps=0", "train.steps must be > 0"),
+    ("train.steps=0", "train.steps must be a number >= 1, got 0"),
 ])
 def test_values_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):

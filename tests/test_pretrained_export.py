@@ -242,7 +242,7 @@ def test_lora_recipe_and_config_errors(tiny_text_model):
     assert recipe.model.modalities["text"].lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.model.modalities["image"].lora.r == 8
 
-    with pytest.raises(ConfigError, match="lora needs r > 0"):
+    with pytest.raises(ConfigError, match="lora.r must be a number >= 1"):
         load_config(None, ["run_dir=x", "data.train=x", "model.modalities.text.model=m",
                            "model.modalities.text.lora.r=0"])
     with pytest.raises(ConfigError, match="no linear or attention layers"):

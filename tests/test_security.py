@@ -41,11 +41,12 @@ def test_checkpoints_hold_no_pickles_and_restore_weights_rng_and_position(tmp_pa
     for step in (1, 2, 3):
         state = TrainState(step=step, epoch=1, batches_in_epoch=4, samples=40,
                            skipped={"counts": {"bad image": 2}, "examples": {"bad image": ["a.tar:k1"]}})
-        save_checkpoint(tmp_path, model, optimizer, scheduler, [process_record(state)], keep=2)
+        save_checkpoint(tmp_path, model, optimizer, scheduler, [process_record(state)], keep=2, recipe={}, frozen={})
     expected = (random.random(), np.random.rand(), torch.rand(3))
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
     path = checkpoint_dirs(tmp_path)[-1]
-    assert sorted(p.name for p in path.iterdir()) == ["model", "optimizer.pt", "scheduler.pt", "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model", "optimizer.pt", "recipe.json",
+                                                      "scheduler.pt", "trainer_state.json"]
     for pt in path.glob("*.pt"):
         torch.load(pt, weights_only=True)  # tensors, numbers and containers only
 
@@ -98,17 +99,17 @@ def test_remote_code_in_a_model_folder_is_not_run(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("seed=-1", "seed must be >= 0"),
+    ("seed=-1", "seed must be a number >= 0"),
     ("run_dir=' '", "run_dir must not be empty"),
-    ("data.shuffle_buffer=-5", "data.shuffle_buffer must be >= 0"),
-    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be in \[0, 1\]"),
-    ("train.betas=[0.9, 1.2]", r"train.betas must be two numbers in \[0, 1\)"),
-    ("train.eps=0", "train.eps must be a positive number"),
-    ("train.grad_clip=0", "train.grad_clip must be a positive number or null"),
-    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
-    ("train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row must be >= 1"),
+    ("data.shuffle_buffer=-5", "data.shuffle_buffer must be a number >= 0"),
+    ("data.max_bad_fraction=1.5", r"data.max_bad_fraction must be a number in \[0, 1\]"),
+    ("train.betas=[0.9, 1.2]", r"train.betas must be 2 numbers in \[0, 1\), got \[0.9, 1.2\]"),
+    ("train.eps=0", "train.eps must be a number > 0"),
+    ("train.grad_clip=0", "train.grad_clip must be a number > 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be a number >= 0"),
+    ("train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row must be a number >= 1"),
     ("model.logit_scale.init=500", r"model.logit_scale.init must be in \(0, model.logit_scale.max\]"),
-    ("model.logit_scale.max=.inf", "model.logit_scale.max must be a positive number"),
+    ("model.logit_scale.max=.inf", "model.logit_scale.max must be a number > 0, got inf"),
 ])
 def test_config_values_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):

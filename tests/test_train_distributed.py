@@ -2,16 +2,15 @@
 with the plain loss, with GradCache, and with an optional modality (presence masks in a pairwise variant)."""
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import (
-    REPO, _free_port, last_json, run_cli, shape_png, shape_sample, tiny_recipe, write_pairs_csv, write_shard,
+    REPO, cli_env, last_json, run_cli, shape_png, shape_sample, tiny_recipe, torchrun_cli, write_pairs_csv,
+    write_shard,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -46,11 +45,9 @@ def _recipe(tmp_path, name, shards, text_model, batch_size, *overrides):
 
 
 def _torchrun(recipe, sets, gpus: bool = False):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           **({} if gpus else {"CUDA_VISIBLE_DEVICES": ""})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mmalign", "train", str(recipe), *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    env = cli_env() if gpus else cli_env(CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(torchrun_cli("train", str(recipe), *sets), capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

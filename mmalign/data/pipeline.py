@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import tarfile
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -27,11 +28,12 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ..distributed import rank, world_size
 from ..errors import DataError
 from ..modalities import Modality
+from ..preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,28 @@ class Decoder:
         return out
 
 
+def shard_labels(urls: list[str]) -> Counter:
+    """Samples per label (``label.txt``/``cls``; ``None`` for samples without one) over ``urls``, from the tar headers
+    and the label members only: nothing is decoded, so a check of the labels costs a read of the shards, not an
+    evaluation. A shard that cannot be read is left out (the evaluation that reads it counts it as skipped)."""
+    counts: Counter = Counter()
+    for url in urls:
+        labels: dict[str, str | None] = {}  # sample key -> its label
+        try:
+            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                    if key is None:
+                        continue
+                    labels.setdefault(key, None)
+                    if ext in LABEL_KEYS:
+                        labels[key] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+        except Exception as e:  # unreadable or corrupt: what was read before still counts
+            log.debug("labels of %s: %s", url, describe_error(e))
+        counts.update(labels.values())
+    return counts
+
+
 def decode_label(sample: dict, where: str) -> str | None:
     label = next((sample[k] for k in LABEL_KEYS if k in sample), None)
     if not isinstance(label, bytes):
@@ -375,12 +399,13 @@ def make_dataset(
 def make_loader(dataset: wds.DataPipeline, workers: int, pin_memory: bool = False, seed: int = 0):
     """A DataLoader over a batched pipeline.
 
-    Its own generator keeps worker seeds deterministic and leaves the global RNG (dropout, ...) untouched.
+    Its own generator keeps worker seeds deterministic and leaves the global RNG (dropout, ...) untouched. Workers
+    ignore the stop signals a cluster sends to every process of a job: the loop finishes its step with them.
     """
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -6,19 +6,14 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
+from ..data.shards import write_shard_set
 
-import webdataset as wds
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
 
 def write_samples(samples: Iterable[dict], out_dir: Path, prefix: str, shard_size: int) -> str:
     """Write sample dicts (``__key__`` + ``name.ext`` bytes) to ``prefix-%06d.tar``; returns the brace pattern."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for sample in samples:
-            sink.write(sample)
-        n = sink.shard
-    return f"{out_dir}/{prefix}-{{{0:06d}..{n - 1:06d}}}.tar"
+    return write_shard_set(samples, out_dir, prefix, shard_size)["shards"]
 
 
 def cached_build(out_dir: Path, version: str, build) -> dict:

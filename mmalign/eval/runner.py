@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..config import GenerationConfig
 from ..data import expand_urls
-from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member
+from ..data.pipeline import ShardReader, SkipSample, SkipStats, decode_label, find_member, shard_labels
 from ..errors import ConfigError, DataError
 from ..io import atomic_write_text
 from ..modalities import Modality, inputs_to
@@ -26,9 +26,10 @@ from ..modalities.text import TextModality, parse_captions
 from .captioning import caption_exact_match, caption_metrics
 from .diagnostics import embedding_diagnostics
 from .embed import complete_samples, embed_shards
+from .linear_probe import linear_probe
 from .nway import nway_scores
-from .retrieval import bidirectional_retrieval, positives_by_owner, retrieval_metrics
-from .zeroshot import classification_metrics, read_lines, read_templates, zeroshot_classifier
+from .retrieval import bidirectional_retrieval, positives_by_group, retrieval_metrics, row_samples, shared_items
+from .zeroshot import check_labels, classification_metrics, read_classes, read_templates, zeroshot_classifier
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +101,27 @@ def abbrev(query: str | list[str], gallery: str) -> str:
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
-                      text: str = "text", batch_size: int = 256, num_workers: int = 0,
+                      text: str = "text", batch_size: int = 256, num_workers: int | None = 0,
                       score: str | None = None) -> dict:
-    """Zero-shot accuracy of ``query`` samples in ``data`` against class-name prompts; samples carry ``label.txt``.
+    """Zero-shot accuracy of ``query`` samples in ``data`` against class prompts; samples carry ``label.txt``.
+    ``zeroshot_samples_per_s``: samples decoded and embedded per second (``num_workers`` None: one worker per shard,
+    see :func:`~mmalign.eval.embed.eval_workers`).
 
-    With several query modalities the classes are scored against each sample's tuple (N-way zero-shot).
+    ``classes``: a classes file (:func:`~.zeroshot.read_classes`: names, or names with prompts of their own); the
+    shard labels are checked against it before anything is encoded. With several query modalities the classes are
+    scored against each sample's tuple (N-way zero-shot). Returns top-1/top-5, mean per-class recall, the recall of
+    each class (None for a class without samples) and the confusion matrix (rows: true class, columns: predicted).
     """
     queries = query_modalities(model, query, text)
-    classnames = read_lines(classes, "classes")
+    prompts = read_classes(classes)
+    classnames = list(prompts)
+    check_labels(data, classnames, classes)
     index = {c: i for i, c in enumerate(classnames)}
     emb = complete_samples(embed_shards(model, data, queries, batch_size, num_workers), queries)
     labels = emb["labels"]
     if not labels:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(queries)} present)")
-    unknown = sorted({str(lab) for lab in labels if lab not in index})
-    if unknown:
-        raise DataError(
-            f"{data}: sample labels not in {classes}: {', '.join(unknown[:5])}"
-            + (" ..." if len(unknown) > 5 else "") + " (each sample needs a label.txt naming one of the classes)"
-        )
-    classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size).cpu()
+    classifier = zeroshot_classifier(model, classnames, read_templates(templates), text, batch_size, prompts).cpu()
     target = torch.tensor([index[lab] for lab in labels])
     if len(queries) == 1:
         logits = emb["embeddings"][queries[0]] @ classifier
@@ -127,48 +129,106 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         logits = nway_scores({q: emb["embeddings"][q] for q in queries}, classifier.T, model_score(model, score))
     k5 = min(5, len(classnames))
     acc = classification_metrics(logits, target, topk=(1, k5))
-    per_class = {c: acc["per_class_recall"].get(i, 0.0) for c, i in index.items()}
+    confusion = torch.zeros(len(classnames), len(classnames), dtype=torch.long)
+    confusion.index_put_((target, torch.tensor(acc["predictions"])), torch.tensor(1), accumulate=True)
     out = {
         "zeroshot_top1": acc["acc1"],
         f"zeroshot_top{k5}": acc[f"acc{k5}"],
         "zeroshot_mean_per_class_recall": acc["mean_per_class_recall"],
         "zeroshot_n": len(labels),
+        "zeroshot_per_class_recall": {c: acc["per_class_recall"].get(i) for c, i in index.items()},
+        "zeroshot_confusion": {"classes": classnames, "matrix": confusion.tolist()},
         # CLIP_benchmark's keys (acc5 is top-min(5, classes), as every class is within the top 5 of fewer classes)
         "clip_benchmark": {"acc1": acc["acc1"], "acc5": acc[f"acc{k5}"],
                            "mean_per_class_recall": acc["mean_per_class_recall"]},
-        "_per_class": per_class,
-        "_confusion": (target.tolist(), acc["predictions"], classnames),
         "skipped": emb["skipped"].get("counts", {}),
+        "zeroshot_samples_per_s": round(emb["samples_per_s"], 1),
     }
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
     return out
 
 
-def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
-                       num_workers: int = 0, score: str | None = None) -> dict:
-    """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several gallery items per sample allowed.
+def evaluate_linear_probe(model, train_data: str, data: str, query: str | None = None, batch_size: int = 256,
+                          num_workers: int | None = 0) -> dict:
+    """Linear probe: logistic regression on the frozen ``query`` embeddings of ``train_data`` (its L2 strength chosen
+    on a held-out fifth), scored on ``data`` (:mod:`~.linear_probe`). Classes are the training labels; every sample
+    needs a ``label.txt``, and the labels are checked before anything is encoded."""
+    query = query or default_query(model)
+    if query not in model.modalities:
+        raise ConfigError(f"model has no modality {query!r} (a linear probe reads one modality's embeddings); it has "
+                          f"{', '.join(model.modalities)}")
+    queries = [query]
+    counts = shard_labels(expand_urls(train_data))
+    if counts.get(None):
+        raise DataError(f"{train_data}: {counts[None]} sample(s) have no label.txt (each needs one naming its class)")
+    classnames = sorted(counts)
+    if len(classnames) < 2:
+        raise DataError(f"{train_data}: a linear probe needs at least 2 classes, the labels name {len(classnames)}")
+    check_labels(data, classnames, f"the training labels of {train_data}")
+    index = {c: i for i, c in enumerate(classnames)}
+    sets = {}
+    for name, spec in (("train", train_data), ("test", data)):
+        emb = complete_samples(embed_shards(model, spec, queries, batch_size, num_workers), queries)
+        if not emb["keys"]:
+            raise DataError(f"{spec}: no usable samples (with {queries[0]} present)")
+        sets[name] = (emb["embeddings"][queries[0]], torch.tensor([index[lab] for lab in emb["labels"]]),
+                      emb["skipped"].get("counts", {}))
+    logits, weight_decay = linear_probe(sets["train"][0], sets["train"][1], sets["test"][0], len(classnames))
+    k5 = min(5, len(classnames))
+    acc = classification_metrics(logits, sets["test"][1], topk=(1, k5))
+    return {
+        "linear_probe_top1": acc["acc1"],
+        f"linear_probe_top{k5}": acc[f"acc{k5}"],
+        "linear_probe_mean_per_class_recall": acc["mean_per_class_recall"],
+        "linear_probe_per_class_recall": {c: acc["per_class_recall"].get(i) for c, i in index.items()},
+        "linear_probe_n": len(sets["test"][1]),
+        "linear_probe_n_train": len(sets["train"][1]),
+        "linear_probe_weight_decay": weight_decay,
+        "linear_probe_query": queries[0],
+        "skipped": {"train": sets["train"][2], "test": sets["test"][2]},
+    }
 
+
+POSITIVES = ("sample", "label")  # what counts as a correct retrieval: the query's own sample's items, or its class's
+
+
+def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
+                       num_workers: int | None = 0, score: str | None = None, positives: str = "sample") -> dict:
+    """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several items per sample on either side allowed.
+
+    ``positives``: ``sample`` (the items of the query's own sample are correct) or ``label`` (every item whose
+    sample has the query's ``label.txt``). With ``sample``, items equal to one of another sample (a caption several
+    samples carry) are counted and warned about: retrieval cannot tell such samples apart (``retrieval_distinct_*``).
     With a text gallery (or text queries) the result also carries CLIP_benchmark's keys under ``clip_benchmark``:
     ``text_retrieval_recall@k`` (each non-text item retrieves its texts) and ``image_retrieval_recall@k`` (each text
     retrieves its item; named "image" as in CLIP_benchmark whatever the non-text modality). ``_retrieval`` (the
     embeddings, sample keys and owners) and ``_recall_curve`` are for the report. With several query modalities:
     N-way retrieval of the gallery items from each sample's tuple (that direction only; see ``nway_retrieval``).
     """
+    if positives not in POSITIVES:
+        raise ConfigError(f"positives must be {' or '.join(POSITIVES)}, got {positives!r}")
     queries = query_modalities(model, query, gallery)
     names = queries + [gallery]
     emb = complete_samples(embed_shards(model, data, names, batch_size, num_workers), names)
     if not emb["keys"]:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(names)} present)")
     if len(queries) > 1:
-        return nway_retrieval(emb, queries, gallery, model_score(model, score))
+        return {**nway_retrieval(emb, queries, gallery, model_score(model, score)),
+                "retrieval_samples_per_s": round(emb["samples_per_s"], 1)}
     query = queries[0]
     q, g = emb["embeddings"][query], emb["embeddings"][gallery]
+    samples = {name: row_samples(emb["owners"][name], emb["embeddings"][name].shape[0]) for name in names}
+    groups = samples if positives == "sample" else label_groups(emb["labels"], samples, data)
     ks = recall_ks(max(g.shape[0], q.shape[0]))
-    metrics = bidirectional_retrieval(q, g, emb["owners"][gallery], query[0], gallery[0], ks=ks)
+    metrics = bidirectional_retrieval(q, g, groups[gallery], query[0], gallery[0], ks=ks, a_owner=groups[query])
     directions = (f"{query[0]}2{gallery[0]}", f"{gallery[0]}2{query[0]}")
     out = {f"retrieval_{k}": v for k, v in metrics.items() if headline(k)}
-    out["retrieval_n"] = q.shape[0]
+    out["retrieval_n"] = len(emb["keys"])
+    out["retrieval_positives"] = positives
+    if positives == "sample":
+        out.update(warn_about_shared_items(emb, names, samples))
+    out["retrieval_samples_per_s"] = round(emb["samples_per_s"], 1)
     kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
     if "text" in kinds and kinds[0] != kinds[1]:
         to_text, to_other = directions if kinds[1] == "text" else directions[::-1]
@@ -178,9 +238,38 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
         }
     out["_recall_curve"] = {d: {k: metrics[f"{d}_R@{k}"] for k in ks} for d in directions}
     out["_retrieval"] = {"data": data, "query": query, "gallery": gallery, "query_embeddings": q,
-                         "gallery_embeddings": g, "owners": emb["owners"][gallery], "keys": emb["keys"]}
+                         "gallery_embeddings": g, "query_groups": groups[query], "gallery_groups": groups[gallery],
+                         "query_samples": samples[query], "gallery_samples": samples[gallery], "keys": emb["keys"]}
     out["_similarity"] = (q[:32] @ g[:64].T)
     out["skipped"] = emb["skipped"].get("counts", {})
+    return out
+
+
+def label_groups(labels: list, samples: dict[str, torch.Tensor], data: str) -> dict[str, torch.Tensor]:
+    """Each row's class (an index into the distinct labels), for ``positives: label``."""
+    unlabelled = sum(label is None for label in labels)
+    if unlabelled:
+        raise DataError(f"{data}: {unlabelled} of {len(labels)} samples have no label.txt; --positives label "
+                        f"counts same-label items as positives, so every sample needs one")
+    index = {label: i for i, label in enumerate(sorted(set(labels)))}
+    sample_class = torch.tensor([index[label] for label in labels])
+    return {name: sample_class[rows] for name, rows in samples.items()}
+
+
+def warn_about_shared_items(emb: dict, names: list[str], samples: dict[str, torch.Tensor]) -> dict:
+    """``retrieval_distinct_<name>``: how many distinct embeddings a modality's items have, where several samples
+    share one (a repeated caption, or inputs the model maps to one point), with a warning: a query then finds the
+    other samples' equal items as high as its own, and those count as wrong."""
+    out = {}
+    for name in names:
+        distinct, shared = shared_items(emb["embeddings"][name], samples[name])
+        if shared:
+            out[f"retrieval_distinct_{name}"] = distinct
+            log.warning("retrieval: the %d %s items have only %d distinct embeddings (repeated items, or inputs the "
+                        "model maps to one point); %d items share theirs with other samples, and retrieval cannot "
+                        "tell those apart: an equal item of another sample counts as wrong, so R@k is low by "
+                        "construction. --positives label counts same-label items as positives",
+                        len(samples[name]), name, distinct, shared)
     return out
 
 
@@ -194,8 +283,8 @@ def nway_retrieval(emb: dict, queries: list[str], gallery: str, method: str) -> 
         return nway_scores(dict(zip(queries, rows.unbind(1))), items, method)
 
     ks = recall_ks(g.shape[0])
-    metrics = retrieval_metrics(tuples, g, positives_by_owner(owner, tuples.shape[0], g.shape[0]), ks=ks, map_at=10,
-                                similarity=scores)
+    positives = positives_by_group(torch.arange(tuples.shape[0]), row_samples(owner, g.shape[0]))
+    metrics = retrieval_metrics(tuples, g, positives, ks=ks, map_at=10, similarity=scores)
     direction = abbrev(queries, gallery)
     out = {f"retrieval_{direction}_{k}": v for k, v in metrics.items() if headline(k)}
     out["retrieval_score"] = method

@@ -273,8 +273,6 @@ class AudioModality(Modality):
             require(module, "audio", f"audio modality {name!r}")
         if cfg.eval_crop not in EVAL_CROPS:
             raise ConfigError(f"modality {name!r}: eval_crop must be one of {', '.join(EVAL_CROPS)}")
-        if cfg.eval_windows < 1 or cfg.clip_seconds <= 0 or (cfg.channel or 0) < 0:
-            raise ConfigError(f"modality {name!r}: eval_windows must be >= 1, clip_seconds > 0 and channel >= 0")
         with named_errors(name):
             self.features = self.spec.features(cfg)
         self.rate = cfg.sample_rate
@@ -286,7 +284,7 @@ class AudioModality(Modality):
         aug = cfg.augment
         for key in ("gain_db", "noise_snr_db"):
             bounds = getattr(aug, key)
-            if bounds is not None and (len(bounds) != 2 or float(bounds[0]) > float(bounds[1])):
+            if bounds is not None and bounds[0] > bounds[1]:
                 raise ConfigError(f"modality {name!r}: augment.{key} must be [low, high] with low <= high")
         if self.features.axes is None and (aug.freq_masks or aug.time_masks):
             raise ConfigError(f"modality {name!r}: SpecAugment needs spectrogram features; {cfg.model!r} takes "
@@ -425,7 +423,8 @@ class MelCNN(nn.Module):
 
 
 register_tower("audio", "mel_cnn", AudioTowerSpec(build=lambda cfg: MelCNN(cfg.n_mels, **cfg.tower_kwargs),
-                                                   defaults=lambda cfg: {"features": "logmel"}, features=OwnFeatures))
+                                                   defaults=lambda cfg: {"features": "logmel"}, features=OwnFeatures,
+                                                   tower_kwargs=MelCNN))
 
 
 class HFAudioTower(nn.Module):

@@ -26,6 +26,9 @@ sample in evaluation: ``<name>__owner``.
 """
 from __future__ import annotations
 
+import inspect
+import re
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..bounds import check_bounds
 from ..errors import ConfigError, closest
 from ..modality_config import ModalityConfig, register_modality_config
 
@@ -54,12 +58,16 @@ class TowerSpec:
     fills only fields left unset, before anything is built. ``model``: what the config's ``model`` names for this
     tower (e.g. "an open_clip architecture name, e.g. ViT-B-32"); set when the tower needs one. ``export``: format
     -> a function of the built tower giving what that export format writes for it (see ``mmalign.export``).
+    ``tower_kwargs``: the class or function the config's ``tower_kwargs`` go to; its parameters with a default are
+    the keys a recipe may set, checked with their annotated types before anything is built (None where they pass on
+    to a library, open_clip, timm or transformers, which checks them as it builds).
     """
 
     build: Callable[[Any], nn.Module]
     defaults: Callable[[Any], dict[str, Any]] = no_defaults
     model: str = ""
     export: Mapping[str, Callable[[nn.Module], Any]] = field(default_factory=dict)
+    tower_kwargs: Callable[..., Any] | None = None
 
 
 MODALITIES: dict[str, type["Modality"]] = {}
@@ -81,6 +89,7 @@ class Modality:
         self.name = name
         self.cfg = cfg
         self.resolve(cfg)
+        check_bounds(cfg, lambda key: f"modality {name!r}: {key}")
         if cfg.optional and type(self).placeholder is Modality.placeholder:
             raise ConfigError(f"modality {name!r} cannot be optional: kind {self.kind!r} defines no placeholder() "
                               f"for absent items")
@@ -103,6 +112,9 @@ class Modality:
         spec = towers[cfg.tower]
         if spec.model and not cfg.model:
             raise ConfigError(f"modality {self.name!r}: {self.kind} tower {cfg.tower} needs 'model' ({spec.model})")
+        if spec.tower_kwargs is not None:
+            with named_errors(self.name):
+                check_kwargs(spec.tower_kwargs, cfg.tower_kwargs, f"{cfg.tower} tower_kwargs")
         with named_errors(self.name):
             tower_defaults = spec.defaults(cfg)
         for source in (tower_defaults, self.defaults):
@@ -144,7 +156,15 @@ class Modality:
         raise NotImplementedError
 
     def build_tower(self) -> nn.Module:
-        return self.spec.build(self.cfg)
+        """The tower; a ``tower_kwargs`` key its builder does not take (a library's tower) is a ``ConfigError``."""
+        try:
+            return self.spec.build(self.cfg)
+        except TypeError as e:
+            key = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if key is None or key[1] not in self.cfg.tower_kwargs:
+                raise
+            raise ConfigError(f"modality {self.name!r}: {self.cfg.tower} tower_kwargs: {key[1]!r} is not an option "
+                              f"of the tower ({e})") from None
 
     def save_assets(self, tower: nn.Module, directory: Path) -> dict:
         """Write what is needed to rebuild the tower without its original source (tokenizer, HF config).
@@ -173,6 +193,37 @@ def named_errors(name: str) -> Iterator[None]:
         if str(e).startswith("modality "):
             raise
         raise ConfigError(f"modality {name!r}: {e}") from None
+
+
+SIMPLE_TYPES = {int: "an integer", float: "a number", bool: "true/false", str: "a string", tuple: "a list"}
+
+
+def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> None:
+    """Check ``kwargs`` against the parameters of ``fn`` that have a default (those a caller sets, the others being
+    filled by the builder): an unknown key is an error naming the closest one, a value of the wrong simple type
+    (int, float, bool, str, tuple; as annotated) an error naming the type."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if p.default is not p.empty and p.kind is not p.VAR_POSITIONAL]
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except (NameError, TypeError):  # annotations that do not resolve: keys only
+        hints = {}
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}{closest(key, allowed)}; the tower takes "
+                              f"{', '.join(allowed) or 'none'}")
+        wanted = hints.get(key)
+        if wanted in SIMPLE_TYPES and not is_a(value, wanted):
+            raise ConfigError(f"{where}.{key} must be {SIMPLE_TYPES[wanted]}, got {value!r}")
+
+
+def is_a(value: Any, wanted: type) -> bool:
+    """``isinstance`` as a recipe means it: an int is a number, a list a tuple, a bool no number."""
+    if wanted in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, {float: (int, float), tuple: (list, tuple)}.get(wanted, wanted))
 
 
 def register_modality(cls: type[Modality]) -> type[Modality]:

@@ -150,5 +150,6 @@ def _build(cls: type[nn.Module], cfg: TimeseriesConfig) -> nn.Module:
     return tower
 
 
-register_tower("timeseries", "resnet1d", TowerSpec(build=lambda cfg: _build(ResNet1d, cfg)))
-register_tower("timeseries", "patch_transformer", TowerSpec(build=lambda cfg: _build(PatchTransformer, cfg)))
+register_tower("timeseries", "resnet1d", TowerSpec(build=lambda cfg: _build(ResNet1d, cfg), tower_kwargs=ResNet1d))
+register_tower("timeseries", "patch_transformer", TowerSpec(build=lambda cfg: _build(PatchTransformer, cfg),
+                                                           tower_kwargs=PatchTransformer))
