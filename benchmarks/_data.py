@@ -41,13 +41,15 @@ def photo(rng: random.Random, width: int, height: int, fmt: str = "png") -> byte
 
 
 def image_text_shards(n_samples: int, shard_size: int, image_px: int | tuple[int, int], work_dir: Path = WORK_DIR,
-                      fmt: str = "png") -> list[str]:
+                      fmt: str = "png", labelled: bool = False) -> list[str]:
     """``n_samples`` image (``image.png`` or ``image.jpg``) + caption (``text.txt``) samples in shards of
     ``shard_size`` under ``work_dir``; an image's sides are ``image_px``, or each drawn from the range ``(low,
-    high)``. Built once per setting (seeded, so every run reads the same bytes) and reused. Returns their paths."""
+    high)``; ``labelled``: each sample also names one of ``THINGS`` in ``label.txt`` (zero-shot classes). Built
+    once per setting (seeded, so every run reads the same bytes) and reused. Returns their paths."""
     low, high = (image_px, image_px) if isinstance(image_px, int) else image_px
     size = f"{low}px" if low == high else f"{low}-{high}px"
-    out = work_dir / f"shards-{n_samples}x{size}-{shard_size}{'' if fmt == 'png' else '-' + fmt}"
+    out = work_dir / (f"shards-{n_samples}x{size}-{shard_size}{'' if fmt == 'png' else '-' + fmt}"
+                      f"{'-labelled' if labelled else ''}")
 
     def side(rng: random.Random) -> int:
         return low if low == high else rng.randint(low, high)
@@ -55,7 +57,8 @@ def image_text_shards(n_samples: int, shard_size: int, image_px: int | tuple[int
     def build(path: Path) -> dict:
         rng = random.Random(0)
         samples = ({"__key__": f"s{i:06d}", f"image.{fmt}": photo(rng, side(rng), side(rng), fmt),
-                    "text.txt": caption(rng).encode()} for i in range(n_samples))
+                    "text.txt": caption(rng).encode(),
+                    **({"label.txt": rng.choice(THINGS).encode()} if labelled else {})} for i in range(n_samples))
         write_samples(samples, path, "train", shard_size)
         return {"shards": sorted(str(p) for p in path.glob("train-*.tar"))}
 

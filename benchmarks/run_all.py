@@ -10,6 +10,8 @@ MODULES = [
     "benchmarks.bench_losses",
     "benchmarks.bench_train_step",
     "benchmarks.bench_data",
+    "benchmarks.bench_eval",
+    "benchmarks.bench_torchrun",
 ]
 
 

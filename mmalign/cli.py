@@ -30,9 +30,14 @@ def cmd_train(args) -> dict:
     from .recipes import recipe_file
     from .train import train
 
+    overrides = list(args.set)
+    if args.resume_from:
+        overrides.append(f"train.resume_from={args.resume_from}")
+    if args.no_resume:
+        overrides.append("train.resume=false")
     try:
         with recipe_file(args.recipe) as path:
-            cfg = load_config(path, args.set)
+            cfg = load_config(path, overrides)
         return train(cfg)
     finally:
         leave_process_group()
@@ -77,10 +82,10 @@ def cmd_data(args) -> dict:
 
 def cmd_export(args) -> dict:
     from .export import export_model
-    from .rundir import load_model, resolve_model_dir, source_run
+    from .rundir import load_model_dir, resolve_model_dir, source_run
 
     model_dir = resolve_model_dir(args.model)
-    return export_model(load_model(model_dir), args.to, args.format, run=source_run(model_dir))
+    return export_model(load_model_dir(model_dir), args.to, args.format, run=source_run(model_dir))
 
 
 def cmd_report(args) -> dict:
@@ -125,15 +130,29 @@ def integer(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
+    """How an evaluation reads and embeds its shards: batch size and DataLoader workers."""
+    parser.add_argument("--batch-size", type=integer(1), default=256)
+    parser.add_argument("--workers", type=integer(0), default=None,
+                        help="DataLoader workers decoding the shards (default: one per shard, at most 4 and the CPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mmalign", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a recipe (resumes from the run directory's last checkpoint)")
+    p = sub.add_parser("train", help="train from a recipe (resumes from the run directory's last checkpoint)",
+                       epilog="exit codes: 0 done, 2 error (one line), 75 stopped by SIGTERM/SIGUSR1/Ctrl-C after "
+                              "writing a checkpoint (run the same command to resume), 130 second Ctrl-C")
     p.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (`mmalign recipes` lists them)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    resuming = p.add_mutually_exclusive_group()
+    resuming.add_argument("--resume-from", metavar="CHECKPOINT",
+                          help="resume from this checkpoint folder instead of the run's newest (train.resume_from)")
+    resuming.add_argument("--no-resume", action="store_true",
+                          help="start a new run; refused if run_dir already holds one (train.resume: false)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot classification, retrieval or a linear probe with a trained model")
@@ -148,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--score", default=None,
                        help="N-way score: mip (Symile), volume (GRAM), cosine (sum of cosines, pairwise); "
                             "default: the one the model was trained with")
-        q.add_argument("--batch-size", type=integer(1), default=256)
-        q.add_argument("--workers", type=integer(0), default=0)
+        add_encoding_flags(q)
         if what == "zeroshot":
             q.add_argument("--classes", required=True,
                            help="file with one class name per line (as the samples' label.txt names them), or "
@@ -168,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-data", required=True, help="labelled shards to fit the classifier on")
     q.add_argument("--data", required=True, help="labelled shards to score it on")
     q.add_argument("--query", default=None, help="modality whose embeddings are probed (default: the non-text one)")
-    q.add_argument("--batch-size", type=integer(1), default=256)
-    q.add_argument("--workers", type=integer(0), default=0)
+    add_encoding_flags(q)
     q.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("caption", help="generate captions with a CoCa model; scored when the data has references")
@@ -243,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.fn(args)
     except MMAlignError as e:
-        print(f"mmalign: error: {e}", file=sys.stderr)
-        return 2
+        print(f"mmalign: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("mmalign: interrupted", file=sys.stderr)
         return 130

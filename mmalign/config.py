@@ -82,6 +82,19 @@ class DataConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Fully sharded data parallel (PyTorch FSDP2, ``fully_shard``, through Accelerate's
+    ``FullyShardedDataParallelPlugin``): each process holds a shard of the parameters, gradients and optimiser state,
+    for towers that do not fit one device. Each tower's blocks are sharded as units
+    (``AlignmentModel._no_split_modules``). GPUs (or other accelerators) only: Accelerate runs CPU processes with
+    DistributedDataParallel."""
+
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (ZeRO-3), or keep them
+    cpu_offload: bool = False  # keep the sharded parameters and optimiser state in CPU memory
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+
+
+@dataclass
 class TrainConfig:
     steps: int = bounded(1000, ge=1)
     lr: float = bounded(1e-3, gt=0)
@@ -94,12 +107,16 @@ class TrainConfig:
     gradcache_chunk: Optional[int] = bounded(None, ge=1)
     grad_clip: Optional[float] = bounded(1.0, gt=0)  # max gradient norm; null: no clipping
     precision: str = "no"  # "no" | "fp16" | "bf16"
+    compile: bool = False  # torch.compile the model (inductor); the first steps take longer while it compiles
     device: str = "auto"  # "auto" | "cpu"
+    fsdp: Optional[FsdpConfig] = None  # shard the model over the processes instead of replicating it (GPUs)
     checkpoint_every: int = bounded(500, ge=1)
     keep_last: int = bounded(2, ge=1)
     log_every: int = bounded(10, ge=1)
     # stop after this many consecutive steps with a non-finite loss or gradient
     max_nonfinite_in_row: int = bounded(20, ge=1)
+    resume: bool = True  # false (`--no-resume`): start a new run; refused when run_dir already holds one
+    resume_from: Optional[str] = None  # a checkpoint folder to resume from instead of run_dir's newest (`--resume-from`)
 
 
 @dataclass
@@ -305,6 +322,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# What a resumed run may change: nothing here shapes the model or its data, and the checkpoint's optimiser state does
+# not hold it. Any other change (towers, sizes, embed_dim, loss, data, seed, optimiser settings) needs a new run.
+RESUMABLE = ("run_dir", "train.steps", "train.warmup_steps", "train.grad_accum", "train.gradcache_chunk",
+             "train.grad_clip", "train.precision", "train.device", "train.checkpoint_every", "train.keep_last",
+             "train.log_every", "train.max_nonfinite_in_row", "train.resume", "train.resume_from", "data.num_workers",
+             "data.max_bad_fraction", "eval")
+_UNSET = object()
+
+
+def recipe_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """What differs between a run's saved recipe and the one resuming it, as ``key: old -> new`` lines: (changes a
+    resumed run cannot take, changes it applies). Both are resolved recipes (``to_dict``); keys a newer mmalign
+    added read as their defaults."""
+    try:
+        saved = to_dict(from_dict(Config, saved))
+    except ConfigError:  # keys this mmalign no longer has: compare as saved
+        pass
+    refused, applied = [], []
+    for key, old, value in _differences(saved, new, ""):
+        resumable = any(key == k or key.startswith(k + ".") for k in RESUMABLE)
+        (applied if resumable else refused).append(f"{key}: {_shown(old)} -> {_shown(value)}")
+    return refused, applied
+
+
+def _differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(old.keys() | new.keys(), key=str)
+                for d in _differences(old.get(key, _UNSET), new.get(key, _UNSET), _join(where, key))]
+    return [] if old == new else [(where, old, new)]
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is _UNSET else repr(value)
+
+
 def validate(cfg: Config, source: str = "config") -> None:
     """Check required keys, ranges (every field's ``bounds``) and enums; raise ``ConfigError`` naming the key."""
     _require(cfg, source)
@@ -314,8 +366,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     t, ls = cfg.train, cfg.model.logit_scale
     checks = [
         (cfg.run_dir.strip() != "", "run_dir must not be empty"),
+        (t.resume or t.resume_from is None, "train.resume_from (--resume-from) needs train.resume (not --no-resume)"),
         (t.precision in ("no", "fp16", "bf16"), "train.precision must be one of no, fp16, bf16"),
         (t.device in ("auto", "cpu"), "train.device must be 'auto' or 'cpu'"),
+        (t.fsdp is None or not t.gradcache_chunk,
+         "train.fsdp does not combine with train.gradcache_chunk (GradCache encodes outside the sharded forward)"),
         (cfg.eval.retrieval.positives in ("sample", "label"), "eval.retrieval.positives must be sample or label"),
         (ls.init is None or ls.init <= ls.max, "model.logit_scale.init must be in (0, model.logit_scale.max]"),
     ]

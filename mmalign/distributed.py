@@ -5,8 +5,14 @@ process group is initialised, so the same loss code runs on one process and on m
 """
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 import torch.distributed as dist
+
+from .errors import MMAlignError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -56,10 +62,30 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise sums of ``values`` over all ranks (``values`` itself on one process); every rank must call it."""
+def sum_over_ranks(values: list[float | torch.Tensor], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (``values`` itself on one process); every rank must call it.
+
+    Entries may be numbers or 0-d tensors on ``device``; the host reads the result once (one host-device sync)."""
     if not is_distributed():
         return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(t)
     return t.tolist()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run by the main process (rank 0) alone; its result, or the ``MMAlignError`` it raised, reaches every
+    process (pickled), so a failure the user can fix stops all of them with the same one-line message."""
+    if not is_distributed():
+        return fn()
+    outcome: list = [None]
+    if rank() == 0:
+        try:
+            outcome = [(True, fn())]
+        except MMAlignError as e:
+            outcome = [(False, e)]
+    dist.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

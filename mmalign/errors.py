@@ -6,7 +6,11 @@ from typing import Iterable
 
 
 class MMAlignError(Exception):
-    """Base class of errors caused by the user's input (config, data, paths), not by a bug."""
+    """Base class of errors caused by the user's input (config, data, paths) or the machine (a full disk), not by a
+    bug: the CLI prints ``mmalign: <label>: <message>`` and exits with ``exit_code``."""
+
+    label = "error"
+    exit_code = 2
 
 
 class ConfigError(MMAlignError):
@@ -15,6 +19,14 @@ class ConfigError(MMAlignError):
 
 class DataError(MMAlignError):
     """A data file, shard or sample cannot be used."""
+
+
+class RunStopped(MMAlignError):
+    """Training stopped on request (SIGTERM, SIGUSR1, Ctrl-C) after writing a checkpoint: re-running the same command
+    resumes. Its exit code, 75 (``EX_TEMPFAIL``: try again later), tells a job script to requeue."""
+
+    label = "stopped"
+    exit_code = 75
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

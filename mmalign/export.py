@@ -94,13 +94,17 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, head: nn.Linear
 
 
 def head_layers(module: nn.Module) -> list[nn.Module]:
-    """A projection head as a flat list of ``nn.Linear`` and activation modules, applied in order."""
+    """A projection head as a flat list of ``nn.Linear`` and activation modules, applied in order: a Sequential, or
+    a module made of linear layers and activations only, registered in the order it applies them (transformers'
+    projection layers, e.g. CLAP's ``ClapProjectionLayer``: linear, activation, linear)."""
     if isinstance(module, nn.Identity):
         return []
     if isinstance(module, nn.Linear) or type(module).__name__ in ACTIVATIONS:
         return [module]
-    if isinstance(module, nn.Sequential):
-        return [layer for child in module for layer in head_layers(child)]
+    children = list(module.children())
+    if isinstance(module, nn.Sequential) or (children and all(
+            isinstance(c, nn.Linear) or type(c).__name__ in ACTIVATIONS for c in children)):
+        return [layer for child in children for layer in head_layers(child)]
     raise ConfigError(f"cannot describe head {type(module).__name__} as linear layers and activations")
 
 
@@ -178,10 +182,12 @@ def dual_encoder(model):
     towers_missing = [k for k in result.missing_keys if not k.startswith("logit_")]
     if towers_missing or result.unexpected_keys:
         return f"weights do not match {type(dual).__name__}: {(towers_missing + result.unexpected_keys)[:3]}"
-    with torch.no_grad():
-        dual.logit_scale.copy_(model.log_logit_scale.detach())
-        if hasattr(dual, "logit_bias"):
-            dual.logit_bias.fill_(model.logit_bias.item() if model.logit_bias is not None else 0.0)
+    with torch.no_grad():  # logit_scale (ClapModel: logit_scale_a and logit_scale_t, one per direction), logit_bias
+        for name, p in dual.named_parameters(recurse=False):
+            if name.startswith("logit_scale"):
+                p.copy_(model.log_logit_scale.detach())
+            elif name == "logit_bias":
+                p.fill_(model.logit_bias.item() if model.logit_bias is not None else 0.0)
     return dual
 
 
@@ -238,17 +244,6 @@ def save_preprocessors(model, out: Path, names: list[str], per_modality: bool = 
 # ------------------------------------------------------------------------------------------------ open_clip
 
 
-def open_clip_model_cfg(name: str) -> dict:
-    import open_clip
-
-    if name.startswith("local-dir:"):
-        return json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())["model_cfg"]
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ConfigError(f"open_clip export needs the config of {name!r} (a built-in name or local-dir:)")
-    return cfg
-
-
 def fold_into(state: dict, key: str, head: nn.Module) -> None:
     """Fold a linear head into the projection at ``key``: a parameter used as ``x @ P`` or an ``nn.Linear``."""
     if isinstance(head, nn.Identity):
@@ -277,14 +272,15 @@ def export_open_clip(model, out: Path) -> dict:
     if image.model_name != text.model_name:
         raise ConfigError(f"export open_clip: the towers are different architectures "
                           f"({image.model_name} vs {text.model_name})")
-    model_cfg = copy.deepcopy(open_clip_model_cfg(image.model_name))
+    model_cfg = {**copy.deepcopy(image.model_cfg), "text_cfg": copy.deepcopy(text.model_cfg["text_cfg"]),
+                 "embed_dim": model.config.embed_dim}
     state = {**image.state, **text.state}
     fold_into(state, image.projection, model.adapters[images[0]].proj)
     fold_into(state, text.projection, model.adapters[texts[0]].proj)
-    model_cfg["embed_dim"] = model.config.embed_dim
-    state["logit_scale"] = model.log_logit_scale.detach().reshape(state["logit_scale"].shape).clone()
-    if "logit_bias" in state and model.logit_bias is not None:
-        state["logit_bias"] = model.logit_bias.detach().reshape(state["logit_bias"].shape).clone()
+    state["logit_scale"] = model.log_logit_scale.detach().clone()  # open_clip's: a 0-dim log scale
+    if model_cfg.get("init_logit_bias") is not None:  # an architecture with a bias (SigLIP) needs one
+        bias = model.logit_bias if model.logit_bias is not None else torch.tensor(model_cfg["init_logit_bias"])
+        state["logit_bias"] = bias.detach().reshape(()).clone()
     cfg = model.modalities[images[0]].cfg
     preprocess = {"size": cfg.image_size, "mean": list(cfg.mean), "std": list(cfg.std),
                   "interpolation": cfg.interpolation, "resize_mode": cfg.resize_mode}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import atomic_write_text, writing
 
 METRICS = "metrics.jsonl"
 
@@ -35,15 +35,18 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        truncate_metrics(run_dir / METRICS, step)
-        self.file = open(run_dir / METRICS, "a")
+        self.path = run_dir / METRICS
+        with writing(self.path):
+            truncate_metrics(self.path, step)
+            self.file = open(self.path, "a")
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        with writing(self.path):  # a full disk: one error line; a line cut short is dropped on resume
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}", v, row["step"])

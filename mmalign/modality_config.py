@@ -48,6 +48,16 @@ class ModalityConfig:
     trust_remote_code: bool = False
     optional: bool = False  # samples may lack it: batches carry "<name>__present", the model a learned missing embedding
 
+    @property
+    def fully_locked(self) -> bool:
+        """Every weight of the tower frozen: ``lock`` with no unlocked layers, norms or LoRA."""
+        return self.lock and self.lora is None and self.unlocked_layers == 0 and not self.unlock_norms
+
+    @property
+    def caches_features(self) -> bool:
+        """The tower's features are cached per distinct input (``cache_frozen`` on a fully locked tower)."""
+        return self.cache_frozen and self.fully_locked
+
 
 @dataclass
 class ImageConfig(ModalityConfig):

@@ -10,19 +10,22 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Mapping
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from .config import GenerationConfig, ModelConfig, from_dict, to_dict
-from .errors import ConfigError
+from .distributed import sum_over_ranks
+from .errors import ConfigError, MMAlignError
 from .heads.generation import generate
 from .io import atomic_dir, write_json
 from .losses.caption import caption_targets
 from .losses.contract import AlignmentOutput
 from .modalities import Modality, ModalityAdapter, build_modality, merge_lora
+from .modalities.tuning import tower_blocks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,14 @@ class AlignmentModel(nn.Module):
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Class names of the towers' blocks (``tuning.tower_blocks``; generic containers left out): the units that
+        FSDP shards. Accelerate's transformer-based wrap policy reads this, as it does for a transformers model."""
+        names = {type(block).__name__ for adapter in self.adapters.values()
+                 for block in (tower_blocks(adapter.tower) or ())}
+        return sorted(names - {"Sequential", "ModuleList"})
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_logit_scale.exp()
@@ -147,9 +158,34 @@ class AlignmentModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------- save / load
 
-    def save_pretrained(self, directory: str | Path, metadata: dict[str, str] | None = None) -> None:
+    def frozen_towers(self) -> list[str]:
+        """The modalities whose tower never changes in training (fully locked: no trainable layer, norm or LoRA)."""
+        return [name for name, adapter in self.adapters.items() if adapter.fully_locked]
+
+    def weights(self, skip_towers: Collection[str] = ()) -> dict[str, torch.Tensor]:
+        """The tensors ``model.safetensors`` holds: the state dict without the towers of ``skip_towers``; a storage
+        shared by several names (tied weights) is kept once, under its first name, as ``safetensors`` needs."""
+        skip = tuple(f"adapters.{name}.tower." for name in skip_towers)
+        kept, seen = {}, set()
+        for key, tensor in self.state_dict().items():
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+            if not key.startswith(skip) and ident not in seen:
+                kept[key] = tensor.contiguous()
+            seen.add(ident)
+        return kept
+
+    def save_tower(self, name: str, path: str | Path) -> None:
+        """The weights of modality ``name``'s tower alone, as safetensors (``load_weights(..., towers=)`` reads them)."""
+        save_model(self.adapters[name].tower, str(path))
+
+    def save_pretrained(self, directory: str | Path, skip_towers: Collection[str] = (),
+                        metadata: dict[str, str] | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` (+ tokenizer/tower configs per modality), atomically;
-        ``metadata`` goes into the safetensors header (e.g. the training step the weights are from)."""
+        ``metadata`` goes into the safetensors header (e.g. the training step the weights are from).
+
+        The weights of the towers in ``skip_towers`` are left out (a run's checkpoints store frozen towers once,
+        ``mmalign.rundir``): loading such a folder needs them from their own files (``from_pretrained(towers=)``).
+        """
         with atomic_dir(directory) as tmp:
             saved = copy.deepcopy(self.config)
             for name, modality in self.modalities.items():
@@ -157,14 +193,19 @@ class AlignmentModel(nn.Module):
                 for key, value in updates.items():
                     setattr(saved.modalities[name], key, value)
             write_json(tmp / CONFIG_NAME, to_dict(saved))
-            save_model(self, str(tmp / WEIGHTS_NAME), metadata=metadata)
+            save_file(self.weights(skip_towers), str(tmp / WEIGHTS_NAME), metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "AlignmentModel":
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu",
+                        towers: Mapping[str, str | Path] | None = None) -> "AlignmentModel":
+        """The model saved in ``directory``; ``towers`` names the files of towers its weights leave out."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise ConfigError(f"{directory}: not a saved mmalign model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        config = from_dict(ModelConfig, json.loads((directory / CONFIG_NAME).read_text()))
+        try:
+            config = from_dict(ModelConfig, json.loads((directory / CONFIG_NAME).read_text()))
+        except ValueError as e:
+            raise ConfigError(f"{directory / CONFIG_NAME}: not valid JSON ({e})") from None
         for m in config.modalities.values():
             m.init = "scratch"  # every weight comes from model.safetensors
             m.pretrained = None
@@ -173,8 +214,24 @@ class AlignmentModel(nn.Module):
                 if value and value.startswith("./"):
                     setattr(m, key, str(directory / value[2:]))
         model = cls(config)
-        load_model(model, str(directory / WEIGHTS_NAME), device=map_location)
+        model.load_weights(directory / WEIGHTS_NAME, towers or {}, device=map_location)
         return model
+
+    def load_weights(self, path: str | Path, towers: Mapping[str, str | Path] | None = None,
+                     device: str = "cpu") -> None:
+        """Load ``model.safetensors`` at ``path`` and the towers it leaves out, each from its file in ``towers``
+        (``save_tower``). A file that cannot be read or does not fit this model raises ``ConfigError``."""
+        towers = dict(towers or {})
+        try:
+            missing, unexpected = load_model(self, str(path), strict=False, device=device)
+            for name, file in towers.items():
+                load_model(self.adapters[name].tower, str(file), device=device)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ConfigError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
+        missing = [k for k in missing if not k.startswith(tuple(f"adapters.{n}.tower." for n in towers))]
+        if missing or unexpected:
+            raise ConfigError(f"{path} does not fit the model of its {CONFIG_NAME}: "
+                              f"missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
 
 
 def build_adapters(config: ModelConfig, modalities: dict[str, Modality]) -> dict[str, ModalityAdapter]:
@@ -198,3 +255,32 @@ def build_adapters(config: ModelConfig, modalities: dict[str, Modality]) -> dict
             raise ConfigError(f"modality {name!r}: a caption decoder tower needs model.caption "
                               f"(context: the modality to caption, text: {name})")
     return {name: adapters[name] for name in modalities}
+
+
+def parameters_without_gradient(model: AlignmentModel) -> dict[str, list[str]]:
+    """Parameters that require grad but got no gradient in the backward passes since ``.grad`` was last cleared,
+    by where they live: ``"<modality> tower (<tower>)"``, ``"<modality> head"`` or ``"model"``."""
+    found: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is None:
+            parts = name.split(".")
+            if parts[0] == "adapters" and len(parts) > 2:
+                cfg = model.config.modalities[parts[1]]
+                where = f"{parts[1]} tower ({cfg.tower})" if parts[2] == "tower" else f"{parts[1]} head"
+            else:
+                where = "model"
+            found.setdefault(where, []).append(name)
+    return found
+
+
+def check_gradients(model: AlignmentModel, device: torch.device | str = "cpu") -> None:
+    """After the first backward pass of a run, on every process: stop, with one line naming them, when trainable
+    parameters got no gradient. DistributedDataParallel would otherwise stop at the next step with "Expected to have
+    finished reduction in the prior iteration"; on one process they would silently never train."""
+    missing = parameters_without_gradient(model)
+    if not sum_over_ranks([len(missing)], device)[0]:
+        return
+    listed = "; ".join(f"{where}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                       for where, names in missing.items()) or "on another process"
+    raise MMAlignError(f"trainable parameters got no gradient in the first step ({listed}): a tower must use every "
+                       f"parameter it trains (freeze or remove the others; several processes fail on them)")

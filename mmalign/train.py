@@ -1,9 +1,10 @@
 """The training loop: Accelerate, AdamW, cosine schedule with warmup, accumulation, clipping, checkpoint/resume.
 
-Read top to bottom: ``train`` is ``setup`` (build, resume) -> ``step`` until the last one (micro-batches, update),
-logging and checkpointing as it goes -> ``finish`` (save, evaluate, report). Re-running the same recipe resumes from
-the newest complete checkpoint in the run directory (:mod:`mmalign.rundir`); on CPU the resumed run ends with the
-weights an uninterrupted run would have (data position, RNG states and skip counts are checkpointed per process).
+Read top to bottom: ``train`` is ``setup`` (claim the run directory, build, resume) -> ``step`` until the last one
+(micro-batches, update), logging and checkpointing as it goes -> ``finish`` (save, evaluate, report). Re-running the
+same recipe resumes from the newest checkpoint in the run directory that verifies (:mod:`mmalign.rundir`); on CPU the
+resumed run ends with the weights an uninterrupted run would have (data position, RNG states and skip counts are
+checkpointed per process). A stop signal (:mod:`mmalign.preemption`) ends the loop after the step, with a checkpoint.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,20 +22,20 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from .build import build, build_optimizer, temperature_schedule
+from .build import build, build_accelerator, build_optimizer, temperature_schedule
 from .config import Config, to_dict
 from .data import merge_skips
-from .distributed import sum_over_ranks, world_size
-from .errors import MMAlignError
+from .distributed import on_main, sum_over_ranks, world_size
+from .errors import MMAlignError, RunStopped
 from .gradcache import gradcache_step
-from .io import crash_point, write_json
+from .io import crash_point, write_json, writing
 from .losses import AlignmentOutput, Objective, TemperatureSchedule
 from .metrics_logger import MetricsLogger
-from .model import AlignmentModel
+from .model import AlignmentModel, check_gradients
+from .preemption import StopRequests
 from .report import evaluate_run
 from .rundir import (
-    MODEL, RESULTS, RUN_CONFIG, STEP_KEY, TrainState, checkpoint_dirs, load_checkpoint, process_record,
-    remove_stale_writes, save_checkpoint,
+    MODEL, RESULTS, STEP_KEY, TrainState, checkpoint_dirs, claim_run_dir, process_record, resume, save_checkpoint,
 )
 from .threads import ComputeThreads
 from .training_data import batch_stream, check_bad_fraction, check_inputs, n_skipped, to_device
@@ -63,6 +64,10 @@ class Run:
     started: float = field(default_factory=time.time)
     last: dict = field(default_factory=dict)  # the last logged row of metrics.jsonl
     last_losses: tuple[str, ...] = ()  # the objective's outputs in that row (loss and its components)
+    stop: StopRequests = field(default_factory=StopRequests)  # stop signals received by this process
+    stopping: bool = False  # some process received one: all stop after this step, with a checkpoint
+    frozen: dict = field(default_factory=dict)  # frozen towers stored for the checkpoints (``save_checkpoint``)
+    gradients_checked: bool = False  # whether every trainable parameter got a gradient (checked at the first step)
 
     @property
     def run_dir(self) -> Path:
@@ -70,59 +75,60 @@ class Run:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train a recipe's model; returns the headline results (also written to ``run_dir/results.json``)."""
-    run = setup(cfg)
-    t = run.cfg.train
-    while run.state.step < t.steps:
-        losses, grad_norm, scale = step(run)
-        run.threads.observe(run.state.step)
-        done = run.state.step == t.steps
-        if run.state.step % t.log_every == 0 or done:
-            log_step(run, losses, grad_norm, scale)
-        if run.state.step % t.checkpoint_every == 0 or done:
-            checkpoint(run)
-    return finish(run)
+    """Train a recipe's model; returns the headline results (also written to ``run_dir/results.json``).
+
+    SIGTERM, SIGUSR1 or Ctrl-C while it trains: every process finishes its step, they write a checkpoint together
+    and ``RunStopped`` is raised (exit code 75); the same recipe resumes from that checkpoint."""
+    with ExitStack() as held:  # the run directory's lock
+        run = setup(cfg, held)
+        t = run.cfg.train
+        with run.stop:
+            while run.state.step < t.steps:
+                losses, grad_norm, scale = step(run)  # tensors, read only when logged
+                run.threads.observe(run.state.step)
+                done = run.state.step == t.steps
+                if run.state.step % t.log_every == 0 or done:
+                    log_step(run, losses, grad_norm, scale)
+                if run.state.step % t.checkpoint_every == 0 or done or run.stopping:
+                    saved = checkpoint(run)
+                if run.stopping:
+                    raise RunStopped(f"{run.stop.signal or 'a stop signal (to another process)'}: stopped after "
+                                     f"step {run.state.step} of {t.steps}, checkpoint {saved} written; run the same "
+                                     f"command to resume")
+        return finish(run)
 
 
 # ----------------------------------------------------------------------------------------------- setup
 
 
-def setup(cfg: Config) -> Run:
-    """Check the inputs, build model and objective, resume from the newest checkpoint, start the data stream."""
+def setup(cfg: Config, held: ExitStack) -> Run:
+    """Check the inputs, claim the run directory (its lock stays in ``held``), build model and objective, resume
+    from a checkpoint, start the data stream."""
     urls = check_inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # Without an accelerator, say so: accelerate would otherwise set up a process group without all-to-all on CPU.
-    cpu = cfg.train.device == "cpu" or not torch.accelerator.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.train.precision)
+    accelerator = build_accelerator(cfg)
     threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if accelerator.is_main_process:
-        remove_stale_writes(run_dir)
-    accelerator.wait_for_everyone()
+    claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     set_seed(cfg.seed)
     cfg, model, objective = build(cfg)
     temperature = temperature_schedule(cfg, model)
     warn_about_setup(cfg, model, objective)
-    optimizer, scheduler = build_optimizer(cfg, model)
     model.to(accelerator.device)
+    optimizer, scheduler = build_optimizer(cfg, model)  # on the device: its kernel depends on it
 
-    state = TrainState()
-    checkpoints = checkpoint_dirs(run_dir)
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        log.info("resuming from %s (step %d)", checkpoints[-1], state.step)
-    if accelerator.is_main_process:
-        write_json(run_dir / RUN_CONFIG, to_dict(cfg))
+    state = resume(cfg.train, run_dir, to_dict(cfg), model, optimizer, scheduler)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.train.compile:  # here, not through Accelerator(dynamo_backend=): its state is one per process
+        ddp_model = torch.compile(ddp_model)
     logger = MetricsLogger(run_dir, state.step, enabled=accelerator.is_main_process)
     stream = batch_stream(cfg, urls, model.modalities, state, pin_memory=accelerator.device.type == "cuda")
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info("training %d of %d parameters on %s x %d process(es); logit scale: %s",
              sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()), accelerator.device,
              accelerator.num_processes, temperature)
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = held.enter_context(tqdm(total=cfg.train.steps, initial=state.step, desc="train", unit="step",
+                                  disable=not accelerator.is_main_process, dynamic_ncols=True))  # closed on errors too
     return Run(cfg, accelerator, model, ddp_model, objective, optimizer, scheduler, temperature, state, stream,
                logger, bar, trainable, threads)
 
@@ -142,13 +148,16 @@ def warn_about_setup(cfg: Config, model: AlignmentModel, objective: Objective) -
 # ----------------------------------------------------------------------------------------------- one step
 
 
-def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float]:
+def step(run: Run) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | float]:
     """One optimiser step over ``train.grad_accum`` micro-batches; returns the objective's outputs (mean over
-    micro-batches), the gradient norm and the logit scale the loss used."""
+    micro-batches), the gradient norm and the logit scale the loss used, as tensors on the device.
+
+    The host reads one value from the device per step: whether every output and the gradient norm are finite
+    (``update``); the outputs themselves are read only when they are logged."""
     cfg, model, state = run.cfg, run.model, run.state
     accum = cfg.train.grad_accum
     run.ddp_model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     buffers = snapshot_buffers(model)  # a skipped step must not leave e.g. non-finite BatchNorm statistics behind
     for micro in range(accum):
         batch = next(run.stream)
@@ -156,13 +165,21 @@ def step(run: Run) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | float
         scale = run.temperature.logit_scale(state.step, learned=model.logit_scale())
         out = forward_backward(run, inputs, scale, sync=micro == accum - 1)
         for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + v.item() / accum
+            totals[k] = totals[k] + v.detach() / accum if k in totals else v.detach() / accum
         state.samples += len(batch["__key__"])
+    if not run.gradients_checked:
+        check_gradients(model, run.accelerator.device)
+        run.gradients_checked = True
     if cfg.train.gradcache_chunk:
         average_gradients(run.trainable)  # GradCache encodes outside DDP's hooks
     grad_norm = run.accelerator.clip_grad_norm_(run.trainable, cfg.train.grad_clip or math.inf)  # inf: norm only
-    update(run, all(math.isfinite(v) for v in totals.values()) and bool(torch.isfinite(grad_norm)), buffers)
+    update(run, all_finite([*totals.values(), grad_norm]), buffers)
     return totals, grad_norm, scale
+
+
+def all_finite(values: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every one of ``values`` (0-d tensors) is finite, as a 0-d bool tensor (not read here)."""
+    return torch.stack([v.float() for v in values]).isfinite().all()
 
 
 def forward_backward(run: Run, inputs: dict, scale: torch.Tensor | float, sync: bool) -> dict[str, torch.Tensor]:
@@ -195,13 +212,18 @@ def forward_backward(run: Run, inputs: dict, scale: torch.Tensor | float, sync: 
     return {k: v.detach() for k, v in out.items()}
 
 
-def update(run: Run, finite: bool, buffers: dict[str, torch.Tensor]) -> None:
+def update(run: Run, finite: torch.Tensor, buffers: dict[str, torch.Tensor]) -> None:
     """The optimiser step, skipped on every process when any saw a non-finite loss or gradient (``finite`` here);
     then the schedule and step count advance. Stops the run on too many bad steps in a row or unusable samples."""
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    # One decision for all processes: the step is skipped everywhere if any process saw a non-finite value.
-    bad_processes, bad_items, used = sum_over_ranks(
-        [not finite, n_skipped(state.skipped), state.samples], accelerator.device)
+    # One decision for all processes: the step is skipped everywhere if any process saw a non-finite value; all stop
+    # after it if any received a stop signal. The step's one read from the device (with the sums over processes).
+    bad_processes, bad_items, used, stops = sum_over_ranks(
+        [finite.logical_not(), n_skipped(state.skipped), state.samples, run.stop.requested], accelerator.device)
+    if stops and not run.stopping:
+        log.warning("stop requested (%s): writing a checkpoint after step %d, then stopping",
+                    run.stop.signal or "on another process", state.step + 1)
+    run.stopping = stops > 0
     if bad_processes == 0:
         run.optimizer.step()
         run.model.clamp_logit_scale_()
@@ -253,7 +275,8 @@ def restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> N
 # ----------------------------------------------------------------------------------------------- log, checkpoint
 
 
-def log_step(run: Run, losses: dict[str, float], grad_norm: torch.Tensor, scale: torch.Tensor | float) -> None:
+def log_step(run: Run, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+             scale: torch.Tensor | float) -> None:
     """One row of ``metrics.jsonl`` (losses averaged over processes), the progress bar, an early clamp warning."""
     cfg, state, model = run.cfg, run.state, run.model
     losses = mean_over_processes(losses, run.accelerator)
@@ -272,19 +295,20 @@ def log_step(run: Run, losses: dict[str, float], grad_norm: torch.Tensor, scale:
                     cfg.model.logit_scale.max)
 
 
-def mean_over_processes(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
     """Each process computes the loss of its own rows: their mean is the loss of the global batch."""
-    if accelerator.num_processes == 1:
-        return values
-    stacked = accelerator.reduce(torch.tensor(list(values.values()), device=accelerator.device), "mean")
+    stacked = torch.stack([v.float() for v in values.values()])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, "mean")
     return dict(zip(values, stacked.tolist()))
 
 
-def checkpoint(run: Run) -> None:
-    """Every process's data position and RNG states, gathered; the main process writes the checkpoint."""
+def checkpoint(run: Run) -> Path:
+    """Every process's data position and RNG states, gathered; the main process writes the checkpoint (its error,
+    e.g. a full disk, stops every process); returns its path."""
     ranks = gather_object([process_record(run.state)])
-    if run.accelerator.is_main_process:
-        save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, ranks, run.cfg.train.keep_last)
+    return on_main(lambda: save_checkpoint(run.run_dir, run.model, run.optimizer, run.scheduler, ranks,
+                                           run.cfg.train.keep_last, to_dict(run.cfg), run.frozen))
 
 
 # ----------------------------------------------------------------------------------------------- finish
@@ -305,10 +329,11 @@ def finish(run: Run) -> dict[str, Any]:
     if run.accelerator.is_main_process:
         if skipped:
             log.warning("skipped while training: %s; examples: %s", skipped["counts"], skipped["examples"])
-        run.model.save_pretrained(run.run_dir / MODEL, metadata={STEP_KEY: str(run.state.step)})
-        scored = {"model": str(run.run_dir / MODEL), "model_step": run.state.step}
-        results.update(evaluate_run(run.cfg, run.model, run.run_dir, scored))
-        results["skipped"] = skipped.get("counts", {})
-        results["nonfinite_steps"] = run.state.nonfinite_steps
-        write_json(run.run_dir / RESULTS, results)
+        with writing(run.run_dir):  # a full disk: one error line, the last checkpoint is complete
+            run.model.save_pretrained(run.run_dir / MODEL, metadata={STEP_KEY: str(run.state.step)})
+            scored = {"model": str(run.run_dir / MODEL), "model_step": run.state.step}
+            results.update(evaluate_run(run.cfg, run.model, run.run_dir, scored))
+            results["skipped"] = skipped.get("counts", {})
+            results["nonfinite_steps"] = run.state.nonfinite_steps
+            write_json(run.run_dir / RESULTS, results)
     return results

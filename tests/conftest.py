@@ -158,18 +158,37 @@ def write_pairs_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, threads: int | None = 1
-            ) -> subprocess.CompletedProcess:
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of ``mmalign`` run by a test: this checkout, offline, one thread; plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, env: dict | None = None,
+            threads: int | None = 1) -> subprocess.CompletedProcess:
     """Run ``python -m mmalign ...`` as a user would (on one thread, like every test, unless ``threads`` is None: then
     as many as mmalign chooses); returns the finished process (stdout, stderr, code)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    env = env or cli_env()
     if threads is None:
-        del env["OMP_NUM_THREADS"]
+        env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"mmalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def torchrun_cli(*args: str) -> list[str]:
+    """The command that runs ``mmalign ARGS`` in 2 CPU processes under ``torchrun`` (environment:
+    ``cli_env(CUDA_VISIBLE_DEVICES="")``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "mmalign", *args]
+
+
+def start_cli(*args: str, log: Path) -> subprocess.Popen:
+    """Start ``python -m mmalign ...`` in the background, its stdout and stderr written to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "mmalign", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=cli_env(), cwd=REPO)
 
 
 def run_main(*args: str) -> tuple[int, str, str]:
@@ -279,3 +298,31 @@ def tiny_hf_clip(tmp_path_factory) -> str:
                        image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(path)
     save_clip_tokenizer(path)
     return str(path)
+
+
+def exported_embedding(out: Path, name: str, inputs: dict):
+    """An embedding computed from a towers-layout export (``mmalign export --format hf``) as its documentation says,
+    with no mmalign code."""
+    import importlib
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    info = json.loads((out / "mmalign_export.json").read_text())
+    heads, spec = load_file(out / info["heads"]), info["modalities"][name]
+    net = getattr(importlib.import_module(spec["module"]), spec["class"]).from_pretrained(out / spec["folder"])
+    with torch.no_grad():
+        hidden = net.eval()(**inputs)
+        if spec["pooling"] in ("pooler_output", "audio_embeds"):
+            h = getattr(hidden, spec["pooling"])
+        else:
+            mask = inputs.get("attention_mask", torch.ones(hidden.last_hidden_state.shape[:2]))
+            mask = mask.unsqueeze(-1).float()
+            h = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1)
+        for layer in spec["head"]:
+            if layer["type"] == "linear":
+                h = F.linear(h, heads[layer["weight"]], heads[layer["bias"]] if layer["bias"] else None)
+            else:
+                h = getattr(F, layer["type"])(h)
+    return F.normalize(h, dim=-1)

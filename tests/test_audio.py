@@ -254,10 +254,14 @@ def test_hf_tower_loads_from_local_folder_trains_and_round_trips(kind, tower, tm
     assert torch.allclose(expected, again, atol=1e-5)
 
 
-def test_hf_tower_rejects_mismatched_settings(tmp_path):
+def test_hf_tower_resamples_to_its_rate_and_rejects_mismatched_settings(tmp_path, caplog):
     folder = save_tiny_hf("wav2vec2", tmp_path / "w2v")
-    with pytest.raises(ConfigError, match="expects 16000 Hz"):
-        audio_model(tower="hf", model=folder, sample_rate=22050)
+    with caplog.at_level("WARNING", logger="mmalign.modalities.audio"):
+        model = audio_model(tower="hf", model=folder, sample_rate=22050, clip_seconds=0.5)
+    assert "trained on 16000 Hz audio: audio is resampled to 16000 Hz" in caplog.text
+    modality = model.modalities["audio"]
+    assert modality.rate == model.config.modalities["audio"].sample_rate == 16000
+    assert peak_hz(modality.decode(tone(1000, 0.5, 22050), "wav"), 16000) == pytest.approx(1000, abs=4)
     with pytest.raises(ConfigError, match="SpecAugment needs spectrogram"):
         audio_model(tower="hf", model=folder, augment={"time_masks": 1})
     with pytest.raises(ConfigError, match="longer than"):

@@ -69,11 +69,31 @@ def test_quick_train_step_bench_times_both_loops(tmp_path):
 
     assert bench_train_step.main(["--quick", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
     section, md = _section(tmp_path, "train_step_cpu_quick")
-    summary = {r["method"]: r for r in section["rows"] if r["kind"] == "summary"}
-    assert set(summary) == set(bench_train_step.METHODS)
-    for s in summary.values():
+    rows = section["rows"]
+    summary = [r for r in rows if r["kind"] == "summary"]
+    variants = {(r["setting"], r["compiled"]) for r in summary}
+    assert variants == {("clip", False), ("clip", True), ("lit_locked_text", False), ("lit_locked_image", False)}
+    assert {(r["setting"], r["compiled"], r["method"]) for r in summary} == {
+        (*v, m) for v in variants for m in bench_train_step.METHODS}
+    for s in summary:
         assert s["timed_steps"] == 2 and s["median_step_s"] > 0
-    # the same network: mmalign's text tower keeps open_clip's unused logit_scale
-    assert summary["mmalign"]["params"] == summary["open_clip"]["params"] + 1
-    assert next(r for r in section["rows"] if r["kind"] == "ratio")["ratio"] > 0
-    assert "## train_step_cpu_quick" in md and "| mmalign |" in md and "| open_clip |" in md
+    by = {(r["setting"], r["compiled"], r["method"]): r for r in summary}
+    for setting, compiled in variants:  # the same network: mmalign's text tower keeps open_clip's unused logit_scale
+        mine, theirs = by[(setting, compiled, "mmalign")], by[(setting, compiled, "open_clip")]
+        assert mine["params"] == theirs["params"] + 1 and mine["trainable"] - theirs["trainable"] in (0, 1)
+    assert by[("lit_locked_image", False, "mmalign")]["trainable"] < by[("clip", False, "mmalign")]["trainable"]
+    assert all(r["ratio"] > 0 for r in rows if r["kind"] == "ratio")
+    assert "## train_step_cpu_quick" in md and "| lit_locked_text | mmalign |" in md and "| open_clip |" in md
+
+
+@pytest.mark.slow
+def test_quick_eval_bench_compares_mmalign_with_a_plain_loop(tmp_path):
+    from benchmarks import bench_eval
+
+    assert bench_eval.main(["--quick", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")]) == 0
+    section, md = _section(tmp_path, "eval_zeroshot_cpu_quick")
+    passes = [r for r in section["rows"] if r["kind"] == "pass"]
+    assert sorted(r["method"] for r in passes) == sorted(bench_eval.METHODS)
+    assert all(r["images"] == 64 and 0 <= r["top1"] <= 1 and r["samples_per_s"] > 0 for r in passes)
+    assert {r["method"] for r in section["rows"] if r["kind"] == "ratio"} == {"mmalign", "mmalign, 0 workers"}
+    assert "## eval_zeroshot_cpu_quick" in md and "| plain loop |" in md

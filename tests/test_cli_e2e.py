@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import last_json, run_cli, tiny_recipe
+from mmalign.eval.embed import eval_workers
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +45,15 @@ def test_train_resume_and_evaluate(tmp_path, shards, shapes_dataset, tiny_text_m
     zs = last_json(run_cli("eval", "zeroshot", "--model", str(run_dir), "--data", shards,
                            "--classes", str(shapes_dataset["classes"]), "--templates", str(shapes_dataset["templates"])))
     assert zs["zeroshot_n"] == 48 and 0.0 <= zs["zeroshot_top1"] <= 1.0
-    rt = last_json(run_cli("eval", "retrieval", "--model", str(run_dir), "--data", shards,
-                           "--query", "image", "--gallery", "text"))
+    proc = run_cli("eval", "retrieval", "--model", str(run_dir), "--data", shards, "--query", "image",
+                   "--gallery", "text")
+    rt = last_json(proc)
     assert rt["retrieval_n"] == 48
     assert {"retrieval_i2t_R@1", "retrieval_i2t_R@5", "retrieval_t2i_R@10", "retrieval_i2t_mAP"} <= set(rt)
+    assert zs["zeroshot_samples_per_s"] > 0 and rt["retrieval_samples_per_s"] > 0
+    # by default DataLoader workers decode the 3 shards, as many as the CPUs allow (tests/test_retrieval_zeroshot.py:
+    # the same embeddings as without workers)
+    assert f"3 shard(s) decoded by {eval_workers(3)} DataLoader worker(s)" in proc.stderr
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, shards, tiny_text_model):

@@ -89,6 +89,23 @@ def test_fully_locked_tower_stays_in_eval_mode_and_caches(tiny_text_model):
     torch.testing.assert_close(model.encode("text", tokens), first)
 
 
+def test_locked_cached_image_tower_sees_each_image_once(tiny_open_clip):
+    """A cached frozen image tower gets the evaluation transform in training (random crops would miss the cache
+    every epoch) and its cache holds a digest per image, not the pixels; a trainable one keeps its random crops."""
+    from PIL import Image
+
+    image = Image.fromarray(torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8).numpy())
+    spec = {"tower": "open_clip", "model": tiny_open_clip, "image_size": 32}
+    model = _model({"image": {**spec, "lock": True, "cache_frozen": True}}).train()
+    frozen = model.modalities["image"]
+    views = [frozen.transform(image, train=True) for _ in range(3)]
+    assert all(torch.equal(v, frozen.transform(image, train=False)) for v in views)
+    model.encode("image", torch.stack(views))
+    assert [len(k) for k in model.adapters["image"]._cache] == [16]  # three rows, one image, one 16-byte key
+    trained = _model({"image": spec}).modalities["image"]
+    assert not torch.equal(trained.transform(image, train=True), trained.transform(image, train=True))
+
+
 def test_truncation_is_counted_and_warned(tiny_text_model, caplog):
     model = _model({"text": {"model": tiny_text_model, "max_length": 6}})
     text = model.modalities["text"]
@@ -176,3 +193,27 @@ def test_lock_without_block_list_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="has no block list"):
         lock_tower(torch.nn.Linear(2, 2), unlocked_layers=1)
+
+
+def test_image_transforms_give_open_clips_pixels():
+    """ToTensor + Normalize fused into one step: open_clip's pixels up to float rounding, train (same random crop)
+    and evaluation transforms, every resize mode."""
+    import open_clip
+    from PIL import Image
+
+    from mmalign.modalities.image import ImageModality, NormalizedTensor
+
+    image = Image.fromarray(torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8).numpy())
+    for mode in ("shortest", "longest", "squash"):
+        modality = ImageModality("image", ImageModality.config_class(kind="image", image_size=32, resize_mode=mode))
+        for train in (True, False):
+            cfg = modality.cfg
+            reference = open_clip.image_transform(32, is_train=train, mean=cfg.mean, std=cfg.std, resize_mode=mode,
+                                                  interpolation=cfg.interpolation,
+                                                  aug_cfg=modality.train_augment if train else None)
+            torch.manual_seed(0)
+            ours = modality.transform(image, train)
+            assert isinstance(modality._transforms[train].transforms[-1], NormalizedTensor)
+            torch.manual_seed(0)
+            torch.testing.assert_close(ours, reference(image), rtol=0, atol=1e-6)
+            assert ours.is_contiguous() and ours.dtype == torch.float32

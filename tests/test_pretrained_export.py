@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from conftest import exported_embedding
 from mmalign.config import ModelConfig, from_dict, load_config
 from mmalign.model import AlignmentModel
 
@@ -133,30 +134,7 @@ def test_export_towers_layout_reloads_in_plain_transformers(tiny_hf_clip, tiny_t
         CAPTIONS, padding=True, truncation=True, max_length=info["modalities"]["text"]["max_length"],
         return_tensors="pt"))
     for name, inputs in (("image", {"pixel_values": x}), ("text", text_inputs)):
-        assert _max_diff(_exported_embedding(tmp_path / "out", name, inputs), expected[name]) < 1e-5, name
-
-
-def _exported_embedding(out, name: str, inputs: dict) -> torch.Tensor:
-    """An embedding computed from a towers-layout export as its documentation says, with no mmalign code."""
-    import importlib
-
-    info = json.loads((out / "mmalign_export.json").read_text())
-    heads, spec = load_file(out / info["heads"]), info["modalities"][name]
-    net = getattr(importlib.import_module(spec["module"]), spec["class"]).from_pretrained(out / spec["folder"])
-    with torch.no_grad():
-        hidden = net.eval()(**inputs)
-        if spec["pooling"] in ("pooler_output", "audio_embeds"):
-            h = getattr(hidden, spec["pooling"])
-        else:
-            mask = inputs.get("attention_mask", torch.ones(hidden.last_hidden_state.shape[:2]))
-            mask = mask.unsqueeze(-1).float()
-            h = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1)
-        for layer in spec["head"]:
-            if layer["type"] == "linear":
-                h = F.linear(h, heads[layer["weight"]], heads[layer["bias"]] if layer["bias"] else None)
-            else:
-                h = getattr(F, layer["type"])(h)
-    return F.normalize(h, dim=-1)
+        assert _max_diff(exported_embedding(tmp_path / "out", name, inputs), expected[name]) < 1e-5, name
 
 
 @pytest.mark.parametrize("kind", ["ast", "whisper", "clap", "wav2vec2"])
@@ -185,7 +163,7 @@ def test_export_hf_audio_tower_reloads_with_its_feature_extractor(kind, tiny_tex
     features = AutoFeatureExtractor.from_pretrained(tmp_path / "out" / "audio")(
         wave, sampling_rate=rate, return_tensors="pt")
     inputs = {k: v for k, v in features.items() if k in ("input_values", "input_features", "is_longer")}
-    assert _max_diff(_exported_embedding(tmp_path / "out", "audio", inputs), expected) < 1e-5
+    assert _max_diff(exported_embedding(tmp_path / "out", "audio", inputs), expected) < 1e-5
 
 
 @pytest.mark.slow

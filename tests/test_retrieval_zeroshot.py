@@ -1,4 +1,6 @@
-"""Retrieval metrics and zero-shot accuracy against hand-computed cases."""
+"""Retrieval metrics and zero-shot accuracy against hand-computed cases; embedding shards with workers."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,3 +42,30 @@ def test_zeroshot_accuracy():
     assert acc["acc1"] == pytest.approx(2 / 4)
     assert acc["acc2"] == pytest.approx(3 / 4)
     assert acc["mean_per_class_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+@pytest.mark.slow
+def test_workers_embed_every_sample_as_the_main_process_does(tmp_path, tiny_text_model):
+    """``embed_shards`` with its default DataLoader workers (one per shard, as the CPUs allow) gives each sample
+    the embeddings it gets without workers, in batches of other samples."""
+    from conftest import shape_sample, tiny_recipe, write_shard
+    from mmalign.build import build_model
+    from mmalign.config import load_config
+    from mmalign.eval.embed import embed_shards, eval_workers
+
+    for s in range(3):
+        write_shard(tmp_path / f"val-{s}.tar", [shape_sample(i) for i in range(10 * s, 10 * s + 7 + s)])
+    data = str(tmp_path / "val-{0..2}.tar")
+    model = build_model(load_config(tiny_recipe(tmp_path / "r.yaml", tmp_path / "run", data, tiny_text_model)))
+    by_key = {}
+    for workers in (0, None):
+        emb = embed_shards(model, data, ["image", "text"], batch_size=4, num_workers=workers)
+        assert emb["samples_per_s"] > 0 and sorted(emb["labels"]) == sorted(shape_sample(i)["label.txt"] for i in
+                                                                             [*range(7), *range(10, 18), *range(20, 29)])
+        by_key[workers] = {k: (emb["embeddings"]["image"][i], emb["embeddings"]["text"][i])
+                           for i, k in enumerate(emb["keys"])}
+    assert eval_workers(3) == min(3, 4, len(os.sched_getaffinity(0)))
+    assert by_key[None].keys() == by_key[0].keys() and len(by_key[0]) == 24
+    for key, (image, text) in by_key[0].items():
+        torch.testing.assert_close(by_key[None][key][0], image, msg=key)
+        torch.testing.assert_close(by_key[None][key][1], text, msg=key)

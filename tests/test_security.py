@@ -41,11 +41,12 @@ def test_checkpoints_hold_no_pickles_and_restore_weights_rng_and_position(tmp_pa
     for step in (1, 2, 3):
         state = TrainState(step=step, epoch=1, batches_in_epoch=4, samples=40,
                            skipped={"counts": {"bad image": 2}, "examples": {"bad image": ["a.tar:k1"]}})
-        save_checkpoint(tmp_path, model, optimizer, scheduler, [process_record(state)], keep=2)
+        save_checkpoint(tmp_path, model, optimizer, scheduler, [process_record(state)], keep=2, recipe={}, frozen={})
     expected = (random.random(), np.random.rand(), torch.rand(3))
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
     path = checkpoint_dirs(tmp_path)[-1]
-    assert sorted(p.name for p in path.iterdir()) == ["model", "optimizer.pt", "scheduler.pt", "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model", "optimizer.pt", "recipe.json",
+                                                      "scheduler.pt", "trainer_state.json"]
     for pt in path.glob("*.pt"):
         torch.load(pt, weights_only=True)  # tensors, numbers and containers only
 

@@ -2,16 +2,15 @@
 with the plain loss, with GradCache, and with an optional modality (presence masks in a pairwise variant)."""
 import csv
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import (
-    REPO, _free_port, last_json, run_cli, shape_png, shape_sample, tiny_recipe, write_pairs_csv, write_shard,
+    REPO, cli_env, last_json, run_cli, shape_png, shape_sample, tiny_recipe, torchrun_cli, write_pairs_csv,
+    write_shard,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -45,12 +44,10 @@ def _recipe(tmp_path, name, shards, text_model, batch_size, *overrides):
     return recipe, [arg for s in sets for arg in ("--set", s)]
 
 
-def _torchrun(recipe, sets):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-           "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mmalign", "train", str(recipe), *sets]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+def _torchrun(recipe, sets, gpus: bool = False):
+    env = cli_env() if gpus else cli_env(CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(torchrun_cli("train", str(recipe), *sets), capture_output=True, text=True, timeout=300,
+                          env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -108,4 +105,33 @@ def test_pairwise_variant_with_an_optional_modality_trains_like_one_process(tmp_
     assert result["final_loss_image_sketch"] > 0 and 0 < result["final_cwcl_positive_mass"] <= 1
     two, sets = _recipe(tmp_path, "two", shards_with_gaps, tiny_text_model, 4, sketch, loss)
     _torchrun(two, sets)
+    _assert_same_training(tmp_path / "two", tmp_path / "one")
+
+
+# a trainable transformer tower without dropout (a dropout mask depends on the process's random stream)
+TRAINABLE_TEXT = ["model.modalities.text.lock=false",
+                  "model.modalities.text.tower_kwargs={hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"]
+
+
+def test_fsdp_on_cpu_is_a_one_line_error(tmp_path, two_shards, tiny_text_model):
+    """Accelerate runs CPU processes with DDP whatever its FSDP plugin says: a recipe asking for FSDP there stops."""
+    recipe, sets = _recipe(tmp_path, "fsdp", two_shards, tiny_text_model, 8, "train.fsdp={}")
+    proc = run_cli("train", str(recipe), *sets, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "mmalign: error: train.fsdp shards the model over GPUs (or other accelerators), and this run is on CPU, "
+        "where Accelerate would run DistributedDataParallel instead; remove train.fsdp")
+    assert not (tmp_path / "fsdp" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP runs on GPUs: Accelerate runs CPU processes with DDP")
+def test_fsdp_on_two_gpus_trains_like_one_process(tmp_path, two_shards, tiny_text_model):
+    """``train.fsdp`` (Accelerate's FSDP2 plugin): 2 GPUs, each holding half of every tower block's parameters, train a
+    transformer tower to the losses and weights of 1 GPU holding the whole model."""
+    on_gpu = ["train.device=auto", *TRAINABLE_TEXT]
+    one, sets = _recipe(tmp_path, "one", two_shards, tiny_text_model, 8, *on_gpu)
+    run_cli("train", str(one), *sets)
+    two, sets = _recipe(tmp_path, "two", two_shards, tiny_text_model, 4, *on_gpu, "train.fsdp={}")
+    proc = _torchrun(two, sets, gpus=True)
+    assert "cuda:0 x 2 process(es)" in proc.stderr
     _assert_same_training(tmp_path / "two", tmp_path / "one")

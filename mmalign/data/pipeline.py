@@ -33,6 +33,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from ..distributed import rank, world_size
 from ..errors import DataError
 from ..modalities import Modality
+from ..preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -398,12 +399,13 @@ def make_dataset(
 def make_loader(dataset: wds.DataPipeline, workers: int, pin_memory: bool = False, seed: int = 0):
     """A DataLoader over a batched pipeline.
 
-    Its own generator keeps worker seeds deterministic and leaves the global RNG (dropout, ...) untouched.
+    Its own generator keeps worker seeds deterministic and leaves the global RNG (dropout, ...) untouched. Workers
+    ignore the stop signals a cluster sends to every process of a job: the loop finishes its step with them.
     """
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -1,32 +1,44 @@
 """Embed every sample of a shard set with a trained model (evaluation side of the data pipeline)."""
 from __future__ import annotations
 
+import logging
+import os
+import time
+
 import torch
 from tqdm import tqdm
 
 from ..data import expand_urls, iterate_batches
 from ..modalities import inputs_to
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
-def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256, num_workers: int = 0,
+def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256, num_workers: int | None = 0,
                  max_samples: int | None = None) -> dict:
     """Embeddings of ``modalities`` for every usable sample in ``data`` (a shard spec), in order; with
     ``max_samples``, of the first batches that hold that many samples (whole batches: possibly a few more).
+    ``num_workers``: DataLoader workers decoding the shards (None: :func:`eval_workers`).
 
     Returns ``{"embeddings": {name: N_or_M x D}, "owners": {name: M or None}, "present": {name: N booleans},
-    "labels": [...], "keys": [...], "skipped": {...}}``; items with several entries per sample (captions) come with
+    "labels": [...], "keys": [...], "skipped": {...}, "samples_per_s": ...}`` (samples read and embedded per second
+    of the pass); items with several entries per sample (captions) come with
     the sample row they belong to. Rows of a sample lacking an optional modality hold its missing embedding.
     """
     model.eval()
     device = next(model.parameters()).device
     procs = {name: model.modalities[name] for name in modalities}
     urls = expand_urls(data)
+    if num_workers is None:
+        num_workers = eval_workers(len(urls))
+        log.info("%d shard(s) decoded by %d DataLoader worker(s)", len(urls), num_workers)
     skipped: dict = {}
     embs = {name: [] for name in modalities}
     owners = {name: [] for name in modalities}
     present = {name: [] for name in modalities}
     labels, keys = [], []
+    start = time.perf_counter()
     batches = iterate_batches(urls, procs, batch_size, train=False, num_workers=num_workers, skips=skipped)
     for batch in tqdm(batches, desc="embed", unit="batch", leave=False):
         for name in modalities:
@@ -49,7 +61,15 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
         "labels": labels,
         "keys": keys,
         "skipped": skipped,
+        "samples_per_s": len(keys) / (time.perf_counter() - start),
     }
+
+
+def eval_workers(n_shards: int) -> int:
+    """Default DataLoader workers for evaluation: one per shard, at most 4 and at most the CPUs this process may
+    run on (the workers decode while the main process encodes)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus, n_shards)
 
 
 def complete_samples(emb: dict, names: list[str]) -> dict:

@@ -101,9 +101,11 @@ def abbrev(query: str | list[str], gallery: str) -> str:
 
 
 def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = None, query: str | None = None,
-                      text: str = "text", batch_size: int = 256, num_workers: int = 0,
+                      text: str = "text", batch_size: int = 256, num_workers: int | None = 0,
                       score: str | None = None) -> dict:
     """Zero-shot accuracy of ``query`` samples in ``data`` against class prompts; samples carry ``label.txt``.
+    ``zeroshot_samples_per_s``: samples decoded and embedded per second (``num_workers`` None: one worker per shard,
+    see :func:`~mmalign.eval.embed.eval_workers`).
 
     ``classes``: a classes file (:func:`~.zeroshot.read_classes`: names, or names with prompts of their own); the
     shard labels are checked against it before anything is encoded. With several query modalities the classes are
@@ -140,6 +142,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
         "clip_benchmark": {"acc1": acc["acc1"], "acc5": acc[f"acc{k5}"],
                            "mean_per_class_recall": acc["mean_per_class_recall"]},
         "skipped": emb["skipped"].get("counts", {}),
+        "zeroshot_samples_per_s": round(emb["samples_per_s"], 1),
     }
     if len(queries) > 1:
         out["zeroshot_score"] = model_score(model, score)
@@ -147,7 +150,7 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
 
 
 def evaluate_linear_probe(model, train_data: str, data: str, query: str | None = None, batch_size: int = 256,
-                          num_workers: int = 0) -> dict:
+                          num_workers: int | None = 0) -> dict:
     """Linear probe: logistic regression on the frozen ``query`` embeddings of ``train_data`` (its L2 strength chosen
     on a held-out fifth), scored on ``data`` (:mod:`~.linear_probe`). Classes are the training labels; every sample
     needs a ``label.txt``, and the labels are checked before anything is encoded."""
@@ -191,7 +194,7 @@ POSITIVES = ("sample", "label")  # what counts as a correct retrieval: the query
 
 
 def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str = "text", batch_size: int = 256,
-                       num_workers: int = 0, score: str | None = None, positives: str = "sample") -> dict:
+                       num_workers: int | None = 0, score: str | None = None, positives: str = "sample") -> dict:
     """Retrieval query->gallery and back (R@1/5/10, mAP, mAP@10), several items per sample on either side allowed.
 
     ``positives``: ``sample`` (the items of the query's own sample are correct) or ``label`` (every item whose
@@ -211,7 +214,8 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     if not emb["keys"]:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(names)} present)")
     if len(queries) > 1:
-        return nway_retrieval(emb, queries, gallery, model_score(model, score))
+        return {**nway_retrieval(emb, queries, gallery, model_score(model, score)),
+                "retrieval_samples_per_s": round(emb["samples_per_s"], 1)}
     query = queries[0]
     q, g = emb["embeddings"][query], emb["embeddings"][gallery]
     samples = {name: row_samples(emb["owners"][name], emb["embeddings"][name].shape[0]) for name in names}
@@ -224,6 +228,7 @@ def evaluate_retrieval(model, data: str, query: str | None = None, gallery: str 
     out["retrieval_positives"] = positives
     if positives == "sample":
         out.update(warn_about_shared_items(emb, names, samples))
+    out["retrieval_samples_per_s"] = round(emb["samples_per_s"], 1)
     kinds = (model.modalities[query].kind, model.modalities[gallery].kind)
     if "text" in kinds and kinds[0] != kinds[1]:
         to_text, to_other = directions if kinds[1] == "text" else directions[::-1]

@@ -244,5 +244,11 @@ def open_clip_coca(model_name: str = "coca_ViT-B-32", pretrained: str | None = N
     model = open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
     if type(model).__name__ != "CoCa":
         raise ValueError(f"{model_name!r} is not a CoCa architecture in open_clip (got {type(model).__name__})")
+    if pretrained is None:
+        # open_clip never initialises MultimodalTransformer.text_projection (its init_parameters is never called, and
+        # fails if called): it holds whatever memory torch.empty returned, garbage logits once it trains. Initialise
+        # it as that method means to, N(0, width^-1/2).
+        decoder = model.text_decoder
+        nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
     log.info("built open_clip %s (%s)", model_name, pretrained or "random init")
     return OpenClipCoca(model, open_clip.get_tokenizer(model_name))

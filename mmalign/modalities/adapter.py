@@ -61,7 +61,7 @@ class ModalityAdapter(nn.Module):
             self.coca_head = coca_head(tower, embed_dim, coca)
         if self.coca_head is None:
             self.proj = build_projection(cfg.proj, tower.out_dim, embed_dim, cfg.proj_hidden)
-        self.fully_locked = cfg.lock and cfg.lora is None and cfg.unlocked_layers == 0 and not cfg.unlock_norms
+        self.fully_locked = cfg.fully_locked
         if cfg.lora is not None:
             tower = add_lora(tower, cfg.lora)
             unlock(tower, cfg.unlocked_layers, cfg.unlock_norms)
@@ -69,7 +69,7 @@ class ModalityAdapter(nn.Module):
             lock_tower(tower, cfg.unlocked_layers, cfg.unlock_norms)
         self.tower = tower
         self.missing = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) if cfg.optional else None
-        self.cache_frozen = cfg.cache_frozen and self.fully_locked
+        self.cache_frozen = cfg.caches_features
         self._cache: OrderedDict[bytes, torch.Tensor] | None = None  # chosen at first use, once weights are loaded
         self._cache_size = cache_size
 

@@ -22,6 +22,7 @@ the checkpoint's layout so a CLAP pair exports as one ``ClapModel``).
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,10 @@ from ..errors import ConfigError, DataError
 from ..modality_config import AudioAugmentConfig, AudioConfig
 from ..optional import require
 from .hf import HFDualEncoderTower, HFExport, dual_tower_spec, load_hf_config, resolve_pretrained
-from .layers import sinusoidal_positions
+from .layers import norm_layer, sinusoidal_positions
 from .registry import OWNER, Modality, TowerSpec, named_errors, register_modality, register_tower
+
+log = logging.getLogger(__name__)
 
 AUDIO_RATES = (1_000, 768_000)  # sample rates (Hz) a file may declare
 MAX_RESAMPLE_PHASES = 4_000_000  # largest resampling filter (output x input phases) built for a file's rate
@@ -206,13 +209,10 @@ class HFFeatures:
 
     @classmethod
     def from_config(cls, cfg: AudioConfig) -> "HFFeatures":
-        """The extractor of ``cfg.model``; the config must leave features to it and may only name its rate."""
+        """The extractor of ``cfg.model``; the config must leave features to it."""
         if cfg.features != "auto":
             raise ConfigError(f"{cfg.tower} towers use the model's feature extractor; leave 'features' unset")
         extractor = load_feature_extractor(cfg.model, cfg.trust_remote_code)
-        if cfg.sample_rate not in (None, extractor.sampling_rate):
-            raise ConfigError(f"sample_rate={cfg.sample_rate} but {cfg.model!r} expects {extractor.sampling_rate} Hz "
-                              f"(leave sample_rate unset)")
         return cls(extractor, hf_family(load_hf_config(cfg.model, cfg.trust_remote_code).model_type))
 
     def defaults(self) -> dict[str, Any]:
@@ -384,18 +384,20 @@ class AudioModality(Modality):
 class MelCNN(nn.Module):
     """1-D convolutions over time with mel bins as channels (fast on CPU), optional transformer layers on top;
     masked mean + max pooling over the frames that hold signal. The stem strides by ``stem_stride`` and each
-    residual block halves the time resolution."""
+    residual block halves the time resolution. ``norm``: ``batch`` or ``group`` (rows normalised alone: the same
+    result on any number of processes, and with GradCache)."""
 
     def __init__(self, n_mels: int, width: int = 128, depth: int = 4, kernel: int = 5, stem_stride: int = 2,
-                 transformer_layers: int = 0, heads: int = 4, dropout: float = 0.1):
+                 transformer_layers: int = 0, heads: int = 4, dropout: float = 0.1, norm: str = "batch"):
         super().__init__()
-        self.input_norm = nn.BatchNorm1d(n_mels)
+        self.input_norm = norm_layer(norm, n_mels, dims=1)
         self.stem = nn.Sequential(
             nn.Conv1d(n_mels, width, kernel, stride=stem_stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm1d(width), nn.GELU())
+            norm_layer(norm, width, dims=1), nn.GELU())
         self.blocks = nn.ModuleList(nn.Sequential(
-            nn.Conv1d(width, width, kernel, padding=kernel // 2, bias=False), nn.BatchNorm1d(width), nn.GELU(),
-            nn.Conv1d(width, width, kernel, padding=kernel // 2, bias=False), nn.BatchNorm1d(width),
+            nn.Conv1d(width, width, kernel, padding=kernel // 2, bias=False), norm_layer(norm, width, dims=1),
+            nn.GELU(),
+            nn.Conv1d(width, width, kernel, padding=kernel // 2, bias=False), norm_layer(norm, width, dims=1),
         ) for _ in range(depth))
         layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
@@ -490,7 +492,14 @@ class HFAudioTower(nn.Module):
 
 
 def hf_audio_defaults(cfg: AudioConfig) -> dict[str, Any]:
-    return HFFeatures.from_config(cfg).defaults()
+    """The feature extractor's rate and fixed input length. A recipe's other ``sample_rate`` cannot be honoured (the
+    model was trained at its rate): it is replaced, with a warning, and audio is resampled to the model's rate."""
+    defaults = HFFeatures.from_config(cfg).defaults()
+    if cfg.sample_rate not in (None, defaults["sample_rate"]):
+        log.warning("sample_rate=%s, but %r was trained on %d Hz audio: audio is resampled to %d Hz",
+                    cfg.sample_rate, cfg.model, defaults["sample_rate"], defaults["sample_rate"])
+        cfg.sample_rate = defaults["sample_rate"]
+    return defaults
 
 
 register_tower("audio", "hf", AudioTowerSpec(

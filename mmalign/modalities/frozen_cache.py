@@ -34,10 +34,17 @@ def shared_cache(cfg: ModalityConfig, tower: nn.Module) -> OrderedDict:
 
 
 def row_keys(inputs: Any) -> list[bytes]:
-    """One key per input row: the bytes of its tensors (of every key, in sorted order)."""
+    """One key per input row: a 128-bit digest of the bytes of its tensors (of every key, in sorted order), so the
+    cache holds 16 bytes per input, not the input (an image's pixels)."""
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else [inputs[k] for k in sorted(inputs)]
     flat = [t.detach().reshape(t.shape[0], -1).cpu().numpy() for t in tensors]
-    return [b"".join(f[i].tobytes() for f in flat) for i in range(flat[0].shape[0])]
+    keys = []
+    for i in range(flat[0].shape[0]):
+        h = hashlib.blake2b(digest_size=16)
+        for f in flat:
+            h.update(f[i].tobytes())
+        keys.append(h.digest())
+    return keys
 
 
 def cached_features(cache: OrderedDict, tower: nn.Module, inputs: Any, max_size: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..modality_config import ModalityConfig
-from .registry import TowerSpec, model_and_weights
+from .registry import TowerSpec, check_context_length, model_and_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def resolve_pretrained(name: str) -> str:
 class HFDualEncoderTower(nn.Module):
     """One side of an HF dual encoder: ``forward(x) = model.get_<part>_features(x)`` (pooled + projected)."""
 
-    def __init__(self, name: str, part: str, from_scratch: bool, trust_remote_code: bool = False, **kwargs):
+    def __init__(self, name: str, part: str, from_scratch: bool, trust_remote_code: bool = False,
+                 image_size: int | None = None, **kwargs):
         super().__init__()
         from transformers import AutoModel
 
@@ -88,6 +89,26 @@ class HFDualEncoderTower(nn.Module):
         self.part = part
         self.sub_config = getattr(config, sub_name)
         self.out_dim = config.projection_dim if self.projection_name else self.sub_config.hidden_size
+        self.interpolate = part == "image" and image_size not in (None, self.sub_config.image_size)
+        if self.interpolate:
+            self.check_image_size(name, image_size)
+
+    def check_image_size(self, name: str, size: int) -> None:
+        """Images of ``size`` px where the checkpoint's are another size: ViT-style encoders interpolate their
+        position embeddings (``interpolate_pos_encoding``), convolutional ones take any size; anything else is a
+        ``ConfigError`` (found with one image, before training)."""
+        import inspect
+
+        features = getattr(self.model, f"get_{self.part}_features")
+        self.interpolate = "interpolate_pos_encoding" in inspect.signature(features).parameters
+        try:
+            with torch.no_grad():
+                self.eval()(torch.zeros(1, 3, size, size))
+            self.train()
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"image_size {size}: the vision model of {name!r} takes "
+                              f"{self.sub_config.image_size} px images and cannot take {size} px "
+                              f"({str(e).splitlines()[0]}); set image_size {self.sub_config.image_size}") from None
 
     @property
     def projection_name(self) -> str | None:
@@ -102,6 +123,8 @@ class HFDualEncoderTower(nn.Module):
         features = getattr(self.model, f"get_{self.part}_features")
         if isinstance(inputs, dict):
             out = features(**inputs)
+        elif self.interpolate:
+            out = features(inputs, interpolate_pos_encoding=True)
         else:
             out = features(inputs)
         return out if torch.is_tensor(out) else out.pooler_output
@@ -131,6 +154,16 @@ class HFExport:
     model: nn.Module  # a transformers ``PreTrainedModel``, saved alone in the modality's folder
     pooling: str  # its output -> the tower's feature: pooler_output | audio_embeds | mean | cls
     head: list[nn.Module] = field(default_factory=list)  # applied to that feature before mmalign's projection head
+
+
+def text_positions(model: nn.Module) -> int | None:
+    """The token positions of an HF text model: its position embedding table's size, less the offset of models that
+    number positions from ``padding_idx + 1`` (RoBERTa-style); None for models without one (rotary, relative)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings",
+                                                                           "position_embedding"):
+            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+    return None
 
 
 def load_hf_config(name: str, trust_remote_code: bool, **kwargs):
@@ -188,7 +221,11 @@ def dual_tower_spec(part: str, spec_class: type[TowerSpec] = TowerSpec, tower_cl
 
     def build(cfg: ModalityConfig) -> nn.Module:
         name, _ = model_and_weights(cfg)
-        return tower_class(name, part, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+        size = {"image_size": cfg.image_size} if part == "image" else {}
+        tower = tower_class(name, part, cfg.init == "scratch", cfg.trust_remote_code, **size, **cfg.tower_kwargs)
+        if part == "text":
+            check_context_length(cfg, text_positions(tower), "hf_clip")
+        return tower
 
     def defaults(cfg: ModalityConfig) -> dict:
         config = load_hf_config(cfg.model, cfg.trust_remote_code, **cfg.tower_kwargs)

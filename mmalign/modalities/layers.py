@@ -4,6 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
+from ..errors import ConfigError
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
@@ -14,3 +17,14 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     out[:, 0::2] = torch.sin(pos * freq)
     out[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
     return out
+
+
+def norm_layer(kind: str, channels: int, dims: int = 2) -> nn.Module:
+    """The normalisation of a convolutional tower: ``batch`` (BatchNorm over ``dims`` spatial dims) or ``group``
+    (GroupNorm, 8 groups at most). BatchNorm mixes the rows of a batch, so its statistics differ per process and per
+    GradCache chunk; GroupNorm normalises each row alone."""
+    if kind == "batch":
+        return nn.BatchNorm1d(channels) if dims == 1 else nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ConfigError(f"norm must be 'batch' or 'group', got {kind!r}")

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..modality_config import ModalityConfig
+from .registry import model_and_weights
 
 # open_clip preprocess config keys -> image config fields
 PREPROCESS_FIELDS = {"size": "image_size", "mean": "mean", "std": "std", "resize_mode": "resize_mode",
@@ -26,6 +27,31 @@ def create_open_clip(model_name: str, pretrained: str | None, **kwargs) -> nn.Mo
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise ConfigError(f"open_clip model {model_name!r} (pretrained={pretrained!r}): {e}") from None
+
+
+def open_clip_tower_model(cfg: ModalityConfig, image_size: int | None = None) -> tuple[nn.Module, dict]:
+    """The open_clip model ``cfg`` names (built with its ``tower_kwargs``) and its config as built.
+
+    With ``image_size`` (image towers: the config's) different from the architecture's, open_clip builds the vision
+    tower for that size (``force_image_size``) and resizes a checkpoint's position embedding to it.
+    """
+    kwargs = dict(cfg.tower_kwargs)
+    model_cfg, _ = open_clip_checkpoint(cfg)  # with tower_kwargs' own force_* applied
+    size = model_cfg["vision_cfg"].get("image_size", 224)
+    if image_size is not None and image_size != (size[0] if isinstance(size, (tuple, list)) else size):
+        if kwargs.get("force_image_size") is not None:
+            raise ConfigError(f"image_size {image_size} and tower_kwargs.force_image_size "
+                              f"{kwargs['force_image_size']} disagree; set only image_size")
+        kwargs["force_image_size"] = model_cfg["vision_cfg"]["image_size"] = image_size
+    return create_open_clip(*model_and_weights(cfg), **kwargs), model_cfg
+
+
+def drop_logit_parameters(model: nn.Module) -> None:
+    """Remove an open_clip model's own ``logit_scale``/``logit_bias``: a tower never uses them (the logit scale is
+    the ``AlignmentModel``'s), and a trainable parameter without a gradient stops DistributedDataParallel."""
+    for name, _ in list(model.named_parameters(recurse=False)):
+        if name.startswith("logit_"):
+            delattr(model, name)
 
 
 def open_clip_checkpoint(cfg: ModalityConfig) -> tuple[dict, dict]:
@@ -95,5 +121,6 @@ class OpenClipExport:
 
     part: str  # "image" | "text"
     model_name: str  # the open_clip architecture
+    model_cfg: dict  # its config as built (with tower_kwargs' overrides, e.g. force_image_size)
     state: dict[str, torch.Tensor]  # its weights, named as in the open_clip model
     projection: str  # the key of the projection that mmalign's linear head folds into

@@ -255,3 +255,10 @@ def model_and_weights(cfg: ModalityConfig) -> tuple[str, str | None]:
     """The architecture a tower builder builds (``cfg.model``) and its weights (None when built from scratch)."""
     return cfg.model, cfg.pretrained if cfg.init == "pretrained" else None
 
+
+def check_context_length(cfg: ModalityConfig, positions: int | None, tower: str) -> None:
+    """A text config's ``max_length`` beyond its model's ``positions`` (None: no limit) is a one-line error, not
+    an index error at the first long caption."""
+    if positions is not None and cfg.max_length > positions:
+        raise ConfigError(f"max_length {cfg.max_length} exceeds the {positions} text positions of {tower} "
+                          f"{cfg.model!r}; set max_length <= {positions}")

@@ -25,10 +25,10 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..modality_config import TextConfig
-from .hf import HFExport, dual_tower_spec, resolve_pretrained
-from .openclip import OpenClipExport, create_open_clip, open_clip_context_length
-from .registry import (OWNER, TOWERS, Modality, TowerSpec, model_and_weights, named_errors, register_modality,
-                       register_tower)
+from .hf import HFExport, dual_tower_spec, load_hf_config, resolve_pretrained, text_positions
+from .openclip import OpenClipExport, drop_logit_parameters, open_clip_context_length, open_clip_tower_model
+from .registry import (OWNER, TOWERS, Modality, TowerSpec, check_context_length, model_and_weights, named_errors,
+                       register_modality, register_tower)
 
 log = logging.getLogger(__name__)
 
@@ -343,35 +343,46 @@ class HFTextTower(nn.Module):
 
 
 def hf_text(cfg: TextConfig) -> nn.Module:
-    return HFTextTower(cfg.model, cfg.pooling, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+    tower = HFTextTower(cfg.model, cfg.pooling, cfg.init == "scratch", cfg.trust_remote_code, **cfg.tower_kwargs)
+    check_context_length(cfg, text_positions(tower), "hf")
+    return tower
 
 
-register_tower("text", "hf", TextTowerSpec(build=hf_text, tokenizer=HFTokenizer, windows=True,
-                                           model="a hub name or local folder", export={"hf": HFTextTower.hf_export}))
+def hf_text_defaults(cfg: TextConfig) -> dict:
+    """77 tokens, or fewer where the model has fewer positions (``max_position_embeddings``)."""
+    positions = getattr(load_hf_config(cfg.model, cfg.trust_remote_code, **cfg.tower_kwargs),
+                        "max_position_embeddings", None)
+    return {"max_length": min(77, positions)} if positions else {}
+
+
+register_tower("text", "hf", TextTowerSpec(build=hf_text, defaults=hf_text_defaults, tokenizer=HFTokenizer,
+                                           windows=True, model="a hub name or local folder",
+                                           export={"hf": HFTextTower.hf_export}))
 register_tower("text", "hf_clip", dual_tower_spec("text", TextTowerSpec, tokenizer=HFTokenizer, windows=True))
 
 
 class OpenClipText(nn.Module):
     """The text transformer of an open_clip architecture (EOT-token pooling and text projection)."""
 
-    def __init__(self, model_name: str, pretrained: str | None, **kwargs):
+    def __init__(self, cfg: TextConfig):
         super().__init__()
-        model = create_open_clip(model_name, pretrained, **kwargs)
+        model, self.model_cfg = open_clip_tower_model(cfg)
+        check_context_length(cfg, int(self.model_cfg["text_cfg"].get("context_length", 77)), "open_clip")
         model.visual = None
+        drop_logit_parameters(model)
         self.model = model
-        self.model_name = model_name
+        self.model_name = cfg.model
         self.out_dim = model.text_projection.shape[1] if hasattr(model, "text_projection") else model.text.output_dim
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(inputs["input_ids"])
 
     def open_clip_export(self) -> OpenClipExport:
-        return OpenClipExport("text", self.model_name, self.model.state_dict(), "text_projection")
+        return OpenClipExport("text", self.model_name, self.model_cfg, self.model.state_dict(), "text_projection")
 
 
 register_tower("text", "open_clip", TextTowerSpec(
-    build=lambda cfg: OpenClipText(*model_and_weights(cfg), **cfg.tower_kwargs),
-    defaults=lambda cfg: {"max_length": open_clip_context_length(cfg)}, tokenizer=OpenClipTokenizer,
+    build=OpenClipText, defaults=lambda cfg: {"max_length": open_clip_context_length(cfg)}, tokenizer=OpenClipTokenizer,
     model="an open_clip architecture name, e.g. ViT-B-32", export={"open_clip": OpenClipText.open_clip_export}))
 
 
@@ -455,9 +466,7 @@ class OpenClipCocaText(nn.Module):
 
 def open_clip_coca_text(cfg: TextConfig) -> nn.Module:
     tower = OpenClipCocaText(*model_and_weights(cfg), **cfg.tower_kwargs)
-    if cfg.max_length > tower.context_length:
-        raise ConfigError(f"text tower open_clip_coca: max_length {cfg.max_length} exceeds the model's "
-                          f"{tower.context_length} text positions")
+    check_context_length(cfg, tower.context_length, "open_clip_coca")
     return tower
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..modality_config import TimeseriesConfig
-from .layers import sinusoidal_positions
+from .layers import norm_layer, sinusoidal_positions
 from .registry import TowerSpec, register_tower
 from .timeseries import channel_count
 
@@ -59,38 +59,40 @@ def load_tower_weights(tower: nn.Module, path: str) -> None:
 
 
 class ResBlock1d(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a (projected when needed) shortcut, then ReLU (He et al. 2016, in 1-D)."""
+    """conv-norm-ReLU-conv-norm plus a (projected when needed) shortcut, then ReLU (He et al. 2016, in 1-D)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, kernel: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, kernel: int, norm: str = "batch"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm1d(c_out),
+            nn.Conv1d(c_in, c_out, kernel, stride, kernel // 2, bias=False), norm_layer(norm, c_out, dims=1),
             nn.ReLU(inplace=True),
-            nn.Conv1d(c_out, c_out, kernel, 1, kernel // 2, bias=False), nn.BatchNorm1d(c_out),
+            nn.Conv1d(c_out, c_out, kernel, 1, kernel // 2, bias=False), norm_layer(norm, c_out, dims=1),
         )
         self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv1d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm1d(c_out))
+            nn.Conv1d(c_in, c_out, 1, stride, bias=False), norm_layer(norm, c_out, dims=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
 
 
 class ResNet1d(nn.Module):
-    """A 1-D ResNet over leads as input channels: strided stem, stages halving time, global average pooling."""
+    """A 1-D ResNet over leads as input channels: strided stem, stages halving time, global average pooling.
+    ``norm``: ``batch`` or ``group`` (rows normalised alone: the same result on any number of processes, and with
+    GradCache)."""
 
     def __init__(self, in_channels: int, widths: tuple = (32, 64, 128, 256), depths: tuple = (1, 1, 1, 1),
-                 kernel: int = 7, stem_kernel: int = 15):
+                 kernel: int = 7, stem_kernel: int = 15, norm: str = "batch"):
         super().__init__()
         if len(widths) != len(depths):
             raise ConfigError(f"resnet1d: widths {list(widths)} and depths {list(depths)} differ in length")
         self.stem = nn.Sequential(
             nn.Conv1d(in_channels, widths[0], stem_kernel, 2, stem_kernel // 2, bias=False),
-            nn.BatchNorm1d(widths[0]), nn.ReLU(inplace=True), nn.MaxPool1d(3, 2, 1),
+            norm_layer(norm, widths[0], dims=1), nn.ReLU(inplace=True), nn.MaxPool1d(3, 2, 1),
         )
         blocks, c = [], widths[0]
         for i, (w, d) in enumerate(zip(widths, depths)):
             for j in range(d):
-                blocks.append(ResBlock1d(c, w, 2 if i > 0 and j == 0 else 1, kernel))
+                blocks.append(ResBlock1d(c, w, 2 if i > 0 and j == 0 else 1, kernel, norm))
                 c = w
         self.blocks = nn.Sequential(*blocks)
         self.out_dim = c
