@@ -109,9 +109,9 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     accelerator = build_accelerator(cfg)
     threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     set_seed(cfg.seed)
-    cfg, model, objective = build(cfg)
+    cfg, model, objective = build(cfg)  # first: a recipe the towers refuse leaves no run directory behind
+    claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     temperature = temperature_schedule(cfg, model)
     warn_about_setup(cfg, model, objective)
     model.to(accelerator.device)
