@@ -150,13 +150,14 @@ def load_scored_model(path: str | Path) -> tuple[AlignmentModel, dict]:
     about it: ``model`` (the folder scored) and ``model_step`` (its training step, see :func:`model_step`). A run
     without its final model (interrupted, or still training) is scored at its newest checkpoint, with a warning."""
     model_dir = resolve_model_dir(path)
+    model = load_model_dir(model_dir)  # first: a damaged weights file is one error line
     step = model_step(model_dir)
     if model_dir.parent.parent.name == CHECKPOINTS:
         log.warning("%s has no final model (interrupted or still training): scoring its newest checkpoint, step %s",
                     path, step)
     else:
         log.info("scoring %s%s", model_dir, f" (step {step})" if step is not None else "")
-    return load_model_dir(model_dir), {"model": str(model_dir), "model_step": step}
+    return model, {"model": str(model_dir), "model_step": step}
 
 
 def source_run(model_dir: str | Path) -> dict | None:

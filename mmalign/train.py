@@ -110,7 +110,7 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     threads = ComputeThreads(cfg.data.num_workers if accelerator.device.type == "cpu" else 0,
                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     set_seed(cfg.seed)
-    cfg, model, objective = build(cfg)  # before the claim: a recipe the model cannot take leaves no file behind
+    cfg, model, objective = build(cfg)  # first: a recipe the towers refuse leaves no run directory behind
     claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     temperature = temperature_schedule(cfg, model)
     warn_about_setup(cfg, model, objective)

@@ -96,13 +96,14 @@ def test_case_saves_reloads_and_exports(matrix, case, tmp_path):
     from mmalign.eval.embed import embed_shards
     from mmalign.export import export_model
     from mmalign.model import AlignmentModel
-    from mmalign.rundir import checkpoint_dirs, load_weights
+    from mmalign.rundir import checkpoint_dirs, frozen_tower_files
 
     _ok(matrix["one"][case.name], "1 process")
     run_dir = matrix["root"] / "one" / case.name
     cfg = load_config(base=recipe(case, matrix["root"], run_dir, matrix["shards"], 1))
     trained = build_model(cfg)
-    load_weights(trained, str(checkpoint_dirs(run_dir)[-1] / "model" / "model.safetensors"))
+    last = checkpoint_dirs(run_dir)[-1]
+    trained.load_weights(last / "model" / "model.safetensors", frozen_tower_files(last))
     saved = AlignmentModel.from_pretrained(run_dir / "model")
     expected = embed_shards(trained, matrix["shards"], trained.names, batch_size=8)["embeddings"]
     reloaded = embed_shards(saved, matrix["shards"], saved.names, batch_size=8)["embeddings"]

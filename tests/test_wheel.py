@@ -110,10 +110,11 @@ def test_wheel_keeps_the_users_torch_and_runs_outside_the_checkout(tmp_path):
     assert shown == (REPO / "mmalign" / "recipes" / "clap_audio_text.yaml").read_text()
     (work / "empty.tar").touch()
     (work / "classes.txt").write_text("one\ntwo\n")
+    (work / "templates.txt").write_text("a sound of {}.\n")  # read before training, like the classes
     sets = [f"{key}={value}" for key, value in (
         ("run_dir", "runs/clap"), ("data.train", "empty.tar"), ("eval.zeroshot.data", "empty.tar"),
         ("eval.retrieval.data", "empty.tar"), ("eval.zeroshot.classes", "classes.txt"),
-        ("eval.zeroshot.templates", "classes.txt"))]
+        ("eval.zeroshot.templates", "templates.txt"))]
     proc = subprocess.run([mmalign, "train", "clap_audio_text", *(a for s in sets for a in ("--set", s))],
                           cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]

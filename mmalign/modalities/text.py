@@ -349,9 +349,14 @@ def hf_text(cfg: TextConfig) -> nn.Module:
 
 
 def hf_text_defaults(cfg: TextConfig) -> dict:
-    """77 tokens, or fewer where the model has fewer positions (``max_position_embeddings``)."""
-    positions = getattr(load_hf_config(cfg.model, cfg.trust_remote_code, **cfg.tower_kwargs),
-                        "max_position_embeddings", None)
+    """77 tokens, or fewer where the model has fewer positions (``max_position_embeddings``). A model whose config
+    cannot be read gets none here: building its tower says why, and a modality used without its tower (data tools)
+    needs none."""
+    try:
+        config = load_hf_config(cfg.model, cfg.trust_remote_code, **cfg.tower_kwargs)
+    except ConfigError:
+        return {}
+    positions = getattr(config, "max_position_embeddings", None)
     return {"max_length": min(77, positions)} if positions else {}
 
 

@@ -35,6 +35,8 @@ def resume(name: str, root: Path, shards: str, run_dir: Path) -> dict:
     resumed.mkdir()
     halfway = f"step_{STEPS // 2:08d}"
     shutil.copytree(run_dir / "checkpoints" / halfway, resumed / "checkpoints" / halfway)
+    if (run_dir / "checkpoints" / "frozen").exists():  # locked towers' weights, stored once per run
+        shutil.copytree(run_dir / "checkpoints" / "frozen", resumed / "checkpoints" / "frozen")
     return run(name, root, shards, resumed)
 
 
