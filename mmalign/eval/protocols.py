@@ -12,7 +12,6 @@ model's matching head (``rerank``, GRAM's data-anchor matching).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .nway import nway_scores
-from .retrieval import match_positives, rerank_top_k, restrict_to, retrieval_metrics, row_samples
+from .retrieval import match_positives, rerank_top_k, restrict_to, retrieval_metrics, row_samples, rows_by_group
 
 Scores = Callable[[torch.Tensor], torch.Tensor]  # query row indices (Qc) -> Qc x G scores
 
@@ -82,20 +81,13 @@ def candidate_sets(candidates: dict[str, list[str]], query: Side, gallery: Side,
     absent = [key for key in candidates if key not in index]
     if absent:
         raise DataError(f"{source}: query {absent[0]!r} is not a sample of the data with every evaluated modality")
-    gallery_rows = _rows_by(gallery.sample)
+    gallery_rows = rows_by_group(gallery.sample)
     allowed = {}
     for i, sample in enumerate(query.sample.tolist()):
         listed = candidates.get(keys[sample])
         if listed is not None:
             allowed[i] = torch.tensor(sorted(j for key in listed for j in gallery_rows[index[key]]), dtype=torch.long)
     return Candidates(torch.tensor(list(allowed), dtype=torch.long), allowed, source, keys)
-
-
-def _rows_by(samples: torch.Tensor) -> dict[int, list[int]]:
-    rows: dict[int, list[int]] = defaultdict(list)
-    for j, sample in enumerate(samples.tolist()):
-        rows[sample].append(j)
-    return rows
 
 
 def matching_rescore(model, query: Side, gallery: Side) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -77,10 +77,16 @@ def match_positives(query_samples: torch.Tensor, gallery_samples: torch.Tensor,
     ``gallery_samples[j]`` are the samples rows i and j come from; several rows per sample on either side), or,
     with ``labels`` (one per sample), the gallery rows whose sample has the query sample's label (Symile-M3's
     protocol: any image of the query's class is a hit). Any group ids work as samples (:func:`row_groups`)."""
-    members: dict[int, list[int]] = defaultdict(list)
-    for j, group in enumerate(row_groups(gallery_samples, labels).tolist()):
-        members[group].append(j)
+    members = rows_by_group(row_groups(gallery_samples, labels))
     return [list(members.get(group, ())) for group in row_groups(query_samples, labels).tolist()]
+
+
+def rows_by_group(groups: torch.Tensor) -> dict[int, list[int]]:
+    """The rows of each group id in ``groups`` (one id per row), in row order."""
+    rows: dict[int, list[int]] = defaultdict(list)
+    for j, group in enumerate(groups.tolist()):
+        rows[group].append(j)
+    return rows
 
 
 def restrict_to(scores: torch.Tensor, allowed: list[torch.Tensor]) -> torch.Tensor:
