@@ -1,6 +1,7 @@
 """Shared results files: each benchmark owns a section of ``results.json``; ``results.md`` is regenerated from all."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -10,6 +11,17 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent
 GIB = 1024**3
+
+
+def bench_parser(name: str, doc: str, quick: str, work_dir: Path | None = None) -> argparse.ArgumentParser:
+    """The command line every benchmark shares: ``--quick`` (a smoke test of ``quick``, results under _work/),
+    ``--out-dir`` and, with ``work_dir``, ``--work-dir``; the benchmark adds its own flags."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"smoke test: {quick}, results in _work/")
+    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
+    if work_dir is not None:
+        p.add_argument("--work-dir", default=str(work_dir), help=f"shards and runs (default {work_dir})")
+    return p
 
 
 def _write(path: Path, text: str) -> None:

@@ -27,7 +27,6 @@ Throughput = samples / wall time of a whole pass (worker start-up included, as i
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import resource
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks._data import WORK_DIR, image_text_shards
-from benchmarks._results import describe_machine, machine_info, publish
+from benchmarks._results import bench_parser, describe_machine, machine_info, publish
 
 log = logging.getLogger(__name__)
 
@@ -201,15 +200,12 @@ def markdown(rows: list[dict], quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: a few samples per dataset, results in _work/")
+    p = bench_parser("bench_data", __doc__, "a few samples per dataset", WORK_DIR)
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS),
                    help="which datasets (default: all)")
     p.add_argument("--batch-size", type=int, help="default 64, quick 16")
     p.add_argument("--workers", type=int, help="DataLoader workers, both loops (default 2, quick 1)")
     p.add_argument("--rounds", type=int, help="timed passes per loader and dataset (default 8, quick 2)")
-    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
-    p.add_argument("--work-dir", default=str(WORK_DIR), help="where the shards are built (default benchmarks/_work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

@@ -23,7 +23,6 @@ loops alternate for several rounds after an untimed warm-up each; ratios are mma
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks._data import THINGS, WORK_DIR, image_text_shards
-from benchmarks._results import describe_machine, machine_info, publish
+from benchmarks._results import bench_parser, describe_machine, machine_info, publish
 from benchmarks.bench_data import cpu_seconds
 from benchmarks.bench_train_step import MODEL, TINY_CLIP, register_model
 
@@ -156,14 +155,11 @@ def markdown(rows: list[dict], quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: 64 images, results in _work/")
+    p = bench_parser("bench_eval", __doc__, "64 images", WORK_DIR)
     p.add_argument("--images", type=int, help="default 2,000, quick 64")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, help="timed evaluations per loop (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (all loops)")
-    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
-    p.add_argument("--work-dir", default=str(WORK_DIR), help="where the shards are built (default benchmarks/_work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch

@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._results import GIB, describe_machine, machine_info, publish
+from benchmarks._results import GIB, bench_parser, describe_machine, machine_info, publish
 
 log = logging.getLogger(__name__)
 
@@ -485,8 +485,7 @@ def _targets(meas: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_losses", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, in-process, results in _work/")
+    p = bench_parser("bench_losses", __doc__, "tiny sizes, in-process")
     p.add_argument("--sizes", type=int, nargs="+", help=f"batch sizes (default {FULL_SIZES})")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=None, help="force the blockwise losses' block side")
@@ -495,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-cap-gb", type=float, default=12.0, help="skip a run predicted to exceed this (CPU)")
     p.add_argument("--in-process", action="store_true", help="no subprocess per measurement (memory by polling)")
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even if CUDA is available")
-    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement subprocess")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

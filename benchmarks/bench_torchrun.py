@@ -18,7 +18,6 @@ compared. Results go to ``results.json`` / ``results.md`` (section ``torchrun_vi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks._data import WORK_DIR, as_csv, image_text_shards
-from benchmarks._results import describe_machine, machine_info, publish
+from benchmarks._results import bench_parser, describe_machine, machine_info, publish
 from benchmarks.bench_train_step import BETAS, EPS, GRAD_CLIP, LR, WARMUP_STEPS, WD
 
 log = logging.getLogger(__name__)
@@ -159,14 +158,11 @@ def markdown(rows: list[dict], quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_torchrun", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: a few steps, results in _work/")
+    p = bench_parser("bench_torchrun", __doc__, "a few steps", WORK_DIR)
     p.add_argument("--batch-size", type=int, help="per process (default 16, quick 2)")
     p.add_argument("--steps", type=int, help="optimiser steps per launch (default 8, quick 3)")
     p.add_argument("--warmup", type=int, help="steps per launch left out of the timing, at least 1 (default 2)")
     p.add_argument("--rounds", type=int, help="launches of each (default 2, quick 1)")
-    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
-    p.add_argument("--work-dir", default=str(WORK_DIR), help="shards, runs (default benchmarks/_work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     batch_size = args.batch_size or (2 if args.quick else 16)

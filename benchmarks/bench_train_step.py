@@ -41,7 +41,6 @@ over all timed steps are compared. Results go to ``results.json`` / ``results.md
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -56,7 +55,7 @@ from typing import Iterator
 from unittest import mock
 
 from benchmarks._data import WORK_DIR, as_csv, image_text_shards
-from benchmarks._results import describe_machine, machine_info, publish
+from benchmarks._results import bench_parser, describe_machine, machine_info, publish
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +356,7 @@ def markdown(rows: list[dict], quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: a few steps, results in _work/")
+    p = bench_parser("bench_train_step", __doc__, "a few steps", WORK_DIR)
     p.add_argument("--batch-size", type=int, help="default 64, quick 8")
     p.add_argument("--steps", type=int, help="optimiser steps per run (default 18, quick 3)")
     p.add_argument("--warmup", type=int, help="steps per run left out of the timing (default 3, quick 1)")
@@ -366,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (both loops)")
-    p.add_argument("--out-dir", default=None, help="where results.json/.md go (default benchmarks/, quick: _work/)")
-    p.add_argument("--work-dir", default=str(WORK_DIR), help="shards, runs (default benchmarks/_work)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
