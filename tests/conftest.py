@@ -176,9 +176,33 @@ def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, env: d
         env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run([sys.executable, "-m", "mmalign", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd or REPO)
+    return _checked(proc, args, check)
+
+
+def _checked(proc: subprocess.CompletedProcess, args: tuple[str, ...], check: bool) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"mmalign {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``run_cli`` through ``mmalign.cli.main`` in this process (``run_main``), for tests that are not about the
+    process itself: the same finished process (exit status, stdout, stderr with mmalign's INFO logs as the CLI
+    writes them), without a new interpreter and its seconds of imports per call."""
+    import io
+    import logging
+
+    logs, logger = io.StringIO(), logging.getLogger("mmalign")
+    handler, level = logging.StreamHandler(logs), logger.level
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        code, out, err = run_main(*args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return _checked(subprocess.CompletedProcess(["mmalign", *args], code, out, logs.getvalue() + err), args, check)
 
 
 def torchrun_cli(*args: str) -> list[str]:

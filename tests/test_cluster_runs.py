@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (
-    REPO, cli_env, last_json, run_cli, shape_sample, start_cli, tiny_recipe, torchrun_cli, write_shard,
+    REPO, cli_env, last_json, run_cli, run_in_process, shape_sample, start_cli, tiny_recipe, torchrun_cli,
+    write_shard,
 )
 from mmalign.config import load_config, recipe_changes, to_dict
 from mmalign.errors import MMAlignError
@@ -147,7 +148,7 @@ def damage(checkpoint: Path, how: str, tmp_path: Path) -> str:
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(how, finished, tmp_path):
     run, train = copy_of(finished, tmp_path)
     expected = damage(run / "checkpoints" / "step_00000006", how, tmp_path)
-    proc = run_cli(*train)
+    proc = run_in_process(*train)
     warnings = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
     assert len(warnings) == 1 and "step_00000006" in warnings[0] and expected in warnings[0], proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and "step_00000003 (step 3)" in proc.stderr
@@ -164,14 +165,14 @@ def test_every_checkpoint_damaged_is_one_error_and_nothing_is_deleted(finished, 
     data[-10] ^= 0xFF
     frozen.write_bytes(bytes(data))
     before = snapshot(run)
-    proc = run_cli(*train, check=False)
+    proc = run_in_process(*train, check=False)
     assert proc.returncode == 2
     line = one_error_line(proc, "no checkpoint to resume from: step_00000006: ")
     assert "step_00000003: " in line and f"../frozen/{frozen.name} does not match its SHA-256" in line
     assert snapshot(run) == before
     for command in (["eval", "retrieval", "--model", str(run), "--data", "unused.tar"],
                     ["export", "--model", str(run), "--to", str(tmp_path / "export")]):
-        proc = run_cli(*command, check=False)
+        proc = run_in_process(*command, check=False)
         assert proc.returncode == 2
         one_error_line(proc, f"no model found at {run}: no final model, and no checkpoint verifies")
 
@@ -180,18 +181,18 @@ def test_every_checkpoint_damaged_is_one_error_and_nothing_is_deleted(finished, 
 def test_resume_from_picks_a_checkpoint_and_no_resume_only_starts_new_runs(finished, tmp_path):
     run, train = copy_of(finished, tmp_path)
     damage(run / "checkpoints" / "step_00000003", "flipped byte", tmp_path)
-    proc = run_cli(*train, "--resume-from", str(run / "checkpoints" / "step_00000003"), check=False)
+    proc = run_in_process(*train, "--resume-from", str(run / "checkpoints" / "step_00000003"), check=False)
     assert proc.returncode == 2
     one_error_line(proc, "no checkpoint to resume from: step_00000003: model/model.safetensors does not match")
-    proc = run_cli(*train, "--resume-from", str(finished / "checkpoints" / "step_00000003"))
+    proc = run_in_process(*train, "--resume-from", str(finished / "checkpoints" / "step_00000003"))
     assert f"resuming from {finished / 'checkpoints' / 'step_00000003'} (step 3)" in proc.stderr
     assert_same_weights(weights(finished), weights(run))
 
-    proc = run_cli(*train, "--no-resume", check=False)
+    proc = run_in_process(*train, "--no-resume", check=False)
     assert proc.returncode == 2
     one_error_line(proc, f"--no-resume (train.resume: false) starts a new run, but {run} already holds one")
     fresh = tmp_path / "fresh"
-    proc = run_cli(*train[:-1], f"run_dir={fresh}", "--no-resume", "--set", "train.steps=1")
+    proc = run_in_process(*train[:-1], f"run_dir={fresh}", "--no-resume", "--set", "train.steps=1")
     assert "resuming" not in proc.stderr and last_json(proc)["steps"] == 1
 
 
@@ -215,13 +216,13 @@ def test_eval_export_and_report_of_empty_or_damaged_runs_are_one_line(finished, 
         (["report", str(tmp_path / "nothing")], "not a run directory"),
     ]
     for command, expected in cases:
-        proc = run_cli(*command, check=False)
+        proc = run_in_process(*command, check=False)
         assert proc.returncode == 2, command
         one_error_line(proc, expected)
 
     # A run without a final model yet is evaluated on its newest checkpoint, frozen towers included.
     shutil.rmtree(cut / "model")
-    proc = run_cli("eval", "retrieval", "--model", str(cut), "--data", shards, "--query", "image")
+    proc = run_in_process("eval", "retrieval", "--model", str(cut), "--data", shards, "--query", "image")
     assert "using its checkpoint step_00000006" in proc.stderr and last_json(proc)["retrieval_n"] == 40
 
 
@@ -259,7 +260,7 @@ def test_sigterm_with_workers_checkpoints_stops_with_75_and_resumes_bit_identica
     wait_for_step(run, 2, proc)
     os.kill(proc.pid, signal.SIGSTOP)  # hold it mid-run: its lock stays taken
     try:
-        second = run_cli(*train, check=False)
+        second = run_in_process(*train, check=False)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     assert second.returncode == 2
@@ -333,7 +334,7 @@ def test_a_stale_lock_is_taken_over(shards, tiny_text_model, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
-    proc = run_cli("train", str(recipe(tmp_path, "run", shards, tiny_text_model)), "--set", "train.steps=1")
+    proc = run_in_process("train", str(recipe(tmp_path, "run", shards, tiny_text_model)), "--set", "train.steps=1")
     assert f"took over the lock of process {dead.pid} on {socket.gethostname()}" in proc.stderr
     assert (run / "train.lock").read_text() == ""  # released at the end
 
@@ -366,10 +367,13 @@ def test_a_lock_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_checkpoint_keeps_earlier_ones_and_is_one_line(shards, tiny_text_model, tmp_path):
+def test_a_full_disk_during_a_checkpoint_keeps_earlier_ones_and_is_one_line(shards, tiny_text_model, tmp_path,
+                                                                            monkeypatch):
     train = ["train", str(recipe(tmp_path, "run", shards, tiny_text_model)), *LOCKED]
     run = tmp_path / "run"
-    proc = run_cli(*train, env=cli_env(MMALIGN_FAIL_AT="checkpoint:6:ENOSPC"), check=False)
+    monkeypatch.setenv("MMALIGN_FAIL_AT", "checkpoint:6:ENOSPC")
+    proc = run_in_process(*train, check=False)
+    monkeypatch.delenv("MMALIGN_FAIL_AT")
     assert proc.returncode == 2
     one_error_line(proc, f"cannot write {run / 'checkpoints' / 'step_00000006'}: No space left on device; it needs "
                          f"about ")
@@ -379,7 +383,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_earlier_ones_and_is_one_line(shar
     rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, 7))  # every line whole; cut back to step 3 when the run resumes
 
-    resumed = run_cli(*train)
+    resumed = run_in_process(*train)
     assert "(step 3)" in resumed.stderr and last_json(resumed)["steps"] == 6
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == rows
 
@@ -411,7 +415,7 @@ def unwritable(tmp_path):
 def test_an_unwritable_run_directory_is_refused_before_training(unwritable, shards, tiny_text_model, tmp_path):
     run = unwritable / "run"
     recipe(tmp_path, "run", shards, tiny_text_model)
-    proc = run_cli("train", str(tmp_path / "run.yaml"), "--set", f"run_dir={run}", check=False)
+    proc = run_in_process("train", str(tmp_path / "run.yaml"), "--set", f"run_dir={run}", check=False)
     assert proc.returncode == 2
     one_error_line(proc, f"run directory {run} is not writable (")
     assert "training" not in proc.stderr
@@ -425,16 +429,16 @@ def test_a_really_full_disk_during_a_checkpoint(shards, tiny_text_model, tmp_pat
     try:
         recipe(tmp_path, "run", shards, tiny_text_model)
         train = ["train", str(tmp_path / "run.yaml"), *LOCKED, "--set", f"run_dir={disk / 'run'}"]
-        run_cli(*train, "--set", "train.steps=3")
+        run_in_process(*train, "--set", "train.steps=3")
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - 200_000))  # room for logs, not for a checkpoint
-        proc = run_cli(*train, check=False)
+        proc = run_in_process(*train, check=False)
         assert proc.returncode == 2
         one_error_line(proc, "No space left on device; it needs about ")
         assert [p.name for p in checkpoint_dirs(disk / "run")] == ["step_00000003"]
         assert verify_manifest(disk / "run" / "checkpoints" / "step_00000003") is None
         (disk / "filler").unlink()
-        assert last_json(run_cli(*train))["steps"] == 6
+        assert last_json(run_in_process(*train))["steps"] == 6
     finally:
         subprocess.run(["umount", "-l", str(disk)])
 
@@ -492,13 +496,13 @@ def test_a_finished_run_rerun_with_another_image_size_is_refused_and_safe_change
     shutil.copytree(finished, run)
     train = ["train", str(finished.parent / "run.yaml"), *LOCKED, "--set", f"run_dir={run}"]
     before = snapshot(run)
-    proc = run_cli(*train, "--set", "model.modalities.image.image_size=96", check=False)
+    proc = run_in_process(*train, "--set", "model.modalities.image.image_size=96", check=False)
     assert proc.returncode == 2
     one_error_line(proc, "was trained with another recipe: model.modalities.image.image_size: 16 -> 96. A resumed run "
                          "cannot change")
     assert snapshot(run) == before  # config.json still says what the weights are
 
-    proc = run_cli(*train, "--set", "train.steps=8", "--set", "train.log_every=2")
+    proc = run_in_process(*train, "--set", "train.steps=8", "--set", "train.log_every=2")
     assert "resuming with changed settings: " in proc.stderr and "train.steps: 6 -> 8" in proc.stderr
     assert "train.log_every: 1 -> 2" in proc.stderr and last_json(proc)["steps"] == 8
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 8
