@@ -13,7 +13,7 @@ from mmalign.errors import ConfigError, DataError
 from mmalign.model import AlignmentModel
 from mmalign.modalities.audio import add_noise, crop_starts, frame_mask
 
-from conftest import last_json, run_cli, write_pairs_csv
+from conftest import last_json, run_in_process, write_pairs_csv
 
 
 
@@ -334,7 +334,8 @@ def test_folder_of_audio_files_becomes_shards(tmp_path):
 
 @pytest.mark.slow
 def test_cli_shards_train_eval_zeroshot(tone_dataset, tiny_text_model, tmp_path):
-    out = last_json(run_cli("data", "shards", "--from", str(tone_dataset["csv"]), "--out", str(tmp_path / "shards")))
+    out = last_json(run_in_process("data", "shards", "--from", str(tone_dataset["csv"]), "--out",
+                                   str(tmp_path / "shards")))
     shards = out["shards"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""run_dir: {tmp_path / 'run'}
@@ -352,14 +353,14 @@ eval:
   retrieval: {{data: '{shards}', query: audio, gallery: text}}
 """)
     assert out["skipped"] == {"bad audio": 2}  # the corrupt and the silent clip are left out, and listed
-    result = last_json(run_cli("train", str(recipe)))
+    result = last_json(run_in_process("train", str(recipe)))
     assert result["steps"] == 8 and result["skipped"] == {}
     for key in ("zeroshot_top1", "retrieval_a2t_R@1", "retrieval_t2a_R@10", "retrieval_a2t_mAP@10"):
         assert 0.0 <= result[key] <= 1.0
     assert result["retrieval_n"] == 36
-    evaluated = last_json(run_cli("eval", "zeroshot", "--model", str(tmp_path / "run"), "--data", shards,
-                                  "--classes", str(tone_dataset["classes"]), "--templates",
-                                  str(tone_dataset["templates"])))
+    evaluated = last_json(run_in_process("eval", "zeroshot", "--model", str(tmp_path / "run"), "--data", shards,
+                                         "--classes", str(tone_dataset["classes"]), "--templates",
+                                         str(tone_dataset["templates"])))
     assert evaluated["zeroshot_top1"] == pytest.approx(result["zeroshot_top1"])
     assert evaluated["zeroshot_n"] == 36
     assert json.loads((tmp_path / "run" / "results.json").read_text())["zeroshot_n"] == 36

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import last_json, run_cli
+from conftest import last_json, run_in_process
 from mmalign.config import GenerationConfig, ModelConfig, from_dict, load_config
 from mmalign.errors import ConfigError, DataError
 from mmalign.eval.captioning import TOKENIZER_JAVA, TOKENIZER_PYTHON, coco_toolkit_available
@@ -91,8 +91,8 @@ def test_save_load_round_trip_gives_identical_captions(trained, shapes_dataset):
 def test_caption_cli_writes_jsonl(trained, shards, shapes_dataset, tmp_path):
     run_dir, _ = trained
     out = tmp_path / "captions.jsonl"
-    head = last_json(run_cli("caption", "--model", str(run_dir), "--data", shards, "--out", str(out),
-                             "--strategy", "beam", "--num-beams", "2", "--max-length", "5"))
+    head = last_json(run_in_process("caption", "--model", str(run_dir), "--data", shards, "--out", str(out),
+                                    "--strategy", "beam", "--num-beams", "2", "--max-length", "5"))
     assert head["caption_n"] == 48 and head["captions"] == str(out)
     # the COCO caption metrics, METEOR and coco-caption's own tokenizer where Java and pycocoevalcap are installed
     assert {"caption_BLEU-4", "caption_CIDEr", "caption_ROUGE-L", "caption_exact_match"} <= set(head)

@@ -20,7 +20,7 @@ from mmalign.eval.retrieval import match_positives, rerank_top_k, restrict_to
 from mmalign.eval.runner import evaluate_retrieval
 from mmalign.eval.zeroshot import zeroshot_classifier
 from mmalign.model import AlignmentModel
-from tests.conftest import last_json, run_cli, write_shard
+from tests.conftest import last_json, run_in_process, write_shard
 
 # Unit vectors per sample s0..s3 and modality; labels cat, cat, dog, dog.
 VECTORS = {
@@ -67,7 +67,8 @@ def features(tmp_path_factory) -> dict:
 
 
 def _eval(features, *args) -> dict:
-    return last_json(run_cli("eval", "retrieval", "--model", features["model"], "--data", features["shards"], *args))
+    return last_json(run_in_process("eval", "retrieval", "--model", features["model"], "--data", features["shards"],
+                                    *args))
 
 
 def _evaluate(features, query, gallery, **kwargs) -> dict:
@@ -122,8 +123,8 @@ def test_an_item_ranks_tuples_and_a_matching_head_reranks_the_top_k(features):
 def test_protocol_mistakes_are_one_line_errors(features):
     bad = features["root"] / "bad.jsonl"
     bad.write_text('{"query": "s0", "candidates": ["s0", "s9"]}\n')
-    proc = run_cli("eval", "retrieval", "--model", features["model"], "--data", features["shards"], "--query", "a",
-                   "--gallery", "b", "--candidates", str(bad), check=False)
+    proc = run_in_process("eval", "retrieval", "--model", features["model"], "--data", features["shards"],
+                          "--query", "a", "--gallery", "b", "--candidates", str(bad), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "bad.jsonl:1: candidate 's9' of query 's0' is not a sample key" in proc.stderr.strip().splitlines()[-1]
 
@@ -206,13 +207,14 @@ def test_zeroshot_candidates_classify_each_listed_sample_among_its_own_classes(f
     classifier = zeroshot_classifier(model, ["cat", "dog", "bird"], ["a {}"])  # 2 x 3
     scores = torch.tensor(VECTORS["a"], dtype=torch.float32) @ classifier
     expected = (1 + int(scores[2].argmax() == 1) + int(scores[3, 1] > scores[3, 0])) / 3
-    out = last_json(run_cli("eval", "zeroshot", "--model", str(root / "text_model"), "--data", features["shards"],
-                            "--query", "a", "--classes", str(root / "classes.txt"), "--templates",
-                            str(root / "templates.txt"), "--candidates", str(path)))
+    out = last_json(run_in_process("eval", "zeroshot", "--model", str(root / "text_model"), "--data",
+                                   features["shards"], "--query", "a", "--classes", str(root / "classes.txt"),
+                                   "--templates", str(root / "templates.txt"), "--candidates", str(path)))
     assert out["zeroshot_top1"] == pytest.approx(expected) and out["zeroshot_n"] == 3
     assert out["zeroshot_candidates"] == str(path)
     lacking = root / "lacking.jsonl"
     lacking.write_text('{"query": "s1", "candidates": ["dog", "bird"]}\n')  # s1 is a cat
-    proc = run_cli("eval", "zeroshot", "--model", str(root / "text_model"), "--data", features["shards"], "--query",
-                   "a", "--classes", str(root / "classes.txt"), "--candidates", str(lacking), check=False)
+    proc = run_in_process("eval", "zeroshot", "--model", str(root / "text_model"), "--data", features["shards"],
+                          "--query", "a", "--classes", str(root / "classes.txt"), "--candidates", str(lacking),
+                          check=False)
     assert proc.returncode == 2 and "the candidates of 's1' lack its label 'cat'" in proc.stderr, proc.stderr

@@ -20,7 +20,7 @@ from mmalign.losses import (
     label_smoothed_clip_loss, symile_loss, uniformity_loss,
 )
 from mmalign.model import AlignmentModel
-from tests.conftest import COLOURS, SHAPES, draw_shape, last_json, run_cli
+from tests.conftest import COLOURS, SHAPES, draw_shape, last_json, run_in_process
 
 N = 24
 NO_SKETCH = {3, 7, 8, 15, 20}  # samples lacking the optional modality
@@ -239,16 +239,17 @@ def test_optional_modality_needs_a_loss_that_takes_masks(three_modal, tiny_text_
 @pytest.mark.slow
 def test_cli_three_modalities_with_missing_train_and_nway_eval(three_modal, tiny_text_model, tmp_path):
     recipe = _recipe(tmp_path / "r.yaml", tmp_path / "run", three_modal, tiny_text_model)
-    trained = last_json(run_cli("train", str(recipe)))
+    trained = last_json(run_in_process("train", str(recipe)))
     assert trained["steps"] == 4 and set(trained["skipped"]) == {"missing image"}  # counted in every pass
     assert trained["zeroshot_score"] == "mip" and trained["zeroshot_n"] == N - 1 - len(NO_SKETCH)
     assert 0 <= trained["retrieval_is2t_R@1"] <= 1
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 4 and all(m["loss"] > 0 for m in metrics)
 
-    out = last_json(run_cli("eval", "retrieval", "--model", str(tmp_path / "run"), "--data", three_modal["shards"],
-                            "--query", "image,sketch", "--gallery", "text", "--score", "cosine"))
+    out = last_json(run_in_process("eval", "retrieval", "--model", str(tmp_path / "run"), "--data",
+                                   three_modal["shards"], "--query", "image,sketch", "--gallery", "text", "--score",
+                                   "cosine"))
     assert out["retrieval_score"] == "cosine" and out["retrieval_n"] == N - 1 - len(NO_SKETCH)
-    bad = run_cli("eval", "zeroshot", "--model", str(tmp_path / "run"), "--data", three_modal["shards"],
-                  "--classes", str(three_modal["classes"]), "--query", "image,audio", check=False)
+    bad = run_in_process("eval", "zeroshot", "--model", str(tmp_path / "run"), "--data", three_modal["shards"],
+                         "--classes", str(three_modal["classes"]), "--query", "image,audio", check=False)
     assert bad.returncode == 2 and "no modality 'audio'" in bad.stderr

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import last_json, run_cli, write_pairs_csv
+from conftest import last_json, run_in_process, write_pairs_csv
 from mmalign.config import from_dict
 from mmalign.data import iterate_batches
 from mmalign.data.pipeline import seeded
@@ -65,8 +65,9 @@ def signal_corpus(tmp_path_factory) -> dict:
                 writer.writerows([[t / 250, *signal[:, t]] for t in range(signal.shape[1])])
         rows.append({"ecg": path, "text": f"a {name} heart rate", "label": name})
     write_pairs_csv(root / "pairs.csv", rows)
-    summary = last_json(run_cli("data", "shards", "--from", str(root / "pairs.csv"), "--out", str(root / "shards"),
-                                "--shard-size", "10", "--no-shuffle"))  # keys in the CSV's order
+    summary = last_json(run_in_process("data", "shards", "--from", str(root / "pairs.csv"), "--out",
+                                       str(root / "shards"), "--shard-size", "10",
+                                       "--no-shuffle"))  # keys in the CSV's order
     return {"root": root, "summary": summary}
 
 
@@ -280,8 +281,8 @@ data: {{train: '{shards}', batch_size: 8, shuffle_buffer: 16, num_workers: 0}}
 train: {{steps: 4, lr: 0.001, warmup_steps: 1, checkpoint_every: 4, log_every: 1}}
 eval: {{batch_size: 16, retrieval: {{data: '{shards}', query: ecg, gallery: text}}}}
 """)
-    trained = last_json(run_cli("train", str(recipe)))
+    trained = last_json(run_in_process("train", str(recipe)))
     assert trained["steps"] == 4 and 0 <= trained["retrieval_e2t_R@1"] <= 1 and trained["skipped"] == {}
-    result = last_json(run_cli("eval", "zeroshot", "--model", str(tmp_path / "run"), "--data", shards,
-                               "--classes", str(root / "classes.txt")))
+    result = last_json(run_in_process("eval", "zeroshot", "--model", str(tmp_path / "run"), "--data", shards,
+                                      "--classes", str(root / "classes.txt")))
     assert result["zeroshot_n"] == 25 and 0 <= result["zeroshot_top1"] <= 1
