@@ -16,7 +16,7 @@ from mmalign.heads import MatchingHead
 from mmalign.losses import AlignmentOutput, build_loss, gram_loss, gram_volume
 from mmalign.losses.multimodal import dam_rows_loss, volume_hard_negatives
 from mmalign.model import AlignmentModel
-from tests.conftest import last_json, run_cli, write_shard
+from tests.conftest import last_json, run_in_process, write_shard
 
 
 def _feats(m, B=6, D=5, seed=0, grad=False):
@@ -138,14 +138,14 @@ def test_cli_trains_gram_with_dam_and_a_learned_temperature_then_reranks(tmp_pat
                          "data": shards, "query": "text", "gallery": "video,audio", "rerank": 5}})
     path = tmp_path / "gram.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
-    result = last_json(run_cli("train", str(path)))
+    result = last_json(run_in_process("train", str(path)))
     assert math.isfinite(result["final_loss_dam"]) and result["final_loss_dam"] > 0
     assert result["final_loss"] == pytest.approx(result["final_loss_volume"] + result["final_loss_dam"], rel=1e-5)
     assert result["final_logit_scale"] != pytest.approx(1 / 0.07)  # the temperature is learned
     assert {"retrieval_t2va_R@1", "retrieval_t2va_rerank_R@1"} <= set(result)
 
-    out = last_json(run_cli("eval", "retrieval", "--model", result["run_dir"], "--data", shards, "--query", "text",
-                            "--gallery", "video,audio", "--rerank", "5"))
+    out = last_json(run_in_process("eval", "retrieval", "--model", result["run_dir"], "--data", shards, "--query",
+                                   "text", "--gallery", "video,audio", "--rerank", "5"))
     assert out["retrieval_t2va_R@1"] == result["retrieval_t2va_R@1"]
     assert out["retrieval_t2va_rerank_R@1"] == result["retrieval_t2va_rerank_R@1"]
     assert out["retrieval_score"] == "volume" and out["retrieval_rerank_k"] == 5

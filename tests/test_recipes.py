@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from conftest import last_json, run_cli
+from conftest import last_json, run_cli, run_in_process
 
 from mmalign import __version__, recipes
 from mmalign.cli import main
@@ -43,18 +43,18 @@ def test_version_and_python_dash_m(tmp_path):
 @pytest.mark.slow
 def test_train_takes_a_shipped_recipe_by_name_from_any_folder(tmp_path, shapes_dataset, tiny_text_model, capsys,
                                                               monkeypatch):
-    shards = last_json(run_cli("data", "shards", "--from", str(shapes_dataset["csv"]), "--out", str(tmp_path / "s"),
-                               "--shard-size", "48"))["shards"]
+    monkeypatch.chdir(tmp_path)
+    shards = last_json(run_in_process("data", "shards", "--from", str(shapes_dataset["csv"]), "--out",
+                                      str(tmp_path / "s"), "--shard-size", "48"))["shards"]
     sets = [f"data.train={shards}", f"run_dir={tmp_path / 'run'}", f"model.modalities.text.model={tiny_text_model}",
             "train.steps=2", "train.warmup_steps=1", "data.batch_size=8", "data.num_workers=0",
             f"eval.zeroshot.data={shards}", f"eval.zeroshot.classes={shapes_dataset['classes']}",
             f"eval.zeroshot.templates={shapes_dataset['templates']}", f"eval.retrieval.data={shards}"]
-    result = last_json(run_cli("train", "lit_image_text", *(a for s in sets for a in ("--set", s)), cwd=tmp_path))
+    result = last_json(run_in_process("train", "lit_image_text", *(a for s in sets for a in ("--set", s))))
     assert result["steps"] == 2 and 0.0 <= result["zeroshot_top1"] <= 1.0
     saved = yaml.safe_load((tmp_path / "run" / "config.json").read_text())
     assert saved["loss"]["name"] == "clip" and saved["model"]["modalities"]["text"]["lock"] is True
 
-    monkeypatch.chdir(tmp_path)
     for wrong in ("lit_image_txt", "configs/lit_image_text.yaml"):  # a typo, or a path that does not exist
         assert main(["train", wrong]) == 2
         err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from conftest import last_json, run_cli, run_main, tiny_recipe
+from conftest import last_json, run_cli, run_in_process, run_main, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def one_error_line(code: int, err: str) -> str:
 def test_recipe_slips_are_one_line_before_anything_runs(trained, tmp_path):
     """A typo inside tower_kwargs (was a 32-line TypeError traceback) and image_size 0 (passed the check and failed
     in a DataLoader worker): one line each, and nothing trained."""
-    typo = run_cli("train", str(trained["recipe"]), "--set", f"run_dir={tmp_path / 'a'}",
-                   "--set", "model.modalities.image.tower_kwargs={width: 16, detph: 4}", check=False)
+    typo = run_in_process("train", str(trained["recipe"]), "--set", f"run_dir={tmp_path / 'a'}",
+                          "--set", "model.modalities.image.tower_kwargs={width: 16, detph: 4}", check=False)
     assert one_error_line(typo.returncode, typo.stderr) == (
         "mmalign: error: modality 'image': small_cnn tower_kwargs: unknown key 'detph' (did you mean 'depth'?); "
         "the tower takes width, depth, in_channels, norm")
@@ -163,7 +163,7 @@ def test_data_shards_validates_reports_shuffles_and_splits(shapes_dataset, tmp_p
     data = (src / "woven" / "full.jpg").read_bytes()
     (src / "woven" / "corrupt.jpg").write_bytes(data[: len(data) // 2])  # a truncated JPEG
     out = tmp_path / "shards"
-    proc = run_cli("data", "shards", "--from", str(src), "--out", str(out), "--shard-size", "8")
+    proc = run_in_process("data", "shards", "--from", str(src), "--out", str(out), "--shard-size", "8")
     summary = last_json(proc)
     assert summary["samples"] == 21 and summary["skipped"] == {"bad image": 1}
     assert summary["skipped_files"][0]["file"] == str(src / "woven" / "corrupt.jpg")
@@ -173,19 +173,20 @@ def test_data_shards_validates_reports_shuffles_and_splits(shapes_dataset, tmp_p
             for m in tarfile.open(p) if m.name.endswith("label.txt")]
     assert len(read) == 21 and read[:10] != sorted(read)[:10]  # shuffled across shards, not in class order
 
-    again = run_cli("data", "shards", "--from", str(src), "--out", str(out), check=False)
+    again = run_in_process("data", "shards", "--from", str(src), "--out", str(out), check=False)
     assert "already holds 3 shard(s)" in one_error_line(again.returncode, again.stderr) and "--overwrite" in again.stderr
-    split = last_json(run_cli("data", "shards", "--from", str(src), "--out", str(out), "--overwrite",
-                              "--split", "test=0.2"))
+    split = last_json(run_in_process("data", "shards", "--from", str(src), "--out", str(out), "--overwrite",
+                                     "--split", "test=0.2"))
     assert sorted(p.name for p in out.glob("*.tar")) == ["test-000000.tar", "train-000000.tar"]  # old ones removed
     assert split["splits"]["test"]["samples"] == 4 and split["splits"]["train"]["samples"] == 17  # 2 of 11, 2 of 10
-    strict = run_cli("data", "shards", "--from", str(src), "--out", str(tmp_path / "strict"), "--strict", check=False)
+    strict = run_in_process("data", "shards", "--from", str(src), "--out", str(tmp_path / "strict"), "--strict",
+                            check=False)
     assert "corrupt.jpg" in one_error_line(strict.returncode, strict.stderr)
     assert not list((tmp_path / "strict").glob("*.tar"))
 
     csv = tmp_path / "pairs.csv"
     csv.write_text(f"image,text\n{images[0]},a square\n{images[1]},\n{images[2]},a circle\n")
-    summary = last_json(run_cli("data", "shards", "--from", str(csv), "--out", str(tmp_path / "csv")))
+    summary = last_json(run_in_process("data", "shards", "--from", str(csv), "--out", str(tmp_path / "csv")))
     assert summary["samples"] == 2 and summary["skipped"] == {"empty caption": 1}
     assert summary["skipped_files"] == [{"file": f"{csv} line 3", "reason": "empty caption"}]
 
