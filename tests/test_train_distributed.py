@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (
-    REPO, cli_env, last_json, run_cli, shape_png, shape_sample, tiny_recipe, torchrun_cli, write_pairs_csv,
+    REPO, cli_env, last_json, run_in_process, shape_png, shape_sample, tiny_recipe, torchrun_cli, write_pairs_csv,
     write_shard,
 )
 
@@ -24,8 +24,8 @@ def two_shards(shapes_dataset, tmp_path_factory):
     for r in rows:
         r["image"] = str(shapes_dataset["root"] / r["image"])
     write_pairs_csv(root / "pairs.csv", rows)
-    summary = last_json(run_cli("data", "shards", "--from", str(root / "pairs.csv"), "--out", str(root / "s"),
-                                "--shard-size", "4"))
+    summary = last_json(run_in_process("data", "shards", "--from", str(root / "pairs.csv"), "--out", str(root / "s"),
+                                       "--shard-size", "4"))
     assert summary["n_shards"] == 2
     return summary["shards"]
 
@@ -60,7 +60,7 @@ def _losses(run_dir):
 def one_process_run(two_shards, tiny_text_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one-process")
     recipe, sets = _recipe(tmp, "one", two_shards, tiny_text_model, 8)
-    run_cli("train", str(recipe), *sets)
+    run_in_process("train", str(recipe), *sets)
     return tmp / "one"
 
 
@@ -101,7 +101,7 @@ def test_pairwise_variant_with_an_optional_modality_trains_like_one_process(tmp_
               "tower_kwargs: {width: 8, depth: 2, norm: group}, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}")
     loss = "loss={name: cwcl, kwargs: {weights_from: text, missing: drop}}"
     one, sets = _recipe(tmp_path, "one", shards_with_gaps, tiny_text_model, 8, sketch, loss)
-    result = last_json(run_cli("train", str(one), *sets))
+    result = last_json(run_in_process("train", str(one), *sets))
     assert result["final_loss_image_sketch"] > 0 and 0 < result["final_cwcl_positive_mass"] <= 1
     two, sets = _recipe(tmp_path, "two", shards_with_gaps, tiny_text_model, 4, sketch, loss)
     _torchrun(two, sets)
@@ -116,7 +116,7 @@ TRAINABLE_TEXT = ["model.modalities.text.lock=false",
 def test_fsdp_on_cpu_is_a_one_line_error(tmp_path, two_shards, tiny_text_model):
     """Accelerate runs CPU processes with DDP whatever its FSDP plugin says: a recipe asking for FSDP there stops."""
     recipe, sets = _recipe(tmp_path, "fsdp", two_shards, tiny_text_model, 8, "train.fsdp={}")
-    proc = run_cli("train", str(recipe), *sets, check=False)
+    proc = run_in_process("train", str(recipe), *sets, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "mmalign: error: train.fsdp shards the model over GPUs (or other accelerators), and this run is on CPU, "
@@ -130,7 +130,7 @@ def test_fsdp_on_two_gpus_trains_like_one_process(tmp_path, two_shards, tiny_tex
     transformer tower to the losses and weights of 1 GPU holding the whole model."""
     on_gpu = ["train.device=auto", *TRAINABLE_TEXT]
     one, sets = _recipe(tmp_path, "one", two_shards, tiny_text_model, 8, *on_gpu)
-    run_cli("train", str(one), *sets)
+    run_in_process("train", str(one), *sets)
     two, sets = _recipe(tmp_path, "two", two_shards, tiny_text_model, 4, *on_gpu, "train.fsdp={}")
     proc = _torchrun(two, sets, gpus=True)
     assert "cuda:0 x 2 process(es)" in proc.stderr
