@@ -16,6 +16,10 @@ Settings (``SETTINGS``):
 * ``lit_locked_image``: a trained text tower against a locked image tower: mmalign with ``lock`` and
   ``cache_frozen`` on the image tower (which then reads images with the evaluation transform), open_clip_train with
   ``--lock-image``.
+* ``clip_resnet``: both towers trained, with a convolutional image tower: a tiny open_clip ModifiedResNet
+  (``TINY_RESNET``, BatchNorm) in place of the ViT.
+* ``clip_resnet_channels_last``: the same, mmalign with ``train.channels_last: true`` (open_clip_train has no such
+  switch); its mmalign time over ``clip_resnet``'s is what channels-last buys.
 
 The LiT settings run several passes (epochs) over a smaller set and time the steps after the first pass, once
 mmalign's cache holds every frozen feature (steady state; the first pass encodes as open_clip does every pass).
@@ -41,6 +45,7 @@ over all timed steps are compared. Results go to ``results.json`` / ``results.md
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -64,19 +69,24 @@ MODEL = "mmalign-bench-tiny-vit"
 TINY_CLIP = {"embed_dim": 64,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32},
              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
+RESNET_MODEL = "mmalign-bench-tiny-resnet"
+TINY_RESNET = {**TINY_CLIP, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32}}
+MODEL_CONFIGS = {MODEL: TINY_CLIP, RESNET_MODEL: TINY_RESNET}
 # the optimisation settings both loops get
 LR, WD, BETAS, EPS, WARMUP_STEPS, GRAD_CLIP, LOG_EVERY = 5e-4, 0.2, (0.9, 0.98), 1e-6, 2, 1.0, 5
 TARGET_RATIO = 0.90  # mmalign / open_clip s/step, both towers trained, neither loop compiled
 
 
 def register_model(work_dir: Path) -> None:
-    """Make ``MODEL`` an open_clip architecture name (as a user with a custom model config would)."""
+    """Make ``MODEL`` and ``RESNET_MODEL`` open_clip architecture names (as a user with a custom model config
+    would)."""
     import open_clip
 
-    path = work_dir / "open_clip_configs" / f"{MODEL}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(path)
+    for name, config in MODEL_CONFIGS.items():
+        path = work_dir / "open_clip_configs" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
 
 
 class StepClock:
@@ -135,12 +145,17 @@ class Setting:
     locked: str | None = None  # the locked tower: "text" | "image" | None
     passes: int = 1  # epochs per run; with more than one, only the steps after the first are timed
     compile: tuple[bool, ...] = (False,)  # the runs of each loop: as it is (False) and compiled (True)
+    model: str = MODEL  # the open_clip architecture both loops train
+    channels_last: bool = False  # mmalign's train.channels_last
 
 
 SETTINGS = {
     "clip": Setting("both towers trained", compile=(False, True)),
     "lit_locked_text": Setting("LiT: image tower trained, text tower locked", locked="text", passes=3),
     "lit_locked_image": Setting("image tower locked, text tower trained", locked="image", passes=3),
+    "clip_resnet": Setting("both towers trained, ResNet image tower", model=RESNET_MODEL),
+    "clip_resnet_channels_last": Setting("the same, mmalign with channels-last convolutions", model=RESNET_MODEL,
+                                         channels_last=True),
 }
 # open_clip_train's locking flags; its CLIP.lock_text_tower asserts --lock-text-freeze-layer-norm (it freezes the
 # LayerNorms with the other weights either way, as mmalign's lock does)
@@ -154,7 +169,7 @@ def run_mmalign(data: dict, setting: Setting, compiled: bool, batch_size: int, s
     from mmalign.build import build_model
     from mmalign.config import load_config
 
-    towers = {name: {"tower": "open_clip", "model": MODEL, "proj": "none"} for name in ("image", "text")}
+    towers = {name: {"tower": "open_clip", "model": setting.model, "proj": "none"} for name in ("image", "text")}
     if setting.locked:
         towers[setting.locked].update(lock=True, cache_frozen=True)
     cfg = load_config(base={
@@ -164,7 +179,8 @@ def run_mmalign(data: dict, setting: Setting, compiled: bool, batch_size: int, s
         "data": {"train": "::".join(data["shards"]), "batch_size": batch_size, "num_workers": 0},
         "train": {"steps": steps, "lr": LR, "weight_decay": WD, "betas": list(BETAS), "eps": EPS,
                   "warmup_steps": WARMUP_STEPS, "grad_clip": GRAD_CLIP, "precision": "no", "device": "cpu",
-                  "checkpoint_every": steps, "keep_last": 1, "log_every": LOG_EVERY, "compile": compiled},
+                  "checkpoint_every": steps, "keep_last": 1, "log_every": LOG_EVERY, "compile": compiled,
+                  "channels_last": setting.channels_last},
         "eval": {"diagnostics": {"max_samples": batch_size}},
     })
     original = mmalign.train.batch_stream
@@ -193,7 +209,7 @@ def run_open_clip(data: dict, setting: Setting, compiled: bool, batch_size: int,
     from open_clip_train.train import train_one_epoch
 
     args = parse_args([
-        "--model", MODEL, "--train-data", data["csv"], "--dataset-type", "csv", "--batch-size", str(batch_size),
+        "--model", setting.model, "--train-data", data["csv"], "--dataset-type", "csv", "--batch-size", str(batch_size),
         "--epochs", str(setting.passes),
         "--lr", str(LR), "--wd", str(WD), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]), "--eps", str(EPS),
         "--warmup", str(WARMUP_STEPS), "--grad-clip-norm", str(GRAD_CLIP), "--precision", "fp32",
@@ -334,7 +350,11 @@ def markdown(rows: list[dict], quick: bool) -> str:
            "(see the module docstring). Settings: clip = both towers trained (compiled: mmalign `train.compile: "
            "true`, open_clip_train `--torchcompile`); lit_locked_text = image tower trained, text tower locked "
            "(mmalign `lock` + `cache_frozen`, open_clip_train `--lock-text`); lit_locked_image = text tower "
-           "trained, image tower locked (mmalign `lock` + `cache_frozen`, open_clip_train `--lock-image`).", "",
+           "trained, image tower locked (mmalign `lock` + `cache_frozen`, open_clip_train `--lock-image`); "
+           "clip_resnet = both towers trained with a tiny open_clip ModifiedResNet image tower (BatchNorm; 4 stages "
+           f"of 1 block, width {TINY_RESNET['vision_cfg']['width']}, {TINY_RESNET['vision_cfg']['image_size']} px) "
+           "instead of the ViT; clip_resnet_channels_last = the same, mmalign with `train.channels_last: true` "
+           "(open_clip_train has no such switch).", "",
            "| setting | loop | median s/step | p10 | p90 | samples/s | timed steps | trainable / parameters | "
            "mmalign / open_clip s/step |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -352,6 +372,10 @@ def markdown(rows: list[dict], quick: bool) -> str:
         if (name, compiled) == ("clip", False):
             line += f" (target <= {TARGET_RATIO:.2f}: {'met' if ratio['ratio'] <= TARGET_RATIO else 'NOT met'})"
         out.append(line + ".")
+    medians = {(s["setting"], s["method"]): s["median_step_s"] for s in summaries}
+    if ("clip_resnet", "mmalign") in medians and ("clip_resnet_channels_last", "mmalign") in medians:
+        out.append(f"channels-last: mmalign's ResNet step with / without `train.channels_last` = "
+                   f"{medians[('clip_resnet_channels_last', 'mmalign')] / medians[('clip_resnet', 'mmalign')]:.2f}.")
     return "\n".join(out) + "\n"
 
 
@@ -379,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.settings:
         setting = SETTINGS[name]
         if setting.passes > 1:
-            setting = SETTINGS[name] = Setting(setting.title, setting.locked, lit_passes, setting.compile)
+            setting = SETTINGS[name] = dataclasses.replace(setting, passes=lit_passes)
             samples = lit_steps(steps, setting.passes)[1] * batch_size  # one pass
             listed = samples
         else:
@@ -391,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         machine = machine_info("cpu")
-        setup = {"kind": "setup", "model": MODEL, "config": TINY_CLIP, "batch_size": batch_size, "steps": steps,
+        setup = {"kind": "setup", "models": MODEL_CONFIGS, "batch_size": batch_size, "steps": steps,
                  "warmup": warmup, "rounds": rounds, "lit_passes": lit_passes,
                  "lit_steps": lit_steps(steps, lit_passes), "variants": todo}
         runs = run(data, todo, batch_size, steps, warmup, rounds, work / "train_step")

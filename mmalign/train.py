@@ -114,7 +114,8 @@ def setup(cfg: Config, held: ExitStack) -> Run:
     claim_run_dir(run_dir, held, new_run=not cfg.train.resume)
     temperature = temperature_schedule(cfg, model)
     warn_about_setup(cfg, model, objective)
-    model.to(accelerator.device)
+    layout = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+    model.to(accelerator.device, memory_format=layout)
     optimizer, scheduler = build_optimizer(cfg, model)  # on the device: its kernel depends on it
 
     state = resume(cfg.train, run_dir, to_dict(cfg), model, optimizer, scheduler)

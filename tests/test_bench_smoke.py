@@ -72,7 +72,8 @@ def test_quick_train_step_bench_times_both_loops(tmp_path):
     rows = section["rows"]
     summary = [r for r in rows if r["kind"] == "summary"]
     variants = {(r["setting"], r["compiled"]) for r in summary}
-    assert variants == {("clip", False), ("clip", True), ("lit_locked_text", False), ("lit_locked_image", False)}
+    assert variants == {("clip", False), ("clip", True), ("lit_locked_text", False), ("lit_locked_image", False),
+                        ("clip_resnet", False), ("clip_resnet_channels_last", False)}
     assert {(r["setting"], r["compiled"], r["method"]) for r in summary} == {
         (*v, m) for v in variants for m in bench_train_step.METHODS}
     for s in summary:
@@ -84,6 +85,7 @@ def test_quick_train_step_bench_times_both_loops(tmp_path):
     assert by[("lit_locked_image", False, "mmalign")]["trainable"] < by[("clip", False, "mmalign")]["trainable"]
     assert all(r["ratio"] > 0 for r in rows if r["kind"] == "ratio")
     assert "## train_step_cpu_quick" in md and "| lit_locked_text | mmalign |" in md and "| open_clip |" in md
+    assert "channels-last: mmalign's ResNet step with / without `train.channels_last` = " in md
 
 
 @pytest.mark.slow

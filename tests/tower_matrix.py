@@ -37,7 +37,7 @@ resnet1d            ECG resnet1d (BatchNorm) trainable; BERT trainable          
 patch_transformer   ECG patch_transformer trainable; BERT trainable                    chunked_clip, bf16
 flatten             ECG flatten (no weights: its projection trains) with a LayerNorm   clip, learned temperature
                     output (output_norm: layernorm); BERT trainable                    (uncapped)
-coca_decoder        small_cnn (norm: group) + mmalign's CoCa caption decoder           coca
+coca_decoder        small_cnn (norm: group) + mmalign's CoCa caption decoder           coca, channels-last
 open_clip_coca      open_clip CoCa ViT + open_clip_coca text, the tower's own tokens   coca (n_queries 0)
                     as context
 ==================  =============================================================  ==========================
@@ -282,7 +282,8 @@ CASES = [
                                     "tower_kwargs": {"width": 8, "depth": 2, "norm": "group"}},
                           "text": {"tower": "coca_decoder", "max_length": 12,
                                    "tower_kwargs": {"width": 16, "heads": 2, "layers": 2, "unimodal_layers": 1}}},
-         loss={"name": "coca"}, model={"caption": {"context": "image", "n_queries": 4, "heads": 2}}),
+         loss={"name": "coca"}, model={"caption": {"context": "image", "n_queries": 4, "heads": 2}},
+         train={"channels_last": True}),
     Case("open_clip_coca", {"image": {"tower": "open_clip", "model": "coca_ViT-B-32", "proj": "none",
                                       "tower_kwargs": OPEN_CLIP_COCA},
                             "text": {"tower": "open_clip_coca", "model": "coca_ViT-B-32", "proj": "none",

@@ -448,8 +448,8 @@ def counted_batches(items: Iterable[dict], skips: dict, replay: int = 0) -> Iter
 
 def iterate_batches(urls, modalities, batch_size, train, seed=0, epoch=0, shuffle_buffer=1000, resampled=False,
                     num_workers=0, skips: dict | None = None, pin_memory: bool = False) -> Iterator[dict]:
-    """Batches of one pass, with skip counts merged into ``skips``."""
+    """Batches of one pass, with skip counts merged into ``skips``. The DataLoader workers start decoding when this
+    is called, not at the first batch, so that work done in between (a label check) overlaps their decoding."""
     items = pass_items(urls, modalities, batch_size, train, seed, epoch, shuffle_buffer, resampled, num_workers,
                        pin_memory)
-    for _, batch in counted_batches(items, {} if skips is None else skips):
-        yield batch
+    return (batch for _, batch in counted_batches(items, {} if skips is None else skips))

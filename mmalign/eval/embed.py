@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -16,10 +17,12 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256, num_workers: int | None = 0,
-                 max_samples: int | None = None) -> dict:
+                 max_samples: int | None = None, before_encoding: Callable[[], object] | None = None) -> dict:
     """Embeddings of ``modalities`` for every usable sample in ``data`` (a shard spec), in order; with
     ``max_samples``, of the first batches that hold that many samples (whole batches: possibly a few more).
-    ``num_workers``: DataLoader workers decoding the shards (None: :func:`eval_workers`).
+    ``num_workers``: DataLoader workers decoding the shards (None: :func:`eval_workers`). ``before_encoding`` runs
+    once the workers have started decoding and before anything is encoded (a check that may fail, e.g. of the
+    labels: it costs no encoding, and its time overlaps the workers' decoding).
 
     Returns ``{"embeddings": {name: N_or_M x D}, "owners": {name: M or None}, "present": {name: N booleans},
     "labels": [...], "keys": [...], "skipped": {...}, "samples_per_s": ...}`` (samples read and embedded per second
@@ -40,6 +43,8 @@ def embed_shards(model, data: str, modalities: list[str], batch_size: int = 256,
     labels, keys = [], []
     start = time.perf_counter()
     batches = iterate_batches(urls, procs, batch_size, train=False, num_workers=num_workers, skips=skipped)
+    if before_encoding is not None:
+        before_encoding()
     for batch in tqdm(batches, desc="embed", unit="batch", leave=False):
         for name in modalities:
             inputs = inputs_to(batch[name], device)

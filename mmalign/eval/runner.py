@@ -124,9 +124,9 @@ def evaluate_zeroshot(model, data: str, classes: str, templates: str | None = No
     queries = query_modalities(model, query, text)
     prompts = read_classes(classes)
     classnames = list(prompts)
-    check_labels(data, classnames, classes)
     index = {c: i for i, c in enumerate(classnames)}
-    emb = complete_samples(embed_shards(model, data, queries, batch_size, num_workers), queries)
+    emb = complete_samples(embed_shards(model, data, queries, batch_size, num_workers,
+                                        before_encoding=lambda: check_labels(data, classnames, classes)), queries)
     labels = emb["labels"]
     if not labels:
         raise DataError(f"{data}: no usable samples to evaluate (with all of {', '.join(queries)} present)")
