@@ -124,6 +124,9 @@ def setup(cfg: Config, held: ExitStack) -> Run:
         ddp_model = torch.compile(ddp_model)
     logger = MetricsLogger(run_dir, state.step, enabled=accelerator.is_main_process)
     stream = batch_stream(cfg, urls, model.modalities, state, pin_memory=accelerator.device.type == "cuda")
+    # ended with the run, its DataLoader workers with it: they ignore SIGTERM, so a loader still held at interpreter
+    # exit (in a reference cycle) left multiprocessing's exit handler waiting on them forever
+    held.callback(stream.close)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info("training %d of %d parameters on %s x %d process(es); logit scale: %s",
              sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters()), accelerator.device,
