@@ -82,11 +82,11 @@ def register_model(work_dir: Path) -> None:
     would)."""
     import open_clip
 
+    folder = work_dir / "open_clip_configs"
+    folder.mkdir(parents=True, exist_ok=True)
     for name, config in MODEL_CONFIGS.items():
-        path = work_dir / "open_clip_configs" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config))
-        open_clip.add_model_config(path)
+        (folder / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder / f"{name}.json")
 
 
 class StepClock:

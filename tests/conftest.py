@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 # Tests never use the network (tiny models are made locally): a hub name that is not a local folder fails at once
-# instead of after the hub client's retries (about 23 s without a network), in this process as in cli_env's.
+# instead of after the hub client's retries (about 23 s without a network), in this process and every process it
+# starts (they inherit this environment).
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
@@ -163,8 +164,8 @@ def write_pairs_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of ``mmalign`` run by a test: this checkout, offline, one thread; plus ``extra``."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+    """The environment of ``mmalign`` run by a test: this checkout, one thread (offline: inherited); plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_cli(*args: str, cwd=None, check: bool = True, timeout: int = 300, env: dict | None = None,
@@ -256,6 +257,11 @@ def bounded_fields(cls: type, where: str = "") -> list:
         if section is not None:
             out += bounded_fields(section, key)
     return out
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:

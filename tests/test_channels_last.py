@@ -3,14 +3,13 @@ the weights of an uninterrupted run, and are saved as ordinary (contiguous) safe
 included. Two processes: the tower matrix's ``coca_decoder`` case (tests/tower_matrix.py)."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_main, shape_sample, tiny_recipe, write_shard
+from conftest import metrics_rows, run_main, shape_sample, tiny_recipe, write_shard
 from mmalign.model import AlignmentModel
 
 pytestmark = pytest.mark.slow
@@ -25,14 +24,13 @@ def shards(tmp_path_factory) -> str:
 
 def train(tmp_path, name: str, shards: str, text_model: str, *sets: str) -> dict:
     recipe = tiny_recipe(tmp_path / f"{name}.yaml", tmp_path / name, shards, text_model)
-    code, out, err = run_main("train", str(recipe), *(a for s in sets for a in ("--set", s)))
+    code, _, err = run_main("train", str(recipe), *(a for s in sets for a in ("--set", s)))
     assert code == 0, err
-    return {"dir": tmp_path / name, "recipe": recipe, "result": json.loads(out.splitlines()[-1])}
+    return {"dir": tmp_path / name, "recipe": recipe}
 
 
 def losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
+    return [row["loss"] for row in metrics_rows(run_dir) if "loss" in row]
 
 
 def test_channels_last_trains_like_contiguous_resumes_and_saves_plain_weights(tmp_path, shards, tiny_text_model):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import last_json, run_cli, tiny_recipe
+from conftest import last_json, metrics_rows, run_cli, tiny_recipe
 from mmalign.eval.embed import eval_workers
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_train_resume_and_evaluate(tmp_path, shards, shapes_dataset, tiny_text_m
     proc = run_cli("train", str(recipe), "--set", "train.steps=9")
     assert "resuming from" in proc.stderr and "step 6" in proc.stderr
     assert last_json(proc)["steps"] == 9
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in metrics_rows(run_dir)]
     assert steps == list(range(1, 10))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000006", "step_00000009"]
 

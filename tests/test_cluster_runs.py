@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (
-    REPO, cli_env, last_json, run_cli, run_in_process, shape_sample, start_cli, tiny_recipe, torchrun_cli,
-    write_shard,
+    REPO, cli_env, last_json, metrics_rows, run_cli, run_in_process, shape_sample, start_cli, tiny_recipe,
+    torchrun_cli, write_shard,
 )
 from mmalign.config import load_config, recipe_changes, to_dict
 from mmalign.errors import MMAlignError
@@ -279,7 +279,7 @@ def test_sigterm_with_workers_checkpoints_stops_with_75_and_resumes_bit_identica
     resumed = run_cli(*train)
     assert f"(step {stopped_at})" in resumed.stderr
     assert_same_weights(weights(tmp_path / "straight"), weights(run))
-    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [row["step"] for row in metrics_rows(run)]
     assert rows == list(range(1, 15))
 
 
@@ -304,7 +304,7 @@ def test_sigterm_to_torchrun_stops_both_processes_at_one_checkpoint(shards, tiny
     text = log.read_text()
     (step,) = [p.name for p in checkpoint_dirs(run)]
     stopped_at = int(step.split("_")[1])
-    assert text.count(f"mmalign: stopped: ") == 2 and text.count(f"stopped after step {stopped_at} of 16") == 2, text
+    assert text.count("mmalign: stopped: ") == 2 and text.count(f"stopped after step {stopped_at} of 16") == 2, text
     state = json.loads((run / "checkpoints" / step / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and 2 <= stopped_at < 16
 
@@ -380,12 +380,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_earlier_ones_and_is_one_line(shar
     assert [p.name for p in checkpoint_dirs(run)] == ["step_00000003"]
     assert verify_manifest(run / "checkpoints" / "step_00000003") is None
     assert not list((run / "checkpoints").glob(".*")) and not (run / "model").exists()
-    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [row["step"] for row in metrics_rows(run)]
     assert rows == list(range(1, 7))  # every line whole; cut back to step 3 when the run resumes
 
     resumed = run_in_process(*train)
     assert "(step 3)" in resumed.stderr and last_json(resumed)["steps"] == 6
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == rows
+    assert [row["step"] for row in metrics_rows(run)] == rows
 
 
 def mount_tmpfs(folder: Path, options: str) -> None:

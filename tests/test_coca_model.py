@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import last_json, run_in_process
+from conftest import last_json, metrics_rows, run_in_process
 from mmalign.config import GenerationConfig, ModelConfig, from_dict, load_config
 from mmalign.errors import ConfigError, DataError
 from mmalign.eval.captioning import TOKENIZER_JAVA, TOKENIZER_PYTHON, coco_toolkit_available
@@ -51,7 +51,7 @@ def trained(shards, shapes_dataset, tmp_path_factory):
 def test_tiny_coca_trains_and_evaluates(trained):
     run_dir, result = trained
     assert result["steps"] == 6
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics_rows(run_dir)
     assert all({"loss_caption", "loss_contrastive"} <= set(row) for row in logged)
     assert logged[-1]["loss_caption"] < logged[0]["loss_caption"]  # the decoder learns (CE from ~ln 49408)
     # zero-shot and retrieval use the decoder's unimodal CLS output as the text embedding

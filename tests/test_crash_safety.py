@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import shape_png, shape_sample, tiny_recipe, write_shard
+from conftest import metrics_rows, shape_png, shape_sample, tiny_recipe, write_shard
 from mmalign.config import load_config
 from mmalign.errors import MMAlignError
 from mmalign.io import remove_stale_temps
@@ -84,7 +84,7 @@ def test_killed_runs_resume_to_the_weights_of_an_uninterrupted_run(tmp_path, sha
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["skipped"] == straight["skipped"] and resumed["final_loss"] == straight["final_loss"]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == list(range(1, 9))
     saved = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
     assert saved["world_size"] == 1 and saved["ranks"][0]["state"]["epoch"] == 1

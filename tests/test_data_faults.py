@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shape_png, shape_sample, tiny_recipe, write_shard
+from conftest import metrics_rows, shape_png, shape_sample, tiny_recipe, write_shard
 from mmalign.config import load_config
 from mmalign.data import SKIP_REASONS, counted_batches, expand_urls, iterate_batches, pass_items
 from mmalign.errors import DataError
@@ -92,7 +92,7 @@ def test_training_on_bad_shards_completes_with_exact_skip_counts(tmp_path, bad_s
     assert results["skipped"] == {reason: 2 * n for reason, n in PER_PASS.items()}
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["skipped"] == results["skipped"]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     assert rows[-1]["skipped"] == 2 * sum(PER_PASS.values()) and rows[-1]["epoch"] == 1
 
 

@@ -20,7 +20,7 @@ from mmalign.losses import (
     label_smoothed_clip_loss, symile_loss, uniformity_loss,
 )
 from mmalign.model import AlignmentModel
-from tests.conftest import COLOURS, SHAPES, draw_shape, last_json, run_in_process
+from tests.conftest import COLOURS, SHAPES, draw_shape, last_json, metrics_rows, run_in_process
 
 N = 24
 NO_SKETCH = {3, 7, 8, 15, 20}  # samples lacking the optional modality
@@ -243,7 +243,7 @@ def test_cli_three_modalities_with_missing_train_and_nway_eval(three_modal, tiny
     assert trained["steps"] == 4 and set(trained["skipped"]) == {"missing image"}  # counted in every pass
     assert trained["zeroshot_score"] == "mip" and trained["zeroshot_n"] == N - 1 - len(NO_SKETCH)
     assert 0 <= trained["retrieval_is2t_R@1"] <= 1
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_rows(tmp_path / "run")
     assert len(metrics) == 4 and all(m["loss"] > 0 for m in metrics)
 
     out = last_json(run_in_process("eval", "retrieval", "--model", str(tmp_path / "run"), "--data",

@@ -17,7 +17,7 @@ from mmalign.modalities.audio import AudioTowerSpec
 from mmalign.modalities.text import TextTowerSpec
 from mmalign.model import AlignmentModel
 from mmalign.train import train
-from tests.conftest import shape_png, write_shard
+from tests.conftest import metrics_rows, shape_png, write_shard
 from tests.test_audio import tone
 
 
@@ -148,7 +148,7 @@ def run(tmp_path_factory):
 def test_new_towers_of_every_kind_train_one_step(run):
     root, result = run
     assert result["steps"] == 1 and np.isfinite(result["final_loss"])
-    logged = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = metrics_rows(root / "run")
     assert logged[-1]["step"] == 1 and np.isfinite(logged[-1]["loss"]) and logged[-1]["grad_norm"] > 0
 
 

@@ -68,7 +68,7 @@ def test_wheel_keeps_the_users_torch_and_runs_outside_the_checkout(tmp_path):
     dist_dir, user_torch, work = tmp_path / "dist", tmp_path / "user-torch", tmp_path / "empty"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PIP_NO_INPUT="1")
+    env.update(OMP_NUM_THREADS="1", PIP_NO_INPUT="1")  # offline: conftest's HF_HUB_OFFLINE
 
     # sdist, then the wheel from the unpacked sdist: what a release builds, and no stale build/ folder gets in
     run(sys.executable, "-m", "build", "--outdir", dist_dir, REPO, cwd=tmp_path, env=env)
