@@ -6,7 +6,9 @@ its halfway checkpoint); each case is then checked on its own. The towers of the
 registries: a tower registered without a case fails ``test_the_matrix_covers_every_registered_tower``.
 """
 import json
+from collections.abc import Iterator
 import math
+import shutil
 import subprocess
 import sys
 
@@ -24,15 +26,19 @@ FP32 = {"loss_rel": 1e-5, "rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory) -> dict:
-    """Assets and shards, then every case on 1 process (plus its resumed run) and on 2 processes."""
+def matrix(tmp_path_factory, request) -> Iterator[dict]:
+    """Assets and shards, then every case on 1 process (plus its resumed run) and on 2 processes. Its ~2 GB of runs
+    are removed after the module unless one of its tests failed (the rest of the suite shares the disk)."""
+    failed_before = request.session.testsfailed
     root = tmp_path_factory.mktemp("tower-matrix")
     shards = build_assets(root)
     names = [case.name for case in CASES]
     script = "dist_tower_matrix.py"
     one = run_torchrun(script, str(root), shards, str(root / "one"), *names, "--resume", nproc=1, timeout=600)[0]
     two = run_torchrun(script, str(root), shards, str(root / "two"), *names, nproc=2, timeout=600)
-    return {"root": root, "shards": shards, "one": one["cases"], "two": [r["cases"] for r in two]}
+    yield {"root": root, "shards": shards, "one": one["cases"], "two": [r["cases"] for r in two]}
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root)
 
 
 def test_the_matrix_covers_every_registered_tower():
