@@ -7,6 +7,7 @@ import torch
 
 from mmalign.config import ModelConfig, from_dict
 from mmalign.model import AlignmentModel
+from mmalign.modalities.frozen_cache import shared_cache
 from mmalign.modalities.tuning import lock_tower
 
 
@@ -84,9 +85,28 @@ def test_fully_locked_tower_stays_in_eval_mode_and_caches(tiny_text_model):
     assert not adapter.tower.training
     tokens = model.modalities["text"].tokenize(["one", "two", "one"])
     first = model.encode("text", tokens)
-    assert len(adapter._cache) == 2  # "one" is encoded once
+    assert len(shared_cache(adapter._fingerprint, adapter.tower)) == 2  # "one" is encoded once
     adapter.cache_frozen = False
     torch.testing.assert_close(model.encode("text", tokens), first)
+
+
+def test_frozen_cache_keeps_bf16_features_out_of_a_float32_run(tiny_text_model):
+    """The cache is shared by identical frozen towers of the process (a notebook's runs, a run and its evaluation):
+    features encoded under bf16 autocast are not served to a float32 pass, and the reverse."""
+    spec = {"text": {"model": tiny_text_model, "lock": True, "cache_frozen": True}}
+    tokens = _model(spec).modalities["text"].tokenize(["a red square", "a blue circle"])
+    bf16_run, fp32_run = _model(spec), _model(spec)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            in_bf16 = bf16_run.adapters["text"].tower_features(tokens)
+        in_fp32 = fp32_run.adapters["text"].tower_features(tokens)
+        fp32_run.adapters["text"].cache_frozen = False
+        uncached = fp32_run.adapters["text"].tower_features(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            uncached_bf16 = fp32_run.adapters["text"].tower_features(tokens)
+    assert not torch.equal(uncached, uncached_bf16)  # the two precisions differ here
+    assert torch.equal(in_fp32, uncached)
+    assert torch.equal(in_bf16, uncached_bf16.float())
 
 
 def test_locked_cached_image_tower_sees_each_image_once(tiny_open_clip):
@@ -101,7 +121,8 @@ def test_locked_cached_image_tower_sees_each_image_once(tiny_open_clip):
     views = [frozen.transform(image, train=True) for _ in range(3)]
     assert all(torch.equal(v, frozen.transform(image, train=False)) for v in views)
     model.encode("image", torch.stack(views))
-    assert [len(k) for k in model.adapters["image"]._cache] == [16]  # three rows, one image, one 16-byte key
+    adapter = model.adapters["image"]
+    assert [len(k) for k in shared_cache(adapter._fingerprint, adapter.tower)] == [16]  # 3 rows, 1 image, a 16-byte key
     trained = _model({"image": spec}).modalities["image"]
     assert not torch.equal(trained.transform(image, train=True), trained.transform(image, train=True))
 

@@ -6,7 +6,6 @@ caches a frozen tower's outputs on request (``frozen_cache.py``). Nothing here k
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .coca import check_context_tower, coca_head
-from .frozen_cache import cached_features, shared_cache
+from .frozen_cache import cached_features, frozen_tower_fingerprint, shared_cache
 from .inputs import mean_by_owner, place_rows, select_items, split_owner
 from .registry import Modality
 from .tuning import add_lora, lock_tower, unlock
@@ -73,7 +72,7 @@ class ModalityAdapter(nn.Module):
         self.layer_norm = nn.LayerNorm(embed_dim) if cfg.output_norm == "layernorm" else None
         self.missing = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) if cfg.optional else None
         self.cache_frozen = cfg.caches_features
-        self._cache: OrderedDict[bytes, torch.Tensor] | None = None  # chosen at first use, once weights are loaded
+        self._fingerprint: str | None = None  # of the frozen tower, taken at first use, once weights are loaded
         self._cache_size = cache_size
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,9 +107,9 @@ class ModalityAdapter(nn.Module):
 
     def _cached_features(self, inputs: Any) -> torch.Tensor:
         """Features per distinct input, from the cache shared by every identical frozen tower of this process."""
-        if self._cache is None:
-            self._cache = shared_cache(self.modality_cfg, self.tower)
-        return cached_features(self._cache, self.tower, inputs, self._cache_size)
+        if self._fingerprint is None:
+            self._fingerprint = frozen_tower_fingerprint(self.modality_cfg, self.tower)
+        return cached_features(shared_cache(self._fingerprint, self.tower), self.tower, inputs, self._cache_size)
 
     def forward(
         self, inputs: Any, return_features: bool = False, present: torch.Tensor | None = None

@@ -1,5 +1,6 @@
 """Features of a frozen tower, cached per distinct input and shared by every adapter of this process whose frozen
-tower is identical (same config and weights), so repeated runs (seeds, comparisons) encode each input once."""
+tower is identical (same config and weights) and computes in the same precision (device, autocast dtype), so
+repeated runs (seeds, comparisons) encode each input once."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ from ..config import to_dict
 from ..modality_config import ModalityConfig
 from .inputs import select_rows
 
-# This process's caches, one per distinct frozen tower and device (see ``frozen_tower_fingerprint``).
+# This process's caches, one per distinct frozen tower, device and autocast dtype (see ``shared_cache``).
 _FROZEN_CACHES: dict[str, OrderedDict] = {}
 
 
@@ -27,10 +28,13 @@ def frozen_tower_fingerprint(cfg: ModalityConfig, tower: nn.Module) -> str:
     return h.hexdigest()
 
 
-def shared_cache(cfg: ModalityConfig, tower: nn.Module) -> OrderedDict:
-    """The cache of this frozen tower (input row bytes -> feature), shared with identical towers on its device."""
+def shared_cache(fingerprint: str, tower: nn.Module) -> OrderedDict:
+    """The cache (input row bytes -> feature) of the frozen tower with this fingerprint, on its device and in the
+    precision it computes in now: under autocast its features are those of the autocast dtype (a bf16 run's
+    features differ from a float32 run's by ~1e-3), so each precision has a cache of its own."""
     device = next(tower.parameters()).device
-    return _FROZEN_CACHES.setdefault(f"{frozen_tower_fingerprint(cfg, tower)}:{device}", OrderedDict())
+    precision = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else "no autocast"
+    return _FROZEN_CACHES.setdefault(f"{fingerprint}:{device}:{precision}", OrderedDict())
 
 
 def row_keys(inputs: Any) -> list[bytes]:
