@@ -117,7 +117,9 @@ def shapes_dataset(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory) -> str:
-    """A tiny randomly initialised BERT saved to a local folder, with the real MiniLM tokenizer."""
+    """A tiny randomly initialised BERT saved to a local folder, with the real MiniLM tokenizer. Its weights come from
+    seed 0 (on a forked RNG), not from whichever test first asked for it: the suite gets the same model each run."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from mmalign.modalities.text import resolve_pretrained
@@ -126,7 +128,9 @@ def tiny_text_model(tmp_path_factory) -> str:
     tok = AutoTokenizer.from_pretrained(resolve_pretrained("sentence-transformers/all-MiniLM-L6-v2"))
     config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
