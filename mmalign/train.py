@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,9 @@ def update(run: Run, finite: torch.Tensor, buffers: dict[str, torch.Tensor]) -> 
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
                     state.step + 1, state.nonfinite_in_row, state.nonfinite_steps)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step advances the schedule too, on purpose: torch warns
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        run.scheduler.step()
     state.step += 1
     run.bar.update(1)
     crash_point(f"step:{state.step}")
