@@ -312,6 +312,22 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _sigmoid_block(
+    z: torch.Tensor, targets: BlockTargets, i0: int, j0: int, want_grads: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A block's share of the sigmoid loss, sum [softplus(z) - T z], and its dL/dz = sigmoid(z) - T (made in z's
+    memory, so z is consumed) when ``want_grads``."""
+    loss = F.softplus(z, threshold=_SOFTPLUS_THRESHOLD).sum()
+    t = targets.dot(z, i0, j0)
+    if t is not None:
+        loss = loss - t[0]
+    if not want_grads:
+        return loss, None
+    g = z.sigmoid_()
+    targets.subtract_(g, i0, j0, 1.0, 0.0)
+    return loss, g
+
+
 class _ChunkedSigmoid(torch.autograd.Function):
     """Sigmoid loss sum_ij [softplus(z_ij) - T_ij z_ij] / rows with z = s q k^T + bias; gradients made in forward."""
 
@@ -322,27 +338,30 @@ class _ChunkedSigmoid(torch.autograd.Function):
         bias = logit_bias.detach().to(dtype).reshape(())
         q32, k32 = q.detach().to(dtype), k.detach().to(dtype)
         n_rows, n_cols = q.shape[0], k.shape[0]
-        total = q32.new_zeros(())
-        if want_grads:
-            g_q, g_k, g_bias = torch.empty_like(q32), torch.empty_like(k32), q32.new_zeros(())
-        buf = q32.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
-        for i0, i1 in _blocks(n_rows, chunk):
-            q_i = q32[i0:i1]
-            qs_i = q_i * s
-            for j0, j1 in _blocks(n_cols, chunk):
-                k_j = k32[j0:j1]
-                shape = (i1 - i0, j1 - j0)
-                z = torch.addmm(bias, qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape))
-                t = targets.dot(z, i0, j0)
-                if t is not None:
-                    total -= t[0]
-                total += F.softplus(z, threshold=_SOFTPLUS_THRESHOLD).sum()
-                if want_grads:
-                    g = z.sigmoid_()
-                    targets.subtract_(g, i0, j0, 1.0, 0.0)
-                    g_bias += g.sum()
-                    _accumulate_mm(g_q[i0:i1], g, k_j, first=j0 == 0)
-                    _accumulate_mm(g_k[j0:j1], g.T, q_i, first=i0 == 0)
+        if n_rows <= chunk and n_cols <= chunk:  # one block: its results are the totals (no buffers, no running sums)
+            # s scales the smaller of z (rows x cols) and q (rows x D)
+            z = torch.mm(q32, k32.T).mul_(s).add_(bias) if n_cols < q.shape[1] else torch.addmm(bias, q32 * s, k32.T)
+            total, g = _sigmoid_block(z, targets, 0, 0, want_grads)
+            if want_grads:
+                g_q, g_k, g_bias = g @ k32, g.T @ q32, g.sum()
+        else:
+            total = q32.new_zeros(())
+            if want_grads:
+                g_q, g_k, g_bias = torch.empty_like(q32), torch.empty_like(k32), q32.new_zeros(())
+            buf = q32.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
+            for i0, i1 in _blocks(n_rows, chunk):
+                q_i = q32[i0:i1]
+                qs_i = q_i * s
+                for j0, j1 in _blocks(n_cols, chunk):
+                    k_j = k32[j0:j1]
+                    shape = (i1 - i0, j1 - j0)
+                    z = torch.addmm(bias, qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape))
+                    part, g = _sigmoid_block(z, targets, i0, j0, want_grads)
+                    total += part
+                    if want_grads:
+                        g_bias += g.sum()
+                        _accumulate_mm(g_q[i0:i1], g, k_j, first=j0 == 0)
+                        _accumulate_mm(g_k[j0:j1], g.T, q_i, first=i0 == 0)
         if want_grads:
             ctx.save_for_backward(q32, s, g_q, g_k, g_bias)
         ctx.n_rows, ctx.scale_shape, ctx.bias_shape = n_rows, logit_scale.shape, logit_bias.shape
