@@ -46,6 +46,8 @@ DEFAULT_BLOCK_MEMORY_MB = 48.0
 MIN_BLOCK = 256
 # softplus(z) is replaced by z above this: log1p(exp(-40)) ~ 4e-18 is below float64 resolution
 _SOFTPLUS_THRESHOLD = 40.0
+# softplus of a SigLIP block is summed this many rows at a time, so its temporary is a strip, not a second block
+_SOFTPLUS_ROWS = 256
 
 
 def block_size(
@@ -317,7 +319,7 @@ def _sigmoid_block(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A block's share of the sigmoid loss, sum [softplus(z) - T z], and its dL/dz = sigmoid(z) - T (made in z's
     memory, so z is consumed) when ``want_grads``."""
-    loss = F.softplus(z, threshold=_SOFTPLUS_THRESHOLD).sum()
+    loss = sum(F.softplus(strip, threshold=_SOFTPLUS_THRESHOLD).sum() for strip in z.split(_SOFTPLUS_ROWS))
     t = targets.dot(z, i0, j0)
     if t is not None:
         loss = loss - t[0]
