@@ -12,7 +12,7 @@ install: $(STAMP)
 # Re-installs when the dependency pins change. The torch trio is pinned in constraints.txt (torchaudio exists only
 # for matching torch releases). pip holds every wheel it downloaded until its whole step is installed, and torch and
 # its CUDA libraries are most of the ~8 GB venv, so they come in steps of their own: torch alone, then its
-# libraries with torchvision and torchaudio, then the rest. Peak disk use 12.0 -> 9.8 GB (measured). No pip cache:
+# libraries with torchvision and torchaudio, then the rest. Peak disk use 12.0 -> 9.7 GB (measured). No pip cache:
 # it would keep a second copy of those wheels.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
