@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from itertools import combinations
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,28 @@ def _blocks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
+class _Block(NamedTuple):
+    i0: int  # first row (query) of the block
+    i1: int
+    j0: int  # first column (key) of the block
+    j1: int
+    q: torch.Tensor  # the block's query rows
+    qs: torch.Tensor  # the same rows times the scale
+    k: torch.Tensor  # the block's key rows
+    views: list[torch.Tensor]  # each buffer seen as a (rows x columns) block
+
+
+def _block_views(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, chunk: int, *buffers: torch.Tensor):
+    """The blocks of z = scale q k^T, row block by row block (q's rows scaled once per row block); ``buffers``
+    (each holding at least a full block) are handed out as views of the block's shape."""
+    for i0, i1 in _blocks(q.shape[0], chunk):
+        q_i = q[i0:i1]
+        qs_i = q_i * scale
+        for j0, j1 in _blocks(k.shape[0], chunk):
+            size = (i1 - i0) * (j1 - j0)
+            yield _Block(i0, i1, j0, j1, q_i, qs_i, k[j0:j1], [b[:size].view(i1 - i0, j1 - j0) for b in buffers])
+
+
 def _underflow_threshold(dtype: torch.dtype) -> float:
     """A block sum of exp(z - block max) below this may have lost relevant terms to underflow: recompute exactly.
 
@@ -173,19 +195,16 @@ def _softmax_stats(
     t_row = q.new_zeros(())
     t_col = q.new_zeros(())
     buf = q.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
-    for i0, i1 in _blocks(n_rows, chunk):
-        qs_i = q[i0:i1] * scale
-        for j0, j1 in _blocks(n_cols, chunk):
-            k_j = k[j0:j1]
-            z = torch.mm(qs_i, k_j.T, out=buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0))
-            t = targets.dot(z, i0, j0)
-            if t is not None:
-                t_row += t[0]
-                t_col += t[1]
-            row, col = _block_lse(z, z, qs_i, k_j, cols)
-            torch.logaddexp(row_lse[i0:i1], row, out=row_lse[i0:i1])
-            if cols:
-                torch.logaddexp(col_lse[j0:j1], col, out=col_lse[j0:j1])
+    for b in _block_views(q, k, scale, chunk, buf):
+        z = torch.mm(b.qs, b.k.T, out=b.views[0])
+        t = targets.dot(z, b.i0, b.j0)
+        if t is not None:
+            t_row += t[0]
+            t_col += t[1]
+        row, col = _block_lse(z, z, b.qs, b.k, cols)
+        torch.logaddexp(row_lse[b.i0:b.i1], row, out=row_lse[b.i0:b.i1])
+        if cols:
+            torch.logaddexp(col_lse[b.j0:b.j1], col, out=col_lse[b.j0:b.j1])
     return row_lse, col_lse, t_row, t_col
 
 
@@ -212,18 +231,12 @@ def _softmax_grads(
     grad_q = torch.empty_like(q)
     grad_k = torch.empty_like(k)
     size = min(chunk, n_rows) * min(chunk, n_cols)
-    buf_z, buf_g = q.new_empty(size), q.new_empty(size)
-    for i0, i1 in _blocks(n_rows, chunk):
-        q_i = q[i0:i1]
-        qs_i = q_i * scale
-        for j0, j1 in _blocks(n_cols, chunk):
-            k_j = k[j0:j1]
-            shape = (i1 - i0, j1 - j0)
-            z = torch.mm(qs_i, k_j.T, out=buf_z[: shape[0] * shape[1]].view(shape))
-            g = _block_grad(z, buf_g[: shape[0] * shape[1]].view(shape), row_lse[i0:i1],
-                            None if col_lse is None else col_lse[j0:j1], col_ratio, targets, i0, j0)
-            _accumulate_mm(grad_q[i0:i1], g, k_j, first=j0 == 0)
-            _accumulate_mm(grad_k[j0:j1], g.T, q_i, first=i0 == 0)
+    for b in _block_views(q, k, scale, chunk, q.new_empty(size), q.new_empty(size)):
+        z = torch.mm(b.qs, b.k.T, out=b.views[0])
+        g = _block_grad(z, b.views[1], row_lse[b.i0:b.i1], None if col_lse is None else col_lse[b.j0:b.j1],
+                        col_ratio, targets, b.i0, b.j0)
+        _accumulate_mm(grad_q[b.i0:b.i1], g, b.k, first=b.j0 == 0)
+        _accumulate_mm(grad_k[b.j0:b.j1], g.T, b.q, first=b.i0 == 0)
     return grad_q, grad_k
 
 
@@ -351,19 +364,14 @@ class _ChunkedSigmoid(torch.autograd.Function):
             if want_grads:
                 g_q, g_k, g_bias = torch.empty_like(q32), torch.empty_like(k32), q32.new_zeros(())
             buf = q32.new_empty(min(chunk, n_rows) * min(chunk, n_cols))
-            for i0, i1 in _blocks(n_rows, chunk):
-                q_i = q32[i0:i1]
-                qs_i = q_i * s
-                for j0, j1 in _blocks(n_cols, chunk):
-                    k_j = k32[j0:j1]
-                    shape = (i1 - i0, j1 - j0)
-                    z = torch.addmm(bias, qs_i, k_j.T, out=buf[: shape[0] * shape[1]].view(shape))
-                    part, g = _sigmoid_block(z, targets, i0, j0, want_grads)
-                    total += part
-                    if want_grads:
-                        g_bias += g.sum()
-                        _accumulate_mm(g_q[i0:i1], g, k_j, first=j0 == 0)
-                        _accumulate_mm(g_k[j0:j1], g.T, q_i, first=i0 == 0)
+            for b in _block_views(q32, k32, s, chunk, buf):
+                z = torch.addmm(bias, b.qs, b.k.T, out=b.views[0])
+                part, g = _sigmoid_block(z, targets, b.i0, b.j0, want_grads)
+                total += part
+                if want_grads:
+                    g_bias += g.sum()
+                    _accumulate_mm(g_q[b.i0:b.i1], g, b.k, first=b.j0 == 0)
+                    _accumulate_mm(g_k[b.j0:b.j1], g.T, b.q, first=b.i0 == 0)
         if want_grads:
             ctx.save_for_backward(q32, s, g_q, g_k, g_bias)
         ctx.n_rows, ctx.scale_shape, ctx.bias_shape = n_rows, logit_scale.shape, logit_bias.shape
